@@ -1,0 +1,32 @@
+"""Model families: one file each, built from the shared blocks in layers.py.
+
+The registry maps a checkpoint's `architectures[0]` (or, failing that, its `model_type`) to the
+family module and class that runs it. Modules are imported only when a checkpoint needs them.
+"""
+import importlib
+
+from tinyvila.errors import CheckpointError
+
+# architectures[0] -> (module, class)
+ARCHITECTURES = {
+    "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
+    "LlavaLlamaForCausalLM": ("llava_next", "LlavaNext"),  # original liuhaotian/llava-v1.6-* files
+    "LlavaMistralForCausalLM": ("llava_next", "LlavaNext"),
+}
+# model_type -> (module, class), for configs without `architectures`
+MODEL_TYPES = {
+    "llava_next": ("llava_next", "LlavaNext"),
+}
+SUPPORTED = "LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM)"
+
+
+def family_for(config: dict):
+    """The family class for a parsed config.json, or a CheckpointError naming what is supported."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    entry = ARCHITECTURES.get(arch) or MODEL_TYPES.get(config.get("model_type"))
+    if entry is None:
+        got = f"architecture {arch!r}" if arch else f"model_type {config.get('model_type')!r}"
+        raise CheckpointError(f"unsupported {got}; tinyvila supports {SUPPORTED}")
+    module = importlib.import_module(f"{__name__}.{entry[0]}")
+    return getattr(module, entry[1])

@@ -1,0 +1,419 @@
+"""Shared blocks of every family: config parsing, RoPE, the decoder LM, the ViT encoder, weight loading.
+
+Conventions: batch size 1 everywhere, so activations are [T, C] (tokens, channels) and attention
+tensors [H, T, D]. Parameter names follow Hugging Face's, except that q/k/v and gate/up are fused
+into `qkv_proj` and `gate_up_proj` at load time (one GEMM instead of three or two); `load_weights`
+slices each checkpoint tensor into its shard of the fused parameter.
+Numerics mirror transformers (RMSNorm in fp32 then cast, RoPE tables in fp32), so tiny fp32 models
+match it to ~1e-5.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinyvila.errors import CheckpointError
+
+# --------------------------------------------------------------------------- config
+
+# transformers' class defaults, applied to fields a config.json leaves out (hub files are written
+# as a diff against them, e.g. a vicuna text_config without rope_theta or num_key_value_heads).
+TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                  sliding_window=None, qkv_bias=False, o_bias=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                    rms_norm_eps=1e-6, sliding_window=4096, qkv_bias=False, o_bias=False),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  sliding_window=None, qkv_bias=True, o_bias=False),
+}
+
+
+@dataclass
+class TextConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 0  # 0 = same as num_attention_heads
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|..., ...}
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    mrope_section: list | None = None  # Qwen2.5-VL multimodal RoPE: frequencies per (t, h, w)
+
+    @classmethod
+    def from_dict(cls, d: dict, model_type: str | None = None, tie_word_embeddings: bool | None = None):
+        model_type = model_type or d.get("model_type") or "llama"
+        base = "qwen2" if model_type.startswith("qwen2") else model_type
+        if base not in TEXT_DEFAULTS:
+            raise CheckpointError(f"unsupported language model type {model_type!r} "
+                                  f"(supported: {', '.join(TEXT_DEFAULTS)})")
+        v = dict(TEXT_DEFAULTS[base], model_type=model_type)
+        known = {f.name for f in fields(cls)}
+        v.update({k: d[k] for k in known if k in d and d[k] is not None and k != "model_type"})
+        if "attention_bias" in d:  # Llama/Mistral spelling: one flag for q, k, v and o
+            v["qkv_bias"] = v["o_bias"] = bool(d["attention_bias"])
+        if base == "mistral" and "sliding_window" in d:
+            v["sliding_window"] = d["sliding_window"]  # an explicit null disables it
+        if base == "qwen2":  # Qwen2 uses its window only when use_sliding_window is set
+            v["sliding_window"] = d.get("sliding_window") if d.get("use_sliding_window") else None
+        # RoPE: transformers 4.x spells rope_theta / rope_scaling, 5.x rope_parameters.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        v["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta") or cls.rope_theta))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if "mrope_section" in rope:
+            v["mrope_section"] = list(rope["mrope_section"])
+            kind = "default"
+        v["rope_scaling"] = None if kind in ("default", "mrope", None) else dict(rope, rope_type=kind)
+        if tie_word_embeddings is not None and "tie_word_embeddings" not in d:
+            v["tie_word_embeddings"] = tie_word_embeddings
+        cfg = cls(**v)
+        cfg.num_key_value_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        cfg.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+        return cfg
+
+
+# --------------------------------------------------------------------------- small ops
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact erf GELU
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise CheckpointError(f"unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32, cast back, then scale: the order transformers uses.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class FusedLinear(nn.Linear):
+    """One GEMM for several checkpoint linears sharing an input (q/k/v, gate/up)."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(shard_sizes), bias=bias)
+        self.shard_sizes = list(shard_sizes)
+
+    def shard(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        start = sum(self.shard_sizes[:index])
+        return tensor.narrow(0, start, self.shard_sizes[index])
+
+
+# Checkpoint module name -> (fused module name, shard index).
+PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def load_weights(module: nn.Module, tensors, what: str = "checkpoint") -> None:
+    """Copy (name, tensor) pairs into `module`'s already allocated parameters.
+
+    Names must already be in the module's namespace (the family renames them). Every parameter
+    must be filled exactly once and every tensor must have a home: anything else is a malformed
+    checkpoint, reported with the tensor's name.
+    """
+    params = dict(module.named_parameters())
+    owners = {n: m for n, m in module.named_modules()}
+    needed = {}
+    for name, p in params.items():
+        owner = owners[name.rpartition(".")[0]]
+        needed[name] = len(owner.shard_sizes) if isinstance(owner, FusedLinear) else 1
+    filled = {name: set() for name in params}
+    unexpected = []
+    for name, t in tensors:
+        target, shard = name, None
+        prefix, _, leaf = name.rpartition(".")
+        mod_path, _, mod_name = prefix.rpartition(".")
+        if name not in params and mod_name in PACKED:
+            fused, shard = PACKED[mod_name]
+            target = f"{mod_path}.{fused}.{leaf}" if mod_path else f"{fused}.{leaf}"
+        if target not in params:
+            unexpected.append(name)
+            continue
+        p = params[target]
+        dst = p.data if shard is None else owners[target.rpartition(".")[0]].shard(p.data, shard)
+        if tuple(dst.shape) != tuple(t.shape):
+            raise CheckpointError(f"{what}: tensor {name!r} has shape {list(t.shape)}, expected "
+                                  f"{list(dst.shape)} from config.json")
+        with torch.no_grad():
+            dst.copy_(t)
+        filled[target].add(0 if shard is None else shard)
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise CheckpointError(f"{what}: unexpected tensors {unexpected[:3]}{more}")
+    missing = [n for n, got in filled.items() if len(got) < needed[n]]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{what}: missing tensors for {missing[:3]}{more}")
+
+
+# --------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in fp32, with the position-independent scalings."""
+    # Built on the CPU explicitly: models are constructed under torch.device("meta").
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv = 1.0 / (theta ** (steps / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])  # positions / factor, folded into the frequencies
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind != "default":
+        raise CheckpointError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
+    return inv
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None):
+    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T]."""
+    if positions.dim() == 1:
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+    else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
+        per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
+        chunks = per_axis.split(list(mrope_section), dim=-1)
+        freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [H, T, D] with tables [T, D] already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------- decoder LM
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, kv, start: int, mask):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                          self.n_kv * self.head_dim], dim=-1)
+        q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
+        k = apply_rope(k.view(T, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
+        v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
+        k_cache[:, start:start + T] = k
+        v_cache[:, start:start + T] = v
+        keys, values = k_cache[:, :start + T], v_cache[:, :start + T]
+        if self.n_kv != self.n_heads:  # GQA: each KV head serves a group of query heads
+            rep = self.n_heads // self.n_kv
+            keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out.transpose(0, 1).reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
+        super().__init__()
+        self.gate_up_proj = FusedLinear(hidden, [intermediate, intermediate], bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, kv, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    """Llama / Mistral / Qwen2 decoder over a preallocated KV cache (batch 1)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def output_weight(self):
+        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # Placeholder ids (media tokens) may lie outside the table: clamp, the caller overwrites them.
+        return self.embed_tokens(ids.clamp(0, self.cfg.vocab_size - 1))
+
+    def attention_mask(self, T: int, start: int, device):
+        """Boolean [T, start+T] mask (True = attend), or None when every key is visible."""
+        window = self.cfg.sliding_window
+        if T == 1 and (window is None or start + 1 <= window):
+            return None
+        q = torch.arange(start, start + T, device=device)[:, None]
+        k = torch.arange(start + T, device=device)[None, :]
+        mask = k <= q
+        if window is not None:  # a query sees `window` keys, itself included
+            mask &= q - k < window
+        return mask
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last"):
+        """h: input embeddings [T, C] for cache slots start..start+T; returns fp32 logits.
+
+        positions: [T] (1-D RoPE) or [3, T] (M-RoPE). logits: "last", "all" or "none".
+        """
+        T = h.shape[0]
+        if self._inv_freq.device != h.device:
+            self._inv_freq = self._inv_freq.to(h.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        mask = self.attention_mask(T, start, h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.layer(i), start, mask)
+        cache.length = start + T
+        if logits == "none":
+            return None
+        h = self.norm(h if logits == "all" else h[-1:])
+        return F.linear(h, self.output_weight()).float()
+
+
+# --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)
+
+@dataclass
+class VisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict, **defaults):
+        v = dict(defaults)
+        v.update({f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        return cls(**v)
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.qkv_proj = FusedLinear(C, [C, C, C], bias=True)
+        self.out_proj = nn.Linear(C, C)
+
+    def forward(self, x):  # x [N, T, C]: N independent crops or frames
+        N, T, C = x.shape
+        q, k, v = self.qkv_proj(x).view(N, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
+
+
+class ViTLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        C = cfg.hidden_size
+        self.layer_norm1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.self_attn = ViTAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(C, cfg.intermediate_size)
+        self.mlp.fc2 = nn.Linear(cfg.intermediate_size, C)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class ViTEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig, cls_token: bool, patch_bias: bool):
+        super().__init__()
+        n = (cfg.image_size // cfg.patch_size) ** 2 + int(cls_token)
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                         stride=cfg.patch_size, bias=patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if cls_token else None
+        self.position_embedding = nn.Embedding(n, cfg.hidden_size)
+
+    def forward(self, pixels):  # [N, 3, S, S] -> [N, T, C]
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight
+
+
+class ViTEncoder(nn.Module):
+    """CLIP (CLS token + pre-LayerNorm) or SigLIP (neither) encoder, run only up to the deepest
+    layer the projector reads. hidden_states[0] is the (pre-normed) embedding output, as in HF."""
+
+    def __init__(self, cfg: VisionConfig, feature_layers: list[int], cls_token: bool, pre_norm: bool,
+                 patch_bias: bool):
+        super().__init__()
+        L = cfg.num_hidden_layers
+        self.feature_layers = [k if k >= 0 else L + 1 + k for k in feature_layers]
+        if not all(0 <= k <= L for k in self.feature_layers):
+            raise CheckpointError(f"vision_feature_layer {feature_layers} is out of range for {L} layers")
+        self.embeddings = ViTEmbeddings(cfg, cls_token, patch_bias)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if pre_norm else None
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(max(self.feature_layers)))
+
+    def forward(self, pixels):
+        """pixels [N, 3, S, S] -> features [N, T, C * len(feature_layers)]."""
+        x = self.embeddings(pixels)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        states = [x]
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1]))
+        return torch.cat([states[k] for k in self.feature_layers], dim=-1)

@@ -1,0 +1,1 @@
+"""tinyvila.quant (filled by later issues)."""

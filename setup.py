@@ -1,0 +1,47 @@
+"""tinyvila: a small, fast runtime for quantized vision-language models.
+
+The folders kernels/, quant/, models/ and tools/ install as tinyvila.kernels, tinyvila.quant,
+tinyvila.models and tinyvila.tools, so no generic top-level name lands in site-packages.
+"""
+from setuptools import setup
+
+setup(
+    name="tinyvila",
+    version="0.1.0",
+    description="Quantized vision-language models with decoupled visual sparsity, fast on one GPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tinyvila", "tinyvila.kernels", "tinyvila.quant", "tinyvila.models", "tinyvila.tools"],
+    package_dir={
+        "tinyvila": "tinyvila",
+        "tinyvila.kernels": "kernels",
+        "tinyvila.quant": "quant",
+        "tinyvila.models": "models",
+        "tinyvila.tools": "tools",
+    },
+    install_requires=[
+        # Any torch >= 2.4 works; installing torch first (CPU or CUDA build) keeps pip from
+        # replacing it.
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "numpy",
+        "sentencepiece",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
+        "pillow>=10",
+        "decord; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "huggingface_hub",
+        "tqdm",
+    ],
+    extras_require={
+        # transformers is the reference the tests compare against; the runtime never imports it.
+        "test": ["transformers>=5.0", "pytest>=8", "av"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tinyvila-chat = tinyvila.chat:main",
+        ]
+    },
+)

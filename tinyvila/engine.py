@@ -1,0 +1,183 @@
+"""The Engine: one loaded checkpoint (weights, tokenizer, chat template) and the calls that use it.
+
+An Engine holds no conversation state; each `session()` owns its KV cache and history, and
+`generate()` is a one-turn session. Engines share nothing, so several can live in one process.
+"""
+import threading
+from pathlib import Path
+
+import torch
+
+from . import loader
+from .errors import CheckpointError, TinyVilaError
+from .generate import GenerationResult, SamplingParams
+from .media import load_image
+from .session import Session
+from .template import ChatTemplate
+from .tokenizer import Tokenizer
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+DEFAULT_MAX_SEQ_LEN = 8192
+# Conversation options: defaults on load(), overridable per session(). Later issues give them effect.
+CONVERSATION_OPTIONS = ("max_seq_len",)
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TinyVilaError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TinyVilaError("CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device, config: dict) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise TinyVilaError(f"unknown dtype {dtype!r} (use float16, bfloat16 or float32)")
+        return DTYPES[str(dtype)]
+    if device.type == "cpu":
+        return torch.float32  # half precision on CPUs is slow or unsupported
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return torch.bfloat16 if "bfloat16" in stored else torch.float16
+
+
+def stop_token_ids(path: Path, config: dict, tokenizer: Tokenizer) -> set:
+    """The checkpoint's stop ids: generation_config first, as transformers' generate does."""
+    for source in (loader.read_json(path / "generation_config.json", required=False),
+                   config.get("text_config") or {}, config):
+        eos = source.get("eos_token_id")
+        if eos is not None:
+            return set(eos) if isinstance(eos, list) else {int(eos)}
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+
+class Engine:
+    def __init__(self, model, tokenizer: Tokenizer, template: ChatTemplate, path: Path, config: dict,
+                 device: torch.device, dtype: torch.dtype, options: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.path = path
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.image_token_id = model.image_token_id
+        self.video_token_id = model.video_token_id
+        self.stop_ids = stop_token_ids(path, config, tokenizer)
+        text = model.language_model.cfg
+        self.max_seq_len = int(options.pop("max_seq_len", None) or min(text.max_position_embeddings,
+                                                                        DEFAULT_MAX_SEQ_LEN))
+        unknown = set(options) - set(CONVERSATION_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        self.defaults = options
+        self.banned = self._banned_ids(text.vocab_size)
+        self.lock = threading.Lock()  # one forward at a time per engine: sessions interleave steps
+
+    @classmethod
+    def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
+        from tinyvila.models import family_for
+
+        path = loader.resolve(model)
+        config = loader.read_json(path / "config.json")
+        family = family_for(config)
+        family_cfg = family.config_from_dir(path, config)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device, config)
+        tokenizer = Tokenizer.from_dir(path)
+        with torch.device("meta"):
+            net = family(family_cfg)
+        template = ChatTemplate.from_dir(path, default=net.default_template)
+        try:
+            net = net.to(dtype).to_empty(device=device)
+            net.load_checkpoint(path)
+        except torch.cuda.OutOfMemoryError:
+            raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
+                                f"on {device}; try a smaller model or a quantized checkpoint")
+        return cls(net.eval(), tokenizer, template, path, config, device, dtype, dict(options))
+
+    def _banned_ids(self, vocab_size: int):
+        """Ids sampling must never produce: embedding rows without a token string (checkpoints pad
+        the vocabulary, e.g. 32064 rows for 32002 tokens) and the media placeholders."""
+        banned = torch.zeros(vocab_size, dtype=torch.bool)
+        banned[len(self.tokenizer):] = True
+        for i in (self.image_token_id, self.video_token_id):
+            if i is not None and 0 <= i < vocab_size:
+                banned[i] = True
+        return banned.to(self.device) if banned.any() else None
+
+    # ------------------------------------------------------------------ prompts
+    def encode_text(self, text: str) -> list:
+        """Token ids for rendered prompt text, one placeholder id per media item.
+
+        As transformers' processors do: the tokenizer adds its special tokens (BOS) unless the
+        text already starts with them. Checkpoints whose tokenizer has no image token (original
+        LLaVA) are split on the placeholder and joined with the sentinel id, as LLaVA does.
+        """
+        tok = self.tokenizer
+        add_special = not (tok.bos_token and text.startswith(tok.bos_token))
+        placeholder = self.model.image_placeholder
+        if tok.token_to_id(placeholder) is not None or placeholder not in text:
+            return tok.encode(text, add_special_tokens=add_special)
+        ids = []
+        for i, chunk in enumerate(text.split(placeholder)):
+            if i:
+                ids.append(self.image_token_id)
+            ids += tok.encode(chunk, add_special_tokens=add_special and i == 0) if chunk else []
+        return ids
+
+    def render(self, messages: list, add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def load_media(self, images=None, videos=None) -> list:
+        """Preprocess user images into the family's media items (decoded and checked once)."""
+        if videos:
+            raise TinyVilaError(f"{self.model.name} takes images only, not videos")
+        return [self.model.prepare_image(load_image(src)) for src in (images or [])]
+
+    # ------------------------------------------------------------------ public API
+    def session(self, images=None, videos=None, system=None, **options) -> Session:
+        """A multi-turn conversation about `images`; the KV cache is allocated once, here."""
+        opts = dict(self.defaults, **options)
+        unknown = set(opts) - set(CONVERSATION_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return Session(self, self.load_media(images, videos), system, opts.get("max_seq_len") or self.max_seq_len)
+
+    def logits(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None):
+        """fp32 logits [T, vocab] for every position of a one-turn prompt (same inputs as generate)."""
+        with self.session(images=images, videos=videos, system=system) as s:
+            return s.logits(self._prompt_ids(s, prompt, input_ids, template))
+
+    def _prompt_ids(self, session, prompt, input_ids, template) -> list:
+        if (prompt is None) == (input_ids is None):
+            raise TinyVilaError("give either a prompt or input_ids")
+        if input_ids is not None:
+            return list(input_ids)
+        if not template:
+            return self.encode_text(prompt)
+        messages = ([{"role": "system", "content": [{"type": "text", "text": session.system}]}]
+                    if session.system else [])
+        messages.append(session.user_message(prompt, len(session.pending)))
+        return self.encode_text(self.render(messages))
+
+    def generate(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None,
+                 callback=None, **sampling) -> GenerationResult:
+        """Answer one prompt. `callback(text_piece)` is called as the answer streams.
+
+        prompt + template=True: the prompt is the user's message, rendered with the chat template.
+        prompt + template=False: the prompt string is used as is (raw).
+        input_ids: already templated ids with `image_token_id` once per image (expanded here).
+        """
+        params = SamplingParams.from_options(**sampling)
+        with self.session(images=images, videos=videos, system=system) as s:
+            if input_ids is None and template:
+                return s.ask(prompt, callback=callback, **vars(params))
+            return s.complete(self._prompt_ids(s, prompt, input_ids, template), params, callback)

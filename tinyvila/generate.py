@@ -1,0 +1,119 @@
+"""Sampling, per-answer statistics and the result type.
+
+Sampling follows transformers' order (temperature, then top-k, then top-p) so that a seeded run is
+reproducible and greedy decoding (temperature 0) is plain argmax over the allowed ids.
+"""
+import resource
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import TinyVilaError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    ignore_eos: bool = False  # keep generating through stop tokens (benchmarks, parity tests)
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise TinyVilaError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature is None or self.temperature < 0:
+            raise TinyVilaError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise TinyVilaError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is None or self.top_k < 0:
+            raise TinyVilaError(f"top_k must be >= 0, got {self.top_k!r}")
+
+    @classmethod
+    def from_options(cls, defaults: "SamplingParams | None" = None, **options) -> "SamplingParams":
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        base = asdict(defaults) if defaults else {}
+        base.update({k: v for k, v in options.items() if v is not None})
+        return cls(**base)
+
+
+class Sampler:
+    """Picks the next token from fp32 logits [V]; `banned` ids (rows without a token string,
+    media placeholders) can never be picked."""
+
+    def __init__(self, params: SamplingParams, banned: torch.Tensor | None, device):
+        self.p = params
+        self.banned = banned
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        logits = logits.reshape(-1).float()
+        if self.banned is not None:
+            logits = logits.masked_fill(self.banned, float("-inf"))
+        if self.p.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / self.p.temperature
+        if self.p.top_k:
+            kth = torch.topk(logits, min(self.p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.p.top_p < 1:
+            sorted_logits, order = torch.sort(logits)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative <= 1 - self.p.top_p
+            remove[-1] = False  # always keep the most likely token
+            logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class Stats:
+    """What one answer cost. Times in seconds; `prefill_tokens` counts only this turn's new tokens."""
+    prefill_tokens: int = 0
+    visual_tokens: int = 0  # visual positions in the prompt, image_newline included
+    visual_tokens_kept: int = 0  # after prefill sparsity (equal to visual_tokens when dense)
+    vision_s: float = 0.0  # vision encoder + projector for media new in this turn
+    prefill_s: float = 0.0  # LLM prefill of this turn's new tokens
+    ttft_s: float = 0.0  # from the call to the first generated token
+    decode_tokens: int = 0  # decode steps after the first token
+    decode_s: float = 0.0
+    decode_tok_s: float = 0.0
+    context_tokens: int = 0  # tokens in the KV cache at the end of the answer
+    peak_mem_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list = field(default_factory=list)  # new tokens only, the stop token excluded
+    stats: Stats = field(default_factory=Stats)
+    finish_reason: str = "stop"  # "stop" | "length" | "cancelled"
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> int:
+    """Peak bytes allocated on the GPU since the last reset; on the CPU, the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

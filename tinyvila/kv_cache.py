@@ -1,0 +1,47 @@
+"""One preallocated KV cache per conversation, laid out in segments.
+
+The cache is allocated once, at the conversation's full context length, so its memory never grows
+or moves (CUDA graphs and compaction in later issues rely on fixed addresses). `segments` records
+what each range of slots holds: the text before the media ("prefix"), each visual item ("visual",
+with the index of its media item) and each turn's text ("text", with its turn number). Dropping a
+turn or compacting visual tokens is then bookkeeping over these ranges, never a re-encode.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Segment:
+    kind: str  # "prefix" | "visual" | "text"
+    start: int
+    end: int
+    item: int | None = None  # media index for "visual", turn number for "text"
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, device, dtype):
+        shape = (n_layers, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # slots [0, length) hold valid K/V
+        self.segments: list[Segment] = []
+
+    def layer(self, i: int):
+        """This layer's K and V buffers, [H_kv, max_len, D] each."""
+        return self.k[i], self.v[i]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def truncate(self, n: int) -> None:
+        """Forget slots n and beyond (their memory is reused by what is prefilled next)."""
+        self.length = min(self.length, n)
+        self.segments = [s for s in self.segments if s.start < n]
+        if self.segments and self.segments[-1].end > n:
+            self.segments[-1].end = n
+
+    def add_segment(self, kind: str, start: int, end: int, item: int | None = None) -> None:
+        if end > start:
+            self.segments.append(Segment(kind, start, end, item))

@@ -1,0 +1,258 @@
+"""A conversation: its history, its media, and its one KV cache.
+
+Each turn renders the whole conversation with the chat template and tokenizes it, exactly as a
+one-shot prompt would be, then compares it with what the cache already holds and prefills only the
+new suffix. So a follow-up question neither re-runs the vision encoder nor re-prefills the image,
+and still sees the very tokens a fresh one-shot recomputation of the conversation would see.
+Visual positions are compared by media item, so two images never alias each other.
+"""
+import time
+
+import torch
+
+from .errors import ContextError, TinyVilaError
+from .generate import GenerationResult, Sampler, SamplingParams, Stats, peak_memory, reset_peak_memory, sync
+from .kv_cache import KVCache
+
+
+class Session:
+    def __init__(self, engine, media: list, system: str | None, max_seq_len: int):
+        self.engine = engine
+        self.system = system
+        self.messages = []  # transformers-style chat messages, answers included
+        self.media = []  # media items already placed in a user message, in prompt order
+        self.pending = list(media)  # media for the next user message
+        self.features = {}  # media index -> encoded features, computed once per conversation
+        self.tokens = []  # token keys held by the cache: text ids, or -(1 + media index) for visual slots
+        self.turns = 0
+        self.last_result = None
+        self._busy = False
+        text = engine.model.language_model.cfg
+        self.cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, max_seq_len,
+                             engine.device, engine.dtype)
+
+    # ------------------------------------------------------------------ conversation
+    def add_image(self, image) -> None:
+        """Attach an image (path, PIL image or HxWx3 uint8 array) to the next question."""
+        self.pending += self.engine.load_media(images=[image])
+
+    def clear(self) -> None:
+        """Forget the conversation (history, media and cache); the system prompt stays."""
+        self.messages, self.media, self.pending, self.features, self.tokens = [], [], [], {}, []
+        self.cache.truncate(0)
+        self.turns = 0
+
+    def ask(self, question: str, callback=None, **sampling) -> GenerationResult:
+        """Answer `question` (with any pending media); returns the full result."""
+        for _ in self._turn_for_question(question, SamplingParams.from_options(**sampling), callback):
+            pass
+        return self.last_result
+
+    def stream(self, question: str, **sampling):
+        """Yield the answer's text as it is generated; `last_result` holds the result afterwards.
+        Stopping the iteration early ends the answer there (it stays in the history)."""
+        yield from self._turn_for_question(question, SamplingParams.from_options(**sampling), None)
+
+    def complete(self, ids: list, params: SamplingParams, callback=None) -> GenerationResult:
+        """One turn from already templated ids (placeholder id once per media item)."""
+        media = self.pending
+        for _ in self._turn(ids, media, params, callback, on_done=None):
+            pass
+        return self.last_result
+
+    @torch.no_grad()
+    def logits(self, ids: list) -> torch.Tensor:
+        """fp32 logits [T, vocab] for every position of a prompt given as ids (placeholder id once
+        per pending media item). Scores only: the conversation is left as it was."""
+        keys, spans = self._expand(ids, self.pending)
+        if len(keys) > self.cache.max_len:
+            raise ContextError(f"the prompt is {len(keys)} tokens but the context holds {self.cache.max_len}")
+        model = self.engine.model
+        for j, f in zip(range(len(self.pending)), model.encode_images(self.pending)):
+            self.features.setdefault(j, f)
+        positions = model.positions(len(keys), spans, self.engine.device)
+        self.cache.truncate(0)
+        self.tokens = []
+        with self.engine.lock:
+            return model.language_model(self._embed(keys, spans, 0), positions, self.cache, 0, logits="all")
+
+    def close(self) -> None:
+        self.cache = None  # release the preallocated memory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def user_message(self, question: str, n_media: int) -> dict:
+        placeholder = self.engine.model.image_placeholder
+        given = question.count(placeholder)
+        if given not in (0, n_media):
+            raise TinyVilaError(f"the question has {given} {placeholder} placeholder(s) but {n_media} "
+                                f"image(s) were given")
+        items = [] if given else [{"type": "image"}] * n_media
+        return {"role": "user", "content": items + [{"type": "text", "text": question}]}
+
+    def _turn_for_question(self, question, params, callback):
+        if not isinstance(question, str) or not question.strip():
+            raise TinyVilaError("the question is empty")
+        messages = list(self.messages)
+        if self.system and not messages:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        messages.append(self.user_message(question, len(self.pending)))
+        ids = self.engine.encode_text(self.engine.render(messages))
+
+        def on_done(answer_text):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_text}]})
+            self.messages = messages
+
+        yield from self._turn(ids, self.media + self.pending, params, callback, on_done)
+
+    def _expand(self, ids: list, media: list):
+        """Replace each placeholder id by its media item's visual slots.
+
+        Returns token keys (text ids, -(1 + media index) for visual slots) and the visual spans
+        [(start, end, media index)].
+        """
+        model = self.engine.model
+        placeholders = {i for i in (model.image_token_id, model.video_token_id) if i is not None}
+        keys, spans = [], []
+        for t in ids:
+            if t not in placeholders:
+                keys.append(t)
+                continue
+            j = len(spans)
+            if j >= len(media):
+                raise TinyVilaError(f"the prompt has more media placeholders than the {len(media)} "
+                                    f"media item(s) given")
+            spans.append((len(keys), len(keys) + media[j].n_tokens, j))
+            keys += [-(1 + j)] * media[j].n_tokens
+        if len(spans) != len(media):
+            raise TinyVilaError(f"the prompt has {len(spans)} media placeholder(s) but {len(media)} "
+                                f"media item(s) were given")
+        return keys, spans
+
+    def _turn(self, ids, media, params, callback, on_done):
+        if self._busy:
+            raise TinyVilaError("this session is already answering (sessions are not shared between threads)")
+        if self.cache is None:
+            raise TinyVilaError("this session is closed")
+        eng, model = self.engine, self.engine.model
+        lm = model.language_model
+        t0 = time.perf_counter()
+        keys, spans = self._expand(ids, media)
+        if len(keys) + 1 > self.cache.max_len:
+            raise ContextError(f"the prompt is {len(keys)} tokens but the context holds "
+                               f"{self.cache.max_len} (max_seq_len); use a smaller image, fewer turns "
+                               f"or a larger --max-seq-len (the model allows "
+                               f"{lm.cfg.max_position_embeddings})")
+        # Reuse the longest cached prefix; never start inside a visual item.
+        p = 0
+        limit = min(len(self.tokens), len(keys) - 1)  # always prefill at least one token
+        while p < limit and self.tokens[p] == keys[p]:
+            p += 1
+        for s, e, _ in spans:
+            if s < p < e:
+                p = s
+
+        self._busy = True
+        stats = Stats(visual_tokens=sum(e - s for s, e, _ in spans))
+        stats.visual_tokens_kept = stats.visual_tokens
+        out, finish = [], "stop"
+        decoder = eng.tokenizer.stream_decoder()
+        try:
+            reset_peak_memory(eng.device)
+            # Encode the media this conversation has not seen yet (once per conversation).
+            new = [j for _, _, j in spans if j not in self.features]
+            if new:
+                tv = time.perf_counter()
+                with eng.lock:
+                    for j, f in zip(new, model.encode_images([media[j] for j in new])):
+                        self.features[j] = f
+                sync(eng.device)
+                stats.vision_s = time.perf_counter() - tv
+            positions = model.positions(len(keys), spans, eng.device)
+            delta = int(positions.max()) + 1 - len(keys)  # decode position offset (M-RoPE shrinks it)
+
+            tp = time.perf_counter()
+            self.cache.truncate(p)
+            self.tokens = self.tokens[:p]
+            h = self._embed(keys, spans, p)
+            with eng.lock, torch.no_grad():
+                logits = lm(h, positions[..., p:], self.cache, p)
+            self.tokens = list(keys)
+            self._record_segments(keys, spans, p)
+            sampler = Sampler(params, eng.banned, eng.device)
+            token = sampler(logits)
+            sync(eng.device)
+            now = time.perf_counter()
+            stats.prefill_s, stats.ttft_s, stats.prefill_tokens = now - tp, now - t0, len(keys) - p
+            t_decode = now
+            stop_ids = () if params.ignore_eos else eng.stop_ids
+            while token not in stop_ids:
+                out.append(token)
+                piece = decoder.push(token)
+                if piece:
+                    if callback is not None:
+                        callback(piece)
+                    yield piece
+                n = len(self.tokens)
+                if len(out) >= params.max_new_tokens or n >= self.cache.max_len:
+                    finish = "length"
+                    break
+                pos = torch.full((positions.shape[0], 1) if positions.dim() == 2 else (1,), n + delta,
+                                 device=eng.device)
+                with eng.lock, torch.no_grad():
+                    logits = lm(lm.embed(torch.tensor([token], device=eng.device)), pos, self.cache, n)
+                self.tokens.append(token)
+                token = sampler(logits)
+                stats.decode_tokens += 1
+        except GeneratorExit:
+            finish = "cancelled"
+        finally:
+            self._busy = False
+        tail = decoder.flush()
+        if tail and finish != "cancelled":
+            if callback is not None:
+                callback(tail)
+            yield tail
+        sync(eng.device)
+        stats.decode_s = time.perf_counter() - t_decode
+        stats.decode_tok_s = stats.decode_tokens / stats.decode_s if stats.decode_s > 0 else 0.0
+        stats.context_tokens = self.cache.length
+        if self.cache.segments and self.cache.segments[-1].kind != "visual":
+            self.cache.segments[-1].end = self.cache.length  # the answer belongs to the turn's text
+        stats.peak_mem_bytes = peak_memory(eng.device)
+        text = eng.tokenizer.decode(out)
+        self.media = list(media)
+        self.pending = []
+        self.turns += 1
+        if on_done is not None:
+            on_done(text)
+        self.last_result = GenerationResult(text, out, stats, finish)
+
+    def _embed(self, keys: list, spans: list, start: int) -> torch.Tensor:
+        """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""
+        lm, device = self.engine.model.language_model, self.engine.device
+        ids = torch.tensor([max(k, 0) for k in keys[start:]], device=device)
+        h = lm.embed(ids)
+        for s, e, j in spans:
+            if e > start:
+                h[max(s, start) - start:e - start] = self.features[j][max(s, start) - s:].to(h.dtype)
+        return h
+
+    def _record_segments(self, keys, spans, start):
+        """Label the newly prefilled slots: text before any media ("prefix"), visual items, turn text."""
+        cursor = start
+        for s, e, j in spans:
+            if e > start:
+                self._add_text_segment(cursor, max(cursor, s))
+                self.cache.add_segment("visual", max(s, start), e, j)
+                cursor = e
+        self._add_text_segment(cursor, len(keys))
+
+    def _add_text_segment(self, start, end):
+        seen_visual = any(seg.kind == "visual" for seg in self.cache.segments)
+        self.cache.add_segment("text" if seen_visual else "prefix", start, end, self.turns)

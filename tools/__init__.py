@@ -1,0 +1,1 @@
+"""tinyvila.tools (filled by later issues)."""
