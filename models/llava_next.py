@@ -28,8 +28,9 @@ RENAMES = [
     ("language_model.lm_head.", "language_model.lm_head."),
     ("model.language_model.", "language_model."),
     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # liuhaotian
-    ("model.vision_tower.vision_model.", "vision_tower."),
-    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.vision_model.", "vision_tower."),  # transformers 4.52-4.57 in memory
+    ("model.vision_tower.", "vision_tower."),  # transformers 5.x in memory
+    ("vision_tower.vision_model.", "vision_tower."),  # llava-hf hub files
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.mm_projector.0.", "multi_modal_projector.linear_1."),  # liuhaotian mlp2x_gelu
     ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
@@ -37,6 +38,14 @@ RENAMES = [
     ("lm_head.", "language_model.lm_head."),
     ("model.", "language_model."),  # liuhaotian LLM: model.layers.*, model.embed_tokens, model.norm
 ]
+
+
+def canonical_name(name: str) -> str:
+    """A checkpoint key in any supported layout -> this module's parameter name."""
+    for old, new in RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 @dataclass
@@ -160,10 +169,7 @@ class LlavaNext(nn.Module):
         for name, tensor in iter_tensors(weight_files(path)):
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # old checkpoints saved the RoPE buffer
-            for old, new in RENAMES:
-                if name.startswith(old):
-                    name = new + name[len(old):]
-                    break
+            name = canonical_name(name)
             if name.startswith("vision_tower."):
                 rest = name[len("vision_tower."):]
                 if rest.startswith("post_layernorm."):

@@ -61,6 +61,7 @@ def build_llava_next(out_dir, flavor="vicuna", layout="hub", seed=0):
     }
     if layout == "hub":
         model.save_pretrained(out_dir)
+        _hub_vision_names(out_dir)
         _write(out_dir, "preprocessor_config.json", preprocessor)
     elif layout == "module":
         from safetensors.torch import save_file
@@ -80,7 +81,8 @@ def _save_original(model, cfg, out_dir, flavor):
     """The liuhaotian/llava-v1.6-* layout: one flat namespace, mm_projector.{0,2}, no <image> row."""
     from safetensors.torch import save_file
 
-    renames = [("model.language_model.", "model."), ("model.vision_tower.", "model.vision_tower.vision_tower."),
+    renames = [("model.language_model.", "model."),
+               ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
                ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
                ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
                ("model.image_newline", "model.image_newline"), ("lm_head.", "lm_head.")]
@@ -120,6 +122,19 @@ def _save_original(model, cfg, out_dir, flavor):
     tok_cfg["added_tokens_decoder"] = {k: v for k, v in tok_cfg["added_tokens_decoder"].items() if int(k) < 3}
     tok_cfg["pad_token"] = "<unk>"
     _write(out_dir, "tokenizer_config.json", tok_cfg)
+
+
+def _hub_vision_names(out_dir):
+    """transformers 5.x saves `vision_tower.embeddings.*`; the llava-hf hub files (and 4.x saves)
+    say `vision_tower.vision_model.embeddings.*`. Write the hub's names (transformers reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(out_dir, "model.safetensors")
+    state = load_file(path)
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in state.items()}
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def _write(out_dir, name, obj):

@@ -15,12 +15,15 @@ def hf_model(path):
 
 
 def hf_processor(path):
+    import json
+
     from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
 
+    template = json.loads((path / "chat_template.json").read_text())["chat_template"]
     return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(path),
-                              tokenizer=AutoTokenizer.from_pretrained(path),
-                              chat_template=AutoTokenizer.from_pretrained(path).chat_template,
-                              patch_size=14, vision_feature_select_strategy="default")
+                              tokenizer=AutoTokenizer.from_pretrained(path), chat_template=template,
+                              patch_size=14, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1)  # as the hub processor_config.json
 
 
 def conversation(turns, n_images=1):

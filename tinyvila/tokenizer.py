@@ -1,0 +1,557 @@
+"""Tokenizer loading that matches `transformers.AutoTokenizer.from_pretrained(dir)` (transformers 5.x).
+
+Everything runs on the `tokenizers` library; transformers is never imported. What transformers 5 does,
+and so what we copy:
+
+* It picks a class from tokenizer_config.json `tokenizer_class` and config.json `model_type`. For
+  `LlamaTokenizer` and `Qwen2Tokenizer` it does NOT use tokenizer.json as is: it takes only the vocab,
+  merges and post-processor from it and rebuilds the normalizer / pre-tokenizer / decoder in code
+  (Llama: Metaspace with prepend_scheme "first", or "always" when tokenizer_config says
+  `legacy: true`; Qwen2: NFC + the Qwen2 split regex + ByteLevel). But for model types whose hub
+  tokenizer_class it knows to be wrong (llava, llava_next, vipllava, mistral ...) it loads
+  tokenizer.json verbatim. So the same tokenizer files encode differently with and without a
+  llava_next config.json next to them; `_pick_class` reproduces that choice.
+* With tokenizer.json present, `add_bos_token` / `add_eos_token` in tokenizer_config.json are ignored
+  (the file's post-processor decides). Without it (tokenizer.model only), they rebuild the
+  post-processor, and a missing `add_bos_token` means no BOS.
+* tokenizer.model (SentencePiece) is not run through sentencepiece either: transformers converts the
+  pieces to a `tokenizers` BPE (merges derived from the piece ids) and uses that, so we read the
+  .model protobuf ourselves and do the same. (The slow sentencepiece path no longer exists in 5.x.)
+* Added tokens come from tokenizer_config.json `added_tokens_decoder`, else from
+  special_tokens_map.json + added_tokens.json + tokenizer.json; missing ones are appended in id order.
+* decode: `tokenizers` decode, then `clean_up_tokenization_spaces` only for non-BPE models
+  (transformers 5 skips that clean-up for BPE models).
+"""
+
+import json
+import os
+
+from tinyvila.errors import CheckpointError
+
+NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+QWEN2_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# transformers 5.23 tables, only the entries that matter here. GENERIC = TokenizersBackend, i.e.
+# tokenizer.json used as is.
+GENERIC = "generic"
+REGISTERED_CLASS = {  # TOKENIZER_MAPPING_NAMES[model_type]
+    "llava": GENERIC, "llava_next": GENERIC, "vipllava": GENERIC, "mistral": GENERIC, "mistral3": GENERIC,
+    "mixtral": GENERIC, "qwen2": "Qwen2Tokenizer", "qwen2_vl": "Qwen2Tokenizer",
+    "qwen2_5_vl": "Qwen2Tokenizer", "qwen2_moe": "Qwen2Tokenizer", "qwen2_audio": "Qwen2Tokenizer",
+    "qwen2_5_omni": "Qwen2Tokenizer",
+}
+HUB_CLASS_KNOWN_WRONG = {"llava", "llava_next", "vipllava", "qwen2"}  # MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+REBUILT_CLASSES = ("LlamaTokenizer", "Qwen2Tokenizer")
+CLASS_DEFAULTS = {  # special-token defaults of those classes' __init__
+    "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    "Qwen2Tokenizer": {"unk_token": "<|endoftext|>", "bos_token": None, "eos_token": "<|endoftext|>",
+                       "pad_token": "<|endoftext|>"},
+}
+
+
+def _read_json(path, name, required=False):
+    full = os.path.join(path, name)
+    if not os.path.isfile(full):
+        if required:
+            raise CheckpointError(f"{path}: missing {name}")
+        return None
+    try:
+        with open(full, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{full}: not valid JSON ({e})") from None
+
+
+def _pick_class(hub_class, model_type, tokenizer_json_text):
+    """The tokenizer class AutoTokenizer would instantiate (transformers 5.23 rules, simplified)."""
+    hub = hub_class.removesuffix("Fast") if hub_class else None
+    registered = REGISTERED_CLASS.get(model_type)
+    if (hub == "LlamaTokenizer" and model_type not in HUB_CLASS_KNOWN_WRONG and tokenizer_json_text
+            and '"ByteLevel"' in tokenizer_json_text):
+        return GENERIC  # a Llama-3 style byte-level tokenizer.json mislabelled LlamaTokenizer
+    if hub and registered and registered != hub:
+        if registered == GENERIC:
+            return GENERIC
+        hub = registered if model_type in HUB_CLASS_KNOWN_WRONG else hub
+    if hub is None:
+        hub = registered
+    # Other specialised classes rebuild their pipelines their own way; we can only use the file as is.
+    return hub if hub in REBUILT_CLASSES else GENERIC
+
+
+# --- SentencePiece .model (protobuf) reading, just the fields transformers uses -----------------
+
+def _varint(buf, i):
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return out, i
+
+
+def _fields(buf):
+    """Yield (field number, value) of a protobuf message; value is an int or bytes."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            val, i = _varint(buf, i)
+        elif wire == 1:
+            val, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            val, i = buf[i:i + n], i + n
+        elif wire == 5:
+            val, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield num, val
+
+
+def _int32(v):
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _read_spm(file):
+    """Pieces [(piece, score, type)] and the trainer/normalizer fields of a sentencepiece model."""
+    import struct
+
+    try:
+        with open(file, "rb") as f:
+            buf = f.read()
+        pieces = []
+        trainer = {"model_type": 1, "byte_fallback": 0, "unk_id": 0, "bos_id": 1, "eos_id": 2,
+                   "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
+        charsmap = b""
+        trainer_names = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
+                         45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}
+        for num, val in _fields(buf):
+            if num == 1:  # ModelProto.pieces: piece=1, score=2 (float), type=3 (NORMAL=1 by default)
+                piece = {1: b"", 2: b"\0\0\0\0", 3: 1}
+                piece.update(_fields(val))
+                pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
+            elif num == 2:
+                for k, v in _fields(val):
+                    if k in trainer_names:
+                        trainer[trainer_names[k]] = v.decode("utf-8") if isinstance(v, bytes) else _int32(v)
+            elif num == 3:
+                charsmap = dict(_fields(val)).get(2, b"")
+    except (OSError, ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
+        raise CheckpointError(f"{file}: not a readable sentencepiece model ({e})") from None
+    if not pieces:
+        raise CheckpointError(f"{file}: not a readable sentencepiece model (no pieces)")
+    return pieces, trainer, charsmap
+
+
+def _merges_from_vocab(vocab):
+    """BPE merges for a SentencePiece vocab, in the order transformers' `generate_merges` gives:
+    every split of every piece into two known pieces, ranked by the merged piece's id, then by the
+    lengths and ids of the two halves."""
+    merges = []
+    for piece, pid in vocab.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((pid, len(left), len(right), vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(m[5], m[6]) for m in merges]
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+def _llama_backend(vocab, merges, tc):
+    """What transformers' LlamaTokenizer.__init__ builds."""
+    from tokenizers import Tokenizer as Backend, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    add_prefix_space = tc.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else add_prefix_space
+    scheme = ("always" if tc.get("legacy", False) else "first") if add_prefix_space else "never"
+    tok = Backend(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def _qwen2_backend(vocab, merges, tc):
+    """What transformers' Qwen2Tokenizer.__init__ builds."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tok = Backend(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                      end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=bool(tc.get("add_prefix_space") or False), use_regex=False),
+    ])
+    return tok
+
+
+def _spm_generic_backend(pieces, trainer, charsmap):
+    """What transformers builds from a bare tokenizer.model for TokenizersBackend (no dummy prefix!)."""
+    from tokenizers import Tokenizer as Backend, decoders, normalizers
+    from tokenizers.models import BPE, Unigram
+
+    if trainer["model_type"] == 1:
+        tok = Backend(Unigram([(p, s) for p, s, _ in pieces], trainer["unk_id"], bool(trainer["byte_fallback"])))
+    else:
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        tok = Backend(BPE(vocab=vocab, merges=_merges_from_vocab(vocab), unk_token=trainer["unk_piece"],
+                          fuse_unk=True, byte_fallback=bool(trainer["byte_fallback"]), dropout=None))
+    steps = [normalizers.Replace(" ", "▁")]
+    if charsmap:
+        steps.insert(0, normalizers.Precompiled(charsmap))
+    tok.normalizer = normalizers.Sequence(steps)
+    if trainer["byte_fallback"]:
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " ")])
+    return tok
+
+
+def _json_vocab_merges(tj, file):
+    model = tj.get("model") or {}
+    if model.get("type") not in (None, "BPE") or not isinstance(model.get("vocab"), dict):
+        return None, None
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return model["vocab"], merges
+
+
+def _json_post_processor(tj):
+    """The post-processor of a tokenizer.json, parsed without its (large) vocab."""
+    from tokenizers import Tokenizer as Backend
+
+    small = dict(tj, added_tokens=[])
+    small["model"] = dict(tj["model"], vocab={}, merges=[])
+    return Backend.from_str(json.dumps(small)).post_processor
+
+
+def _added_token(value, **defaults):
+    """An AddedToken from a string or a tokenizer_config-style dict."""
+    from tokenizers import AddedToken
+
+    if isinstance(value, dict):
+        d = {k: v for k, v in value.items() if k != "__type"}
+        d.update(defaults)
+        return AddedToken(**d)
+    return AddedToken(str(value), **defaults)
+
+
+def _flags(t):
+    return (t.content, t.rstrip, t.lstrip, t.single_word, t.normalized, t.special)
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer; build with `Tokenizer.from_dir(path)`."""
+
+    def __init__(self, backend, special_tokens, extra_special_tokens, clean_up_tokenization_spaces=False):
+        self._tok = backend
+        self._special = special_tokens  # name -> token string (bos_token, ..., plus e.g. image_token)
+        self._extra = extra_special_tokens
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        # tokenizers tells nothing about the model type in its public API except through the class
+        self._is_bpe = type(backend.model).__name__ == "BPE"
+        self._special_ids = None  # ids of special added tokens, filled on first use
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path):
+        from tokenizers import Tokenizer as Backend
+
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: not a directory")
+        tc = _read_json(path, "tokenizer_config.json") or {}
+        config = _read_json(path, "config.json") or {}
+        stm = _read_json(path, "special_tokens_map.json") or {}
+        added_json = _read_json(path, "added_tokens.json") or {}
+        if not all(isinstance(x, dict) for x in (tc, config, stm, added_json)):
+            raise CheckpointError(f"{path}: a tokenizer JSON file does not hold an object")
+
+        tj_file = os.path.join(path, "tokenizer.json")
+        spm_file = os.path.join(path, "tokenizer.model")
+        vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+        tj_text = tj = None
+        if os.path.isfile(tj_file):
+            try:
+                with open(tj_file, encoding="utf-8") as f:
+                    tj_text = f.read()
+                tj = json.loads(tj_text)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{tj_file}: not valid JSON ({e})") from None
+            if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+                raise CheckpointError(f"{tj_file}: not a tokenizers file (no 'model' object)")
+
+        kind = _pick_class(tc.get("tokenizer_class") or config.get("tokenizer_class"), config.get("model_type"),
+                           tj_text)
+        post_processor = None
+        spm_extra, spm_defaults = [], {}
+        source = tj_file if tj is not None else path
+        try:
+            if tj is not None:
+                vocab, merges = _json_vocab_merges(tj, tj_file)
+                if kind == "LlamaTokenizer" and vocab is not None:
+                    backend = _llama_backend(vocab, merges, tc)
+                elif kind == "Qwen2Tokenizer" and vocab is not None:
+                    backend = _qwen2_backend(vocab, merges, tc)
+                else:
+                    kind = GENERIC
+                    backend = Backend.from_str(tj_text)
+                if kind != GENERIC:
+                    post_processor = _json_post_processor(tj)
+            elif os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+                # qwen2 LongVILA `llm/` folders ship only vocab.json + merges.txt
+                from tokenizers.models import BPE
+
+                kind = "Qwen2Tokenizer"
+                vocab, merges = BPE.read_file(vocab_file, merges_file)
+                backend = _qwen2_backend(vocab, merges, tc)
+            elif os.path.isfile(spm_file):
+                pieces, trainer, charsmap = _read_spm(spm_file)
+                if kind == "LlamaTokenizer":
+                    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+                    backend = _llama_backend(vocab, _merges_from_vocab(vocab), tc)
+                else:
+                    kind = GENERIC
+                    backend = _spm_generic_backend(pieces, trainer, charsmap)
+                    spm_defaults = {f"{n}_token": trainer[f"{n}_piece"] or f"<{n}>"  # the model's own
+                                    for n in ("unk", "bos", "eos") if trainer[f"{n}_id"] >= 0}
+                # control (3) and user-defined (4) pieces become extra special tokens
+                spm_extra = [_added_token(p, normalized=False, special=t == 3)
+                             for p, _, t in pieces if t in (3, 4)]
+            else:
+                raise CheckpointError(
+                    f"{path}: no tokenizer found (looked for tokenizer.json, vocab.json + merges.txt, "
+                    f"tokenizer.model)")
+        except CheckpointError:
+            raise
+        except Exception as e:  # the tokenizers library rejects a malformed file
+            msg = " ".join(str(e).split())
+            raise CheckpointError(f"{source}: cannot load the tokenizer ({type(e).__name__}: {msg})") from None
+
+        self = cls(backend, {}, [], bool(tc.get("clean_up_tokenization_spaces", False)))
+        if tc.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"):
+            self._is_bpe = False
+        self._setup_tokens(tc, stm, added_json, tj, kind, spm_extra, CLASS_DEFAULTS.get(kind, spm_defaults))
+        backend.no_padding()
+        backend.no_truncation()
+        backend.encode_special_tokens = bool(tc.get("split_special_tokens", False))
+
+        # BOS/EOS: the tokenizer.json post-processor wins; tokenizer_config flags only count without it.
+        if tj is None:
+            self._set_post_processor(bool(tc.get("add_bos_token", False)), bool(tc.get("add_eos_token", False)))
+        elif kind != GENERIC and post_processor is not None:
+            backend.post_processor = post_processor
+        if backend.post_processor is None:
+            self._set_post_processor(False, False)
+        return self
+
+    def _setup_tokens(self, tc, stm, added_json, tj, kind, spm_extra, defaults):
+        """Special and added tokens, as transformers' `_from_pretrained` + `TokenizersBackend.__init__`."""
+        from tokenizers import AddedToken
+
+        init = dict(tc)
+        extra = init.get("extra_special_tokens") or init.get("additional_special_tokens")
+        if isinstance(extra, dict):  # a dict of named model-specific tokens, e.g. {"image_token": ...}
+            init.update(extra)
+            extra = None
+        added = {}
+        if "added_tokens_decoder" in tc:
+            for idx, value in (tc["added_tokens_decoder"] or {}).items():
+                added[int(idx)] = _added_token(value)
+        else:
+            # older checkpoints: special_tokens_map.json, added_tokens.json and tokenizer.json's list
+            for key, value in stm.items():
+                if key == "extra_special_tokens" and isinstance(value, list):
+                    extra = list(extra or []) + [v for v in value if v not in (extra or [])]
+                elif key == "additional_special_tokens":
+                    extra = extra or value
+                elif isinstance(value, dict):
+                    init[key] = _added_token({k: v for k, v in value.items() if k != "special"}, special=True)
+                else:
+                    init[key] = value
+            specials = {str(init[k]) for k in NAMED_SPECIALS if isinstance(init.get(k), (str, AddedToken))}
+            specials |= {str(_added_token(t)) for t in extra or []}
+            for content, idx in added_json.items():
+                special = content in specials
+                added[idx] = AddedToken(content, rstrip=False, lstrip=False, normalized=not special, special=special)
+            for t in (tj or {}).get("added_tokens", []):
+                added[t["id"]] = _added_token({k: v for k, v in t.items() if k != "id"})
+        by_content = {t.content: t for t in added.values()}
+
+        for key, value in defaults.items():  # the tokenizer class's __init__ defaults
+            init.setdefault(key, value)
+
+        # named special tokens, then model-specific "*_token" entries (e.g. image_token), which
+        # transformers adds to the special tokens and passes to chat templates as well
+        named = {}
+        for key in NAMED_SPECIALS + tuple(k for k in init if k.endswith("_token") and k not in NAMED_SPECIALS):
+            value = init.get(key)
+            if isinstance(value, dict) and (key in NAMED_SPECIALS or value.get("__type") == "AddedToken"):
+                value = _added_token(value)
+            if isinstance(value, (str, AddedToken)):
+                named[key] = by_content.get(str(value), value)
+        extra = [_added_token(t) if isinstance(t, dict) else t for t in (extra or spm_extra)]
+
+        # add what the backend lacks: added_tokens_decoder entries in id order, then special tokens
+        have = {_flags(t) for t in self._tok.get_added_tokens_decoder().values()}
+        todo = [t for _, t in sorted(added.items()) if _flags(t) not in have]
+        known = {t.content for t in self._tok.get_added_tokens_decoder().values()} | {t.content for t in todo}
+        for value in list(named.values()) + extra:
+            if str(value) not in known:
+                todo.append(value)
+                known.add(str(value))
+        named_strs = {str(v) for v in named.values()}
+        tokens = []
+        for t in todo:
+            if isinstance(t, str):
+                t = AddedToken(t, special=True)
+            elif not t.special and t.content in named_strs:
+                t = AddedToken(t.content, rstrip=t.rstrip, lstrip=t.lstrip, single_word=t.single_word,
+                               normalized=t.normalized, special=True)
+            tokens.append(t)
+        if tokens:
+            self._tok.add_tokens(tokens)
+        self._special = {k: str(v) for k, v in named.items()}
+        self._extra = [str(t) for t in extra]
+        if kind == "Qwen2Tokenizer":  # Qwen2Tokenizer re-adds all its special tokens as special
+            self._tok.add_tokens([AddedToken(t, special=True) for t in self.all_special_tokens])
+
+    def _set_post_processor(self, add_bos, add_eos):
+        from tokenizers import processors
+
+        bos, eos = self._special.get("bos_token"), self._special.get("eos_token")
+        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+        single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
+        pair = single + (f" {bos}:1" if add_bos else "") + " $B:1" + (f" {eos}:1" if add_eos else "")
+        specials = ([(bos, self.bos_token_id)] if add_bos else []) + ([(eos, self.eos_token_id)] if add_eos else [])
+        self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+    # -- special tokens --------------------------------------------------------------------------
+
+    def _id(self, token):
+        if token is None:
+            return None
+        i = self._tok.token_to_id(token)
+        return i if i is not None else self.unk_token_id if token != self.unk_token else None
+
+    bos_token = property(lambda self: self._special.get("bos_token"))
+    eos_token = property(lambda self: self._special.get("eos_token"))
+    pad_token = property(lambda self: self._special.get("pad_token"))
+    unk_token = property(lambda self: self._special.get("unk_token"))
+    bos_token_id = property(lambda self: self._id(self.bos_token))
+    eos_token_id = property(lambda self: self._id(self.eos_token))
+    pad_token_id = property(lambda self: self._id(self.pad_token))
+    unk_token_id = property(lambda self: self._tok.token_to_id(self.unk_token) if self.unk_token else None)
+
+    @property
+    def special_tokens_map(self):
+        """Named special tokens (bos_token, ..., model-specific ones such as image_token) -> string:
+        the variables transformers passes to chat templates."""
+        return dict(self._special)
+
+    @property
+    def all_special_tokens(self):
+        out = []
+        for t in list(self._special.values()) + self._extra:
+            if t not in out:
+                out.append(t)
+        return out
+
+    @property
+    def all_special_ids(self):
+        return [self._id(t) for t in self.all_special_tokens]
+
+    # -- encode / decode -------------------------------------------------------------------------
+
+    def encode(self, text, add_special_tokens=True):
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces and not self._is_bpe:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def token_to_id(self, token):
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id):
+        return self._tok.id_to_token(int(token_id))
+
+    def __len__(self):
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _is_special(self, token_id):
+        if self._special_ids is None:
+            self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return token_id in self._special_ids
+
+    def _is_byte_piece(self, token_id):
+        token = self._tok.id_to_token(int(token_id)) or ""
+        return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+    def stream_decoder(self, skip_special_tokens=True):
+        return StreamDecoder(self, skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns the new text, `flush()` the rest.
+
+    Decoding one token at a time is wrong for SentencePiece (a leading "▁" becomes a space or is
+    stripped depending on position) and for byte pieces (a character may span several tokens). So we
+    decode a window that starts a little before the new tokens and emit only what it adds over the
+    same window without them. Text ending in U+FFFD (an unfinished UTF-8 character) is held back, and
+    so is text while the last token that is decoded is a byte-fallback piece ("<0x41>"): `tokenizers` decodes a run of
+    byte pieces all at once and turns the whole run into U+FFFDs if any of it is invalid UTF-8, so a
+    run's text is final only when the run ends. The pieces concatenate to `decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens=True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = []
+        self._prefix = 0  # window start
+        self._read = 0  # end of the tokens already emitted
+
+    def _decode(self, ids):
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id):
+        self._ids.append(int(token_id))
+        before = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd") or self._in_byte_run():
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before):]
+
+    def _in_byte_run(self):
+        """Whether the last token that reaches the decoder (skipped special tokens do not) is a byte piece."""
+        tok = self._tokenizer
+        for i in reversed(self._ids):
+            if not (self._skip and tok._is_special(i)):
+                return tok._is_byte_piece(i)
+        return False
+
+    def flush(self):
+        before = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(before):]
