@@ -119,3 +119,27 @@ def test_bad_models_and_flags(llava_vicuna, image_files, tmp_path):
     code, out, err = chat(llava_vicuna, "--frobnicate")
     assert code == 2 and "Traceback" not in err
 
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(llava_vicuna):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "tinyvila.chat", str(llava_vicuna), "-n", "100000",
+                             "--ignore-eos", *GREEDY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("Tell me everything.\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(1)  # the answer is streaming
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    out, err = proc.communicate("/set max_new_tokens 3\nStill there?\n/exit\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert "[interrupted]" in err and "Traceback" not in err
+    assert err.count("ttft") == 1  # the second question was answered in full
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, out, err = chat(tmp_path / "missing", "-p", "Hi", "--debug")
+    assert code != 0 and "Traceback" in err and "does not exist" in err

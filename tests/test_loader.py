@@ -1,7 +1,10 @@
 """Loading: every key layout and config spelling gives the same model; malformed checkpoints give
 one clear CheckpointError."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,13 +189,15 @@ def test_malformed_checkpoints(tmp_path, llava_vicuna, case):
     assert "\n" not in str(e.value)
 
 
-def test_missing_directory_and_offline_hub_id(tmp_path, monkeypatch):
+def test_missing_directory_and_offline_hub_id(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nowhere")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match="--model PATH"):
-        load("no-such-org/no-such-model")
+    # Not in the cache and no way to download it: one line naming --model PATH.
+    code = ("import tinyvila\ntry:\n    tinyvila.load('no-such-org/no-such-model')\n"
+            "except tinyvila.CheckpointError as e:\n    print(e)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "--model PATH" in out.stdout and len(out.stdout.strip().splitlines()) == 1, out.stderr
 
 
 def test_prompt_longer_than_context(llava_vicuna, image_files):

@@ -35,6 +35,7 @@ def parse_args(argv):
     add("--top-p", "--top_p", dest="top_p", type=float, default=1.0)
     add("--top-k", "--top_k", dest="top_k", type=int, default=0)
     add("--seed", type=int)
+    add("--ignore-eos", "--ignore_eos", dest="ignore_eos", action="store_true", help="generate past stop tokens")
     add("--system", help="system prompt (none unless the chat template adds one)")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--dtype", choices=["float16", "bfloat16", "float32"])
@@ -63,6 +64,7 @@ class Chat:
     def __init__(self, engine, args):
         self.engine, self.args = engine, args
         self.sampling = {k: getattr(args, k) for k in SAMPLING}
+        self.sampling["ignore_eos"] = args.ignore_eos
         self.session = engine.session(images=args.image, system=args.system)
 
     def answer(self, question: str) -> None:

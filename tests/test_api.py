@@ -1,0 +1,120 @@
+"""The public Python API: streaming, callbacks, raw prompts, image inputs, sessions, hub resolution."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tinyvila
+from tinyvila.errors import TinyVilaError
+
+GREEDY = dict(temperature=0, max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def eng(llava_vicuna):
+    return tinyvila.load(llava_vicuna, device="cpu", dtype=torch.float32)
+
+
+def test_callback_and_stream_give_the_answer(eng, image_files):
+    pieces = []
+    r = eng.generate("Describe it.", images=[image_files[0]], callback=pieces.append, **GREEDY)
+    assert "".join(pieces) == r.text == eng.tokenizer.decode(r.token_ids)
+    with eng.session(images=[image_files[0]]) as s:
+        streamed = "".join(s.stream("Describe it.", **GREEDY))
+        assert streamed == r.text and s.last_result.token_ids == r.token_ids
+
+
+def test_stopping_a_stream_keeps_the_session_usable(eng, image_files):
+    with eng.session(images=[image_files[0]]) as s:
+        stream = s.stream("Describe it.", temperature=0, max_new_tokens=50, ignore_eos=True)
+        next(stream)
+        stream.close()
+        assert s.last_result.finish_reason == "cancelled"
+        assert s.ask("And again?", **GREEDY).token_ids
+
+
+def test_image_inputs_are_equivalent(eng, image_files):
+    path = image_files[1]
+    pil = Image.open(path)
+    arr = np.asarray(pil.convert("RGB"))
+    answers = {kind: eng.generate("What?", images=[src], **GREEDY).token_ids
+               for kind, src in (("path", path), ("str", str(path)), ("pil", pil), ("array", arr))}
+    assert len({tuple(a) for a in answers.values()}) == 1
+
+
+def test_raw_prompt_and_input_ids_paths(eng, image_files):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    text = eng.render(messages)
+    templated = eng.generate("What?", images=[image_files[2]], **GREEDY)
+    raw = eng.generate(text, images=[image_files[2]], template=False, **GREEDY)
+    ids = eng.generate(input_ids=eng.encode_text(text), images=[image_files[2]], **GREEDY)
+    assert templated.token_ids == raw.token_ids == ids.token_ids
+
+
+def test_stats_fields(eng, image_files):
+    r = eng.generate("What?", images=[image_files[0]], **GREEDY)
+    d = r.stats.to_dict()
+    for key in ("prefill_tokens", "visual_tokens", "visual_tokens_kept", "prefill_s", "ttft_s",
+                "decode_tokens", "decode_tok_s", "peak_mem_bytes"):
+        assert key in d
+    assert r.stats.decode_tokens == len(r.token_ids) - 1
+    assert r.stats.visual_tokens == r.stats.visual_tokens_kept > 0
+    assert r.stats.ttft_s >= r.stats.prefill_s > 0 and r.stats.peak_mem_bytes > 0
+
+
+def test_session_images_added_later_and_segments(eng, image_files):
+    with eng.session(system="Answer briefly.") as s:
+        s.ask("Hello", **GREEDY)
+        s.add_image(image_files[0])
+        r = s.ask("What is this?", **GREEDY)
+        assert r.stats.visual_tokens > 0
+        kinds = [seg.kind for seg in s.cache.segments]
+        assert kinds[0] == "prefix" and "visual" in kinds and kinds[-1] == "text"
+        ends = [seg.end for seg in s.cache.segments]
+        assert ends[-1] == s.cache.length and ends == sorted(ends)
+        visual = [seg for seg in s.cache.segments if seg.kind == "visual"]
+        assert visual[0].end - visual[0].start == r.stats.visual_tokens
+        s.clear()
+        assert s.cache.length == 0 and not s.messages
+    with pytest.raises(TinyVilaError):
+        s.ask("closed session")
+
+
+def test_bad_sampling_options(eng):
+    with pytest.raises(TinyVilaError, match="top_p"):
+        eng.generate("Hi", top_p=0)
+    with pytest.raises(TypeError, match="unknown"):
+        eng.generate("Hi", beams=3)
+    with pytest.raises(TinyVilaError, match="empty"):
+        eng.session().ask("   ")
+
+
+def test_dtype_names(llava_vicuna):
+    assert tinyvila.load(llava_vicuna, device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(TinyVilaError, match="unknown dtype"):
+        tinyvila.load(llava_vicuna, device="cpu", dtype="int3")
+
+
+def test_hub_id_from_local_cache(llava_vicuna, tmp_path):
+    """A hub id resolves from the local hub cache without any network."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--tiny--llava" / "snapshots" / "0123abc"
+    shutil.copytree(llava_vicuna, snap)
+    (cache / "models--tiny--llava" / "refs").mkdir()
+    (cache / "models--tiny--llava" / "refs" / "main").write_text("0123abc")
+    # huggingface_hub reads its environment at import: use a fresh process.
+    code = "import tinyvila; print(tinyvila.load('tiny/llava', device='cpu').path.resolve())"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(snap.resolve())
+
+
+def test_import_is_light():
+    code = "import sys, tinyvila; assert 'torch' not in sys.modules, 'torch imported eagerly'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
