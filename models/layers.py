@@ -413,7 +413,9 @@ class ViTEncoder(nn.Module):
         x = self.embeddings(pixels)
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
-        states = [x]
-        for layer in self.encoder.layers:
-            states.append(layer(states[-1]))
-        return torch.cat([states[k] for k in self.feature_layers], dim=-1)
+        kept = {0: x} if 0 in self.feature_layers else {}  # keep only the states the projector reads
+        for i, layer in enumerate(self.encoder.layers, start=1):
+            x = layer(x)
+            if i in self.feature_layers:
+                kept[i] = x
+        return torch.cat([kept[k] for k in self.feature_layers], dim=-1)

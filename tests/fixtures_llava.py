@@ -16,7 +16,7 @@ TILE, PATCH = 56, 14
 PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]]
 
 
-def hf_config(flavor: str, vocab_rows: int, image_token_id: int, pad_token_id: int):
+def hf_config(flavor: str, vocab_rows: int, image_token_id: int, pad_token_id: int, **overrides):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, MistralConfig
 
     vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -30,12 +30,13 @@ def hf_config(flavor: str, vocab_rows: int, image_token_id: int, pad_token_id: i
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                              rms_norm_eps=1e-5, sliding_window=40,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    kw = dict(image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    kw.update(overrides)
     return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
-                           image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-                           vision_feature_select_strategy="default", pad_token_id=pad_token_id)
+                           pad_token_id=pad_token_id, **kw)
 
 
-def build_llava_next(out_dir, flavor="vicuna", layout="hub", seed=0):
+def build_llava_next(out_dir, flavor="vicuna", layout="hub", seed=0, **config_overrides):
     """Write a checkpoint folder; layout: "hub" (save_pretrained), "module" (transformers >= 4.52
     in-memory key names), or "original" (liuhaotian: LLaVA's own config and key names, no <image>
     token in the tokenizer, no chat template)."""
@@ -46,7 +47,7 @@ def build_llava_next(out_dir, flavor="vicuna", layout="hub", seed=0):
     n_tokens = tok.vocab_size + 2
     vocab_rows = (n_tokens + 63) // 64 * 64
     torch.manual_seed(seed)
-    cfg = hf_config(flavor, vocab_rows, tok.image_token_id, tok.pad_token_id)
+    cfg = hf_config(flavor, vocab_rows, tok.image_token_id, tok.pad_token_id, **config_overrides)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # random weights big enough that the image changes the answer
         for p in model.parameters():
@@ -140,3 +141,11 @@ def _hub_vision_names(out_dir):
 def _write(out_dir, name, obj):
     with open(os.path.join(out_dir, name), "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def pil_image_processor():
+    """transformers' PIL-based LLaVA-NeXT image processor class, the reference, in any 5.x:
+    5.2x names it LlavaNextImageProcessorPil; earlier releases' slow LlavaNextImageProcessor is it."""
+    import transformers
+
+    return getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor

@@ -11,8 +11,12 @@ from tinyvila.media import CLIP_MEAN, CLIP_STD
 from tinyvila.models import anyres
 from tinyvila.models.anyres import LLAVA_NEXT_PINPOINTS
 
-transformers = pytest.importorskip("transformers")
-from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor  # noqa: E402
+import transformers  # noqa: E402  (the reference: a test dependency, never skipped)
+from transformers import LlavaNextProcessor  # noqa: E402
+
+from fixtures_llava import pil_image_processor  # noqa: E402
+
+LlavaNextImageProcessorPil = pil_image_processor()
 from transformers.models.llava_next import modeling_llava_next as hf_model  # noqa: E402
 
 RNG = np.random.default_rng(7)

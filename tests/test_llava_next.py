@@ -17,7 +17,11 @@ def hf_model(path):
 def hf_processor(path):
     import json
 
-    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
+    from transformers import AutoTokenizer, LlavaNextProcessor
+
+    from fixtures_llava import pil_image_processor
+
+    LlavaNextImageProcessorPil = pil_image_processor()
 
     template = json.loads((path / "chat_template.json").read_text())["chat_template"]
     return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(path),
@@ -137,3 +141,16 @@ def test_sampling_is_seeded(engines, image_files):
     assert a == b and a != c
     banned = set(eng.banned.nonzero().flatten().tolist())
     assert not banned & set(a + c)
+
+
+def test_feature_layer_list(tmp_path, image_files):
+    """A list of vision_feature_layer indices concatenates those hidden states (transformers)."""
+    from fixtures_llava import build_llava_next
+
+    build_llava_next(tmp_path, "vicuna", vision_feature_layer=[-3, -1])
+    eng = tinyvila.load(tmp_path, device="cpu", dtype="float32")
+    img = Image.open(image_files[1])
+    inputs = hf_inputs(hf_processor(tmp_path), conversation([("user", "What?")]), [img])
+    with torch.no_grad():
+        ref = hf_model(tmp_path)(**inputs).logits[0]
+    assert (eng.logits("What?", images=[img]) - ref).abs().max() <= 1e-4

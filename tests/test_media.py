@@ -15,8 +15,10 @@ from tinyvila.errors import MediaError
 from tinyvila.media import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, load_image, resize_bicubic,
                             to_normalized_tensor)
 
-transformers = pytest.importorskip("transformers")
-from transformers import LlavaNextImageProcessorPil  # noqa: E402
+import transformers  # noqa: E402  (the reference: a test dependency, never skipped)
+from fixtures_llava import pil_image_processor  # noqa: E402
+
+LlavaNextImageProcessorPil = pil_image_processor()
 from transformers.image_utils import PILImageResampling, SizeDict  # noqa: E402
 from transformers.image_utils import load_image as hf_load_image  # noqa: E402
 

@@ -1,0 +1,38 @@
+"""The CUDA path (run on a GPU machine with `pytest -m gpu`): same results as the CPU path in
+fp32, and a working fp16 conversation with GPU-side stats."""
+import pytest
+import torch
+from PIL import Image
+
+import tinyvila
+
+pytestmark = pytest.mark.gpu
+GREEDY = dict(temperature=0, max_new_tokens=12, ignore_eos=True)
+
+
+def test_cuda_fp32_matches_cpu(llava_mistral, image_files):
+    torch.backends.cudnn.allow_tf32 = False  # the patch-embedding conv: compare true fp32
+    cpu = tinyvila.load(llava_mistral, device="cpu", dtype="float32")
+    gpu = tinyvila.load(llava_mistral, device="cuda", dtype="float32")
+    img = Image.open(image_files[0])
+    a, b = cpu.logits("What is it?", images=[img]), gpu.logits("What is it?", images=[img])
+    assert b.device.type == "cuda"
+    assert (a - b.cpu()).abs().max() < 1e-3
+    assert cpu.generate("What?", images=[img], **GREEDY).token_ids == gpu.generate("What?", images=[img],
+                                                                                   **GREEDY).token_ids
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_half_conversation(llava_vicuna, image_files, dtype):
+    eng = tinyvila.load(llava_vicuna, device="cuda", dtype=dtype)
+    assert eng.model.language_model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    ref = tinyvila.load(llava_vicuna, device="cpu", dtype="float32").logits("Hi", images=[image_files[1]])
+    half = eng.logits("Hi", images=[image_files[1]]).cpu()
+    cos = torch.nn.functional.cosine_similarity(ref, half, dim=-1)
+    assert cos.min() > 0.99
+    with eng.session(images=[image_files[1]]) as s:
+        first = s.ask("Describe it.", **GREEDY)
+        second = s.ask("More?", **GREEDY)
+    assert len(first.token_ids) == len(second.token_ids) == 12
+    assert second.stats.prefill_tokens < second.stats.visual_tokens
+    assert 0 < first.stats.peak_mem_bytes < 2e9 and first.stats.decode_tok_s > 0
