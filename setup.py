@@ -37,7 +37,8 @@ setup(
     ],
     extras_require={
         # transformers is the reference the tests compare against; the runtime never imports it.
-        "test": ["transformers>=5.0", "pytest>=8", "av"],
+        # protobuf lets transformers read a bare sentencepiece tokenizer.model.
+        "test": ["transformers>=5.0", "protobuf", "pytest>=8", "av"],
     },
     entry_points={
         "console_scripts": [

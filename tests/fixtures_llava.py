@@ -43,11 +43,13 @@ def build_llava_next(out_dir, flavor="vicuna", layout="hub", seed=0, **config_ov
     from transformers import LlavaNextForConditionalGeneration
 
     os.makedirs(out_dir, exist_ok=True)
-    tok = build_llama_tokenizer(out_dir, flavor=flavor, files="spm" if layout == "original" else "json")
-    n_tokens = tok.vocab_size + 2
-    vocab_rows = (n_tokens + 63) // 64 * 64
+    original = layout == "original"
+    tok = build_llama_tokenizer(out_dir, flavor=flavor, files="spm" if original else "json",
+                                layout="original" if original else "hub")
+    image_id, pad_id = tok.vocab_size, tok.vocab_size + 1  # llava-hf's <image>, <pad> (the original has neither)
+    vocab_rows = (tok.vocab_size + 2 + 63) // 64 * 64
     torch.manual_seed(seed)
-    cfg = hf_config(flavor, vocab_rows, tok.image_token_id, tok.pad_token_id, **config_overrides)
+    cfg = hf_config(flavor, vocab_rows, image_id, pad_id, **config_overrides)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # random weights big enough that the image changes the answer
         for p in model.parameters():
@@ -113,16 +115,6 @@ def _save_original(model, cfg, out_dir, flavor):
     }
     _write(out_dir, "config.json", config)
     # The original repos ship no chat template and no <image> token: tinyvila splices as LLaVA did.
-    for name in ("chat_template.json", "added_tokens.json"):
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    with open(path) as f:
-        tok_cfg = json.load(f)
-    tok_cfg["added_tokens_decoder"] = {k: v for k, v in tok_cfg["added_tokens_decoder"].items() if int(k) < 3}
-    tok_cfg["pad_token"] = "<unk>"
-    _write(out_dir, "tokenizer_config.json", tok_cfg)
 
 
 def _hub_vision_names(out_dir):

@@ -81,6 +81,23 @@ def test_every_key_spelling(key, expected):
     assert canonical_name(key) == expected
 
 
+def test_original_layout_splices_like_llava(tmp_path):
+    """Original LLaVA tokenizes the text around each <image> separately (each chunk with BOS, the
+    BOS then stripped from every chunk but the first) and joins the chunks with -200."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "original"
+    build_llava_next(d, "mistral", layout="original")
+    eng = load(d)
+    hf = AutoTokenizer.from_pretrained(d)
+    for prompt in ["[INST] <image>\nWhat is this? [/INST]", "A <image> and <image>\nB", "<image>\nx"]:
+        chunks = [hf(c).input_ids for c in prompt.split("<image>")]
+        expected = chunks[0][:1]
+        for i, c in enumerate(chunks):
+            expected += ([-200] if i else []) + c[1:]
+        assert eng.encode_text(prompt) == expected, prompt
+
+
 def test_sharded_checkpoint(tmp_path, reference, llava_vicuna):
     from transformers import LlavaNextForConditionalGeneration
 

@@ -94,7 +94,8 @@ class Engine:
         tokenizer = Tokenizer.from_dir(path)
         with torch.device("meta"):
             net = family(family_cfg)
-        template = ChatTemplate.from_dir(path, default=net.default_template)
+        template = ChatTemplate.from_dir(path, default=net.default_template,
+                                         special_tokens=tokenizer.special_tokens_map)
         try:
             net = net.to(dtype).to_empty(device=device)
             net.load_checkpoint(path)
@@ -130,7 +131,8 @@ class Engine:
         for i, chunk in enumerate(text.split(placeholder)):
             if i:
                 ids.append(self.image_token_id)
-            ids += tok.encode(chunk, add_special_tokens=add_special and i == 0) if chunk else []
+            if chunk or i == 0:  # an empty first chunk still carries the BOS
+                ids += tok.encode(chunk, add_special_tokens=add_special and i == 0)
         return ids
 
     def render(self, messages: list, add_generation_prompt: bool = True) -> str:

@@ -69,18 +69,19 @@ LLAVA_V1_TEMPLATE = _CONTENT_MACRO + (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
-# LLaVA `conv_mistral_instruct`: "[INST] <image>\n{q} [/INST] {a}</s>[INST] {q2} [/INST]"; a system
-# message goes in front of the first user text, followed by a blank line.
+# LLaVA `conv_mistral_instruct` (SeparatorStyle.LLAMA_2, sep "", sep2 "</s>"):
+# "[INST] <image>\n{q} [/INST] {a} </s>[INST] {q2} [/INST]"; a system message is wrapped in
+# "<<SYS>>\n{system}\n<</SYS>>\n\n" in front of the first user text.
 MISTRAL_INSTRUCT_TEMPLATE = _CONTENT_MACRO + (
     "{%- set ns = namespace(first=true) -%}"
     "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'user' -%}"
     "{{- '[INST] ' -}}"
-    "{%- if ns.first and system is not none -%}{{- system + '\\n\\n' -}}{%- endif -%}"
+    "{%- if ns.first and system -%}{{- '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
     "{%- set ns.first = false -%}"
     "{{- content_text(message['content'], true) + ' [/INST]' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- ' ' -}}"
-    "{%- generation -%}{{- content_text(message['content'], false) + '</s>' -}}{%- endgeneration -%}"
+    "{%- generation -%}{{- content_text(message['content'], false) + ' </s>' -}}{%- endgeneration -%}"
     "{%- else -%}{{- raise_exception('mistral_instruct: only system, user and assistant roles are supported') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -166,8 +167,6 @@ def _plain(value):
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):

@@ -14,9 +14,12 @@ and so what we copy:
 * With tokenizer.json present, `add_bos_token` / `add_eos_token` in tokenizer_config.json are ignored
   (the file's post-processor decides). Without it (tokenizer.model only), they rebuild the
   post-processor, and a missing `add_bos_token` means no BOS.
-* tokenizer.model (SentencePiece) is not run through sentencepiece either: transformers converts the
-  pieces to a `tokenizers` BPE (merges derived from the piece ids) and uses that, so we read the
-  .model protobuf ourselves and do the same. (The slow sentencepiece path no longer exists in 5.x.)
+* tokenizer.model (SentencePiece) is not run through the sentencepiece library either: AutoTokenizer
+  converts the pieces to a `tokenizers` BPE (merges derived from the piece ids) and uses that, so we
+  read the .model protobuf ourselves and do the same. As a LlamaTokenizer it gets the Metaspace
+  pipeline above; as the generic class (a bare tokenizer.model next to a llava_next config.json) it
+  gets only a " " -> "▁" replacement, i.e. no leading "▁" on the text: odd, but it is what
+  transformers 5.23 does, so we do it too.
 * Added tokens come from tokenizer_config.json `added_tokens_decoder`, else from
   special_tokens_map.json + added_tokens.json + tokenizer.json; missing ones are appended in id order.
 * decode: `tokenizers` decode, then `clean_up_tokenization_spaces` only for non-BPE models
@@ -222,7 +225,8 @@ def _spm_generic_backend(pieces, trainer, charsmap):
     return tok
 
 
-def _json_vocab_merges(tj, file):
+def _json_vocab_merges(tj):
+    """A BPE tokenizer.json's vocab and merges (None, None for other models)."""
     model = tj.get("model") or {}
     if model.get("type") not in (None, "BPE") or not isinstance(model.get("vocab"), dict):
         return None, None
@@ -262,7 +266,7 @@ class Tokenizer:
         self._special = special_tokens  # name -> token string (bos_token, ..., plus e.g. image_token)
         self._extra = extra_special_tokens
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        # tokenizers tells nothing about the model type in its public API except through the class
+        # transformers never applies the space clean-up to BPE models (it would corrupt them)
         self._is_bpe = type(backend.model).__name__ == "BPE"
         self._special_ids = None  # ids of special added tokens, filled on first use
 
@@ -303,7 +307,7 @@ class Tokenizer:
         source = tj_file if tj is not None else path
         try:
             if tj is not None:
-                vocab, merges = _json_vocab_merges(tj, tj_file)
+                vocab, merges = _json_vocab_merges(tj)
                 if kind == "LlamaTokenizer" and vocab is not None:
                     backend = _llama_backend(vocab, merges, tc)
                 elif kind == "Qwen2Tokenizer" and vocab is not None:
@@ -482,7 +486,7 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens=True):
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces and not self._is_bpe:
             for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):

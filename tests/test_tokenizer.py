@@ -1,0 +1,273 @@
+"""tinyvila.tokenizer against transformers.AutoTokenizer on the same (tiny, freshly built) files."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fixtures_tokenizer import build_llama_tokenizer, build_qwen2_tokenizer
+from tinyvila.errors import CheckpointError
+from tinyvila.tokenizer import Tokenizer
+
+import transformers  # noqa: E402  (the reference: a test dependency, never skipped)
+transformers.logging.set_verbosity_error()
+
+import google.protobuf  # noqa: E402,F401  transformers needs it to read a bare tokenizer.model (test extra)
+
+TEXTS = [
+    "Hello world",
+    "hello world",
+    " leading space",
+    "trailing space ",
+    "  two leading, two trailing  ",
+    "a  b   c    d",
+    "",
+    " ",
+    "\n",
+    "line one\nline two\n\nline four",
+    "tabs\there\t",
+    "USER: <image>\nWhat is shown in this image? ASSISTANT:",
+    "[INST] <image>\nWhat is this? [/INST]",
+    "<image>",
+    "<image><image>\n\n<image>x",
+    "  <image>  z ",
+    "text<image>text",
+    "<s>raw bos</s> and <pad> and <unk>",
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n",
+    "Digits 0123456789 and 3.14159, 1,000,000",
+    "It's, don't, we'll, I'M, they'VE",
+    "caf\u00e9 na\u00efve \u00c5ngstr\u00f6m",
+    "e\u0301 vs \u00e9 (NFC)",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 \u4e2d\u6587",
+    "emoji \U0001F600\U0001F44D\U0001F3FD and \u2764\ufe0f",
+    "math \u2211 x\u00b2 \u2264 \u221e",
+    "Ends with punctuation!?",
+    "ASSISTANT: A cat.</s>USER: And the dog? ASSISTANT:",
+    "<<SYS>>\nBe brief.\n<</SYS>>\n\n",
+    "x" * 50 + " " + "ab" * 20,
+]
+
+LLAMA_CASES = [(flavor, files, mt) for flavor in ("vicuna", "mistral") for files in ("json", "spm")
+               for mt in ("llava_next", None)]
+QWEN_CASES = [(files, mt) for files in ("json", "vocab_merges") for mt in ("qwen2_5_vl", "qwen2")]
+
+
+@pytest.fixture(scope="session")
+def tok_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    dirs = {}
+    for flavor, files, mt in LLAMA_CASES:
+        dirs[("llama", flavor, files, mt)] = build_llama_tokenizer(str(root / f"llama-{flavor}-{files}-{mt}"),
+                                                                   flavor, files, mt)
+    for files, mt in QWEN_CASES:
+        dirs[("qwen2", files, mt)] = build_qwen2_tokenizer(str(root / f"qwen2-{files}-{mt}"), files, mt)
+    return root, dirs
+
+
+def case_ids(case):
+    return "-".join(str(c) for c in case)
+
+
+ALL_CASES = [("llama",) + c for c in LLAMA_CASES] + [("qwen2",) + c for c in QWEN_CASES]
+
+
+def assert_same(ours, ref, texts=TEXTS):
+    for text in texts:
+        for special in (True, False):
+            want = ref.encode(text, add_special_tokens=special)
+            got = ours.encode(text, add_special_tokens=special)
+            assert got == want, (text, special, ref.convert_ids_to_tokens(want), [ours.id_to_token(i) for i in got])
+        ids = ref.encode(text)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (text, skip)
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "bos_token_id", "eos_token_id",
+                 "pad_token_id", "all_special_ids", "special_tokens_map"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert len(ours) == len(ref)
+    for i in range(len(ref)):
+        assert ours.id_to_token(i) == ref.convert_ids_to_tokens(i)
+        assert ours.token_to_id(ours.id_to_token(i)) == i
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_ids)
+def test_matches_transformers(tok_root, case):
+    root, dirs = tok_root
+    fx = dirs[case]
+    ref = transformers.AutoTokenizer.from_pretrained(fx.path)
+    ours = Tokenizer.from_dir(fx.path)
+    assert_same(ours, ref)
+    # random id sequences (byte pieces, added and special tokens included) decode the same
+    rng = random.Random(1)
+    for _ in range(100):
+        ids = [rng.randrange(len(ref)) for _ in range(rng.randint(1, 24))]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_fixture_facts(tok_root):
+    _, dirs = tok_root
+    for case, fx in dirs.items():
+        tok = Tokenizer.from_dir(fx.path)
+        if case[0] == "llama":
+            assert tok.token_to_id("<image>") == fx.image_token_id == fx.vocab_size
+            assert tok.token_to_id("<pad>") == tok.pad_token_id == fx.pad_token_id == fx.vocab_size + 1
+            assert (tok.bos_token, tok.bos_token_id, tok.eos_token_id) == ("<s>", 1, 2)
+            # the image token is one id, wherever it sits
+            ids = tok.encode("USER: <image>\nWhat is", add_special_tokens=False)
+            assert ids.count(fx.image_token_id) == 1
+        else:
+            assert tok.bos_token is None and tok.bos_token_id is None
+            assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+            assert tok.token_to_id("<|image_pad|>") == fx.image_token_id > fx.vocab_size
+            assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # no BOS
+
+
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if c[2] != "spm"], ids=case_ids)
+def test_transformers5_resaved(tok_root, tmp_path, case):
+    """The same tokenizer after a transformers 5 `save_pretrained` (its own file layout)."""
+    root, dirs = tok_root
+    fx = dirs[case]
+    ref = transformers.AutoTokenizer.from_pretrained(fx.path)
+    ref.save_pretrained(str(tmp_path))
+    if os.path.exists(os.path.join(fx.path, "config.json")):
+        shutil.copy(os.path.join(fx.path, "config.json"), tmp_path)
+    assert_same(Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path)))
+
+
+@pytest.mark.parametrize("edit", ["no_added_tokens_decoder", "no_add_bos_token", "add_eos_token", "image_token",
+                                  "no_legacy", "clean_up"])
+@pytest.mark.parametrize("case", [("llama", "mistral", "json", None), ("llama", "vicuna", "spm", None),
+                                  ("llama", "vicuna", "json", "llava_next"), ("qwen2", "vocab_merges", "qwen2")],
+                         ids=case_ids)
+def test_tokenizer_config_variants(tok_root, tmp_path, case, edit):
+    """tokenizer_config.json flags that transformers honours or ignores depending on the files."""
+    root, dirs = tok_root
+    d = str(tmp_path / "tok")
+    shutil.copytree(dirs[case].path, d)
+    file = os.path.join(d, "tokenizer_config.json")
+    with open(file) as f:
+        tc = json.load(f)
+    if edit == "no_added_tokens_decoder":  # older layout: special_tokens_map.json + added_tokens.json
+        del tc["added_tokens_decoder"]
+    elif edit == "no_add_bos_token":
+        tc.pop("add_bos_token", None)
+    elif edit == "add_eos_token":
+        tc["add_eos_token"] = True
+    elif edit == "image_token":
+        tc["image_token"] = "<image>" if case[0] == "llama" else "<|image_pad|>"
+    elif edit == "no_legacy":
+        tc.pop("legacy", None)
+    else:
+        tc["clean_up_tokenization_spaces"] = True
+    with open(file, "w") as f:
+        json.dump(tc, f)
+    assert_same(Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d), TEXTS[:14])
+
+
+@pytest.mark.parametrize("files", ["json", "spm"])
+@pytest.mark.parametrize("model_type", [None, "llava_llama"])
+def test_original_llava_layout(tmp_path, files, model_type):
+    """liuhaotian-style files: no <image>/<pad> tokens, pad = <unk>, LLaVA's own model_type."""
+    fx = build_llama_tokenizer(str(tmp_path), "vicuna", files, model_type, layout="original")
+    assert fx.image_token_id is None and not os.path.exists(tmp_path / "chat_template.json")
+    tok = Tokenizer.from_dir(fx.path)
+    assert tok.token_to_id("<image>") is None and tok.pad_token == "<unk>" and len(tok) == fx.vocab_size
+    assert_same(tok, transformers.AutoTokenizer.from_pretrained(fx.path))
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_ids)
+def test_stream_decoder(tok_root, case):
+    _, dirs = tok_root
+    tok = Tokenizer.from_dir(dirs[case].path)
+    rng = random.Random(2)
+    sequences = [tok.encode(t) for t in TEXTS]
+    # random ids, biased towards byte pieces / multi-byte characters and special tokens
+    byte_ids = [i for i in range(len(tok)) if tok.id_to_token(i).startswith("<0x")] or list(range(256))
+    for _ in range(60):
+        sequences.append([rng.choice(byte_ids) if rng.random() < 0.4 else rng.randrange(len(tok))
+                          for _ in range(rng.randint(1, 30))])
+    for ids in sequences:
+        for skip in (True, False):
+            stream = tok.stream_decoder(skip_special_tokens=skip)
+            pieces = [stream.push(i) for i in ids]
+            pieces.append(stream.flush())
+            assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip), ids
+            if "\ufffd" not in tok.decode(ids, skip_special_tokens=skip):
+                assert not any("\ufffd" in p for p in pieces), (ids, pieces)
+
+
+def test_stream_decoder_holds_partial_characters(tok_root):
+    _, dirs = tok_root
+    tok = Tokenizer.from_dir(dirs[("llama", "vicuna", "json", "llava_next")].path)
+    ids = tok.encode("a \U0001F600 b", add_special_tokens=False)
+    assert sum(tok.id_to_token(i).startswith("<0x") for i in ids) == 4  # the emoji is 4 byte pieces
+    stream = tok.stream_decoder()
+    pieces = [stream.push(i) for i in ids]
+    assert not any("\ufffd" in p for p in pieces)
+    assert any("\U0001F600" in p for p in pieces)  # arrives whole, once its 4 bytes are in
+    assert "".join(pieces) + stream.flush() == "a \U0001F600 b"
+
+
+def test_errors(tmp_path, tok_root):
+    _, dirs = tok_root
+    with pytest.raises(CheckpointError, match="not a directory"):
+        Tokenizer.from_dir(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="tokenizer.json, vocab.json \\+ merges.txt, tokenizer.model"):
+        Tokenizer.from_dir(str(empty))
+    for name, text in [("tokenizer.json", '{"model": {"type": "BPE", "vocab": '),
+                       ("tokenizer.json", '{"version": "1.0", "model": {"type": "Nonsense"}}'),
+                       ("tokenizer.json", "[1, 2]"),
+                       ("tokenizer_config.json", "{not json"),
+                       ("special_tokens_map.json", "")]:
+        d = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(dirs[("llama", "mistral", "json", "llava_next")].path, d)
+        (d / name).write_text(text)
+        with pytest.raises(CheckpointError) as e:
+            Tokenizer.from_dir(str(d))
+        assert "\n" not in str(e.value) and name in str(e.value)
+    d = tmp_path / "bad-spm"
+    shutil.copytree(dirs[("llama", "mistral", "spm", None)].path, d)
+    (d / "tokenizer.model").write_bytes(b"\xff\xff\xff garbage")
+    with pytest.raises(CheckpointError, match="tokenizer.model"):
+        Tokenizer.from_dir(str(d))
+
+
+def test_runtime_does_not_import_transformers(tok_root):
+    _, dirs = tok_root
+    path = dirs[("qwen2", "json", "qwen2_5_vl")].path
+    code = ("import sys; from tinyvila.tokenizer import Tokenizer; from tinyvila.template import ChatTemplate; "
+            f"t = Tokenizer.from_dir({path!r}); t.decode(t.encode('hi')); "
+            f"ChatTemplate.from_dir({path!r}).render([{{'role': 'user', 'content': 'hi'}}]); "
+            "assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_non_bpe_clean_up_spaces(tmp_path, clean_up):
+    """transformers applies `clean_up_tokenization_spaces` only to non-BPE models: a tiny Unigram one."""
+    from tokenizers import Tokenizer as Backend, decoders, pre_tokenizers
+    from tokenizers.models import Unigram
+    from tokenizers.trainers import UnigramTrainer
+
+    from fixtures_tokenizer import training_sentences
+
+    backend = Backend(Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(training_sentences() + ["a . b , c ? d ! it 's n't 're 've 'm ' x"],
+                                UnigramTrainer(vocab_size=300, show_progress=False, unk_token="<unk>",
+                                               special_tokens=["<unk>", "</s>"]))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": clean_up,
+        "unk_token": "<unk>", "eos_token": "</s>"}))
+    texts = ["a . b , c ? d ! e", "it 's , we n't 're 've 'm ' x", "Hello world </s>"]
+    assert_same(Tokenizer.from_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path)), texts)
