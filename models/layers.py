@@ -220,6 +220,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --------------------------------------------------------------------------- decoder LM
 
+CAUSAL = "causal"  # attention_mask's marker for plain causal attention over a fresh cache
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -242,8 +244,13 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:  # GQA: each KV head serves a group of query heads
             rep = self.n_heads // self.n_kv
             keys, values = keys.repeat_interleave(rep, 0), values.repeat_interleave(rep, 0)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.o_proj(out.transpose(0, 1).reshape(T, -1))
+        # SDPA's fused (flash / memory-efficient) kernels take 4-D inputs only: add the batch dim.
+        q, keys, values = q[None], keys[None], values[None]
+        if mask is CAUSAL:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out[0].transpose(0, 1).reshape(T, -1))
 
 
 class MLP(nn.Module):
@@ -292,10 +299,13 @@ class DecoderLM(nn.Module):
         return self.embed_tokens(ids.clamp(0, self.cfg.vocab_size - 1))
 
     def attention_mask(self, T: int, start: int, device):
-        """Boolean [T, start+T] mask (True = attend), or None when every key is visible."""
+        """Boolean [T, start+T] mask (True = attend); None when every key is visible; CAUSAL when
+        plain causal attention from slot 0 applies (SDPA's fused kernels need no mask then)."""
         window = self.cfg.sliding_window
         if T == 1 and (window is None or start + 1 <= window):
             return None
+        if start == 0 and (window is None or T <= window):
+            return CAUSAL
         q = torch.arange(start, start + T, device=device)[:, None]
         k = torch.arange(start + T, device=device)[None, :]
         mask = k <= q

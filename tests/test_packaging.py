@@ -25,9 +25,13 @@ for generic in ("models", "kernels", "quant", "tools"):
 @pytest.mark.parametrize("editable", [False, True])
 def test_pip_install(tmp_path, editable):
     env_dir = tmp_path / "venv"
-    # System site-packages provide torch & co.; the venv's own site-packages take precedence.
-    venv.create(env_dir, with_pip=False, system_site_packages=True)
+    # The running interpreter's packages (torch & co.) stay visible through a .pth file, even when
+    # that interpreter is itself a venv; the new venv's own site-packages come first.
+    venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    (Path(own) / "parent.pth").write_text("\n".join(p for p in sys.path if p.endswith("-packages")) + "\n")
     args = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     args += ["-e", str(REPO)] if editable else [str(REPO)]
     subprocess.run(args, check=True, cwd=tmp_path, capture_output=True)

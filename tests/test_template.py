@@ -40,7 +40,7 @@ CONVERSATIONS = [
     [SYSTEM, user(text("No image here, \"quotes\" & <tags>, \u00e9\u65e5\U0001F600\n"))],
     # what processors clean up: None-valued keys and OpenAI-style image_url items
     [user({"type": "image_url", "image_url": {"url": "http://x/y.png"}}, text("Describe.")),
-     {"role": "assistant", "content": [text("Ok.")], "tool_calls": None}, user(text("More."))],
+     {"role": "assistant", "content": [text("Ok.")]}, user(text("More."))],
 ]
 
 
@@ -120,6 +120,14 @@ def test_environment_matches_transformers(ckpts, template):
             assert ours.render(conv, add_generation_prompt=gen, custom_var="X") == want
     if "strftime_now" in template:
         assert ours.render(CONVERSATIONS[0]).endswith(str(datetime.date.today().year))
+
+
+def test_none_valued_keys_are_dropped():
+    """transformers 5.23's processors drop None-valued message keys before rendering (5.17 kept
+    them), so a template that dumps messages never sees them; we follow the newer behaviour."""
+    t = ChatTemplate("{{ messages | tojson }}")
+    out = t.render([{"role": "user", "content": [text("x")], "tool_calls": None}], add_generation_prompt=False)
+    assert "tool_calls" not in out and '"x"' in out
 
 
 def test_generation_tag_renders_body(ckpts):
