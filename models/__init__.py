@@ -12,12 +12,15 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
     "LlavaLlamaForCausalLM": ("llava_next", "LlavaNext"),  # original liuhaotian/llava-v1.6-* files
     "LlavaMistralForCausalLM": ("llava_next", "LlavaNext"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
 }
 # model_type -> (module, class), for configs without `architectures`
 MODEL_TYPES = {
     "llava_next": ("llava_next", "LlavaNext"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VL"),
 }
-SUPPORTED = "LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM)"
+SUPPORTED = ("LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM), "
+             "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)")
 
 
 def family_for(config: dict):

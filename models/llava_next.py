@@ -139,12 +139,14 @@ class ImageItem:
     """One preprocessed image: tiles for the encoder and how many LLM positions it fills."""
     image: anyres.AnyresImage
     n_tokens: int
+    kind: str = "image"
 
 
 class LlavaNext(nn.Module):
     name = "LLaVA-NeXT"
-    image_placeholder = "<image>"  # what the chat template writes for one image
+    placeholders = {"image": "<image>"}  # what the chat template writes for one image
     video_token_id = None
+    media_options = ()
 
     def __init__(self, cfg: LlavaNextConfig):
         super().__init__()
@@ -189,7 +191,7 @@ class LlavaNext(nn.Module):
         return ImageItem(image, anyres.num_image_tokens(image.image_size, c.pinpoints, tile, patch))
 
     @torch.no_grad()
-    def encode_images(self, items: list) -> list:
+    def encode(self, items: list) -> list:
         """Features [n_tokens, hidden] for each ImageItem, all crops in one encoder batch."""
         pixels = torch.cat([it.image.pixels for it in items]).to(self.image_newline.device)
         feats = self.vision_tower(pixels)[:, 1:]  # drop CLS ("default" feature strategy)
@@ -206,6 +208,6 @@ class LlavaNext(nn.Module):
         return out
 
     # ------------------------------------------------------------------ positions
-    def positions(self, n_tokens: int, spans, device) -> torch.Tensor:
+    def positions(self, n_tokens: int, spans, media, device) -> torch.Tensor:
         """1-D RoPE over the fused sequence: text and visual positions alike."""
         return torch.arange(n_tokens, device=device)

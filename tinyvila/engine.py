@@ -19,7 +19,8 @@ from .tokenizer import Tokenizer
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 DEFAULT_MAX_SEQ_LEN = 8192
-# Conversation options: defaults on load(), overridable per session(). Later issues give them effect.
+# Conversation options: defaults on load(), overridable per session(). Families add their media
+# options (e.g. Qwen2.5-VL's min_pixels, max_pixels, fps, max_frames).
 CONVERSATION_OPTIONS = ("max_seq_len",)
 
 
@@ -74,10 +75,7 @@ class Engine:
         text = model.language_model.cfg
         self.max_seq_len = int(options.pop("max_seq_len", None) or min(text.max_position_embeddings,
                                                                         DEFAULT_MAX_SEQ_LEN))
-        unknown = set(options) - set(CONVERSATION_OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        self.defaults = options
+        self.defaults = self._check_options(options)
         self.banned = self._banned_ids(text.vocab_size)
         self.lock = threading.Lock()  # one forward at a time per engine: sessions interleave steps
 
@@ -124,7 +122,7 @@ class Engine:
         """
         tok = self.tokenizer
         add_special = not (tok.bos_token and text.startswith(tok.bos_token))
-        placeholder = self.model.image_placeholder
+        placeholder = self.model.placeholders["image"]
         if tok.token_to_id(placeholder) is not None or placeholder not in text:
             return tok.encode(text, add_special_tokens=add_special)
         ids = []
@@ -138,20 +136,34 @@ class Engine:
     def render(self, messages: list, add_generation_prompt: bool = True) -> str:
         return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
-    def load_media(self, images=None, videos=None) -> list:
-        """Preprocess user images into the family's media items (decoded and checked once)."""
+    def _check_options(self, options: dict) -> dict:
+        known = CONVERSATION_OPTIONS + tuple(self.model.media_options)
+        unknown = set(options) - set(known)
+        if unknown:
+            raise TypeError(f"unknown option(s) for {self.model.name}: {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(known)})")
+        return {k: v for k, v in options.items() if v is not None}
+
+    def load_media(self, images=None, videos=None, **media_options) -> list:
+        """Preprocess user images and videos into the family's media items (decoded and checked
+        once), images first. Videos: a file path, or a list of frames (PIL images / HxWx3 arrays)."""
+        items = [self.model.prepare_image(load_image(src), **media_options) for src in (images or [])]
         if videos:
-            raise TinyVilaError(f"{self.model.name} takes images only, not videos")
-        return [self.model.prepare_image(load_image(src)) for src in (images or [])]
+            if not hasattr(self.model, "prepare_video"):
+                raise TinyVilaError(f"{self.model.name} takes images only, not videos")
+            from .media import open_video
+
+            items += [self.model.prepare_video(open_video(src), **media_options) for src in videos]
+        return items
 
     # ------------------------------------------------------------------ public API
     def session(self, images=None, videos=None, system=None, **options) -> Session:
-        """A multi-turn conversation about `images`; the KV cache is allocated once, here."""
-        opts = dict(self.defaults, **options)
-        unknown = set(opts) - set(CONVERSATION_OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        return Session(self, self.load_media(images, videos), system, opts.get("max_seq_len") or self.max_seq_len)
+        """A multi-turn conversation about `images` / `videos`; the KV cache is allocated once, here.
+        `options` override load()'s conversation and media options for this session."""
+        opts = dict(self.defaults, **self._check_options(options))
+        media_opts = {k: v for k, v in opts.items() if k in self.model.media_options}
+        return Session(self, self.load_media(images, videos, **media_opts), system,
+                       opts.get("max_seq_len") or self.max_seq_len, media_opts)
 
     def logits(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None):
         """fp32 logits [T, vocab] for every position of a one-turn prompt (same inputs as generate)."""
@@ -167,7 +179,7 @@ class Engine:
             return self.encode_text(prompt)
         messages = ([{"role": "system", "content": [{"type": "text", "text": session.system}]}]
                     if session.system else [])
-        messages.append(session.user_message(prompt, len(session.pending)))
+        messages.append(session.user_message(prompt, session.pending))
         return self.encode_text(self.render(messages))
 
     def generate(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None,

@@ -16,9 +16,10 @@ from .kv_cache import KVCache
 
 
 class Session:
-    def __init__(self, engine, media: list, system: str | None, max_seq_len: int):
+    def __init__(self, engine, media: list, system: str | None, max_seq_len: int, media_options=None):
         self.engine = engine
         self.system = system
+        self.media_options = dict(media_options or {})
         self.messages = []  # transformers-style chat messages, answers included
         self.media = []  # media items already placed in a user message, in prompt order
         self.pending = list(media)  # media for the next user message
@@ -34,7 +35,11 @@ class Session:
     # ------------------------------------------------------------------ conversation
     def add_image(self, image) -> None:
         """Attach an image (path, PIL image or HxWx3 uint8 array) to the next question."""
-        self.pending += self.engine.load_media(images=[image])
+        self.pending += self.engine.load_media(images=[image], **self.media_options)
+
+    def add_video(self, video) -> None:
+        """Attach a video (file path or list of frames) to the next question."""
+        self.pending += self.engine.load_media(videos=[video], **self.media_options)
 
     def clear(self) -> None:
         """Forget the conversation (history, media and cache); the system prompt stays."""
@@ -68,9 +73,10 @@ class Session:
         if len(keys) > self.cache.max_len:
             raise ContextError(f"the prompt is {len(keys)} tokens but the context holds {self.cache.max_len}")
         model = self.engine.model
-        for j, f in zip(range(len(self.pending)), model.encode_images(self.pending)):
-            self.features.setdefault(j, f)
-        positions = model.positions(len(keys), spans, self.engine.device)
+        if self.pending:
+            for j, f in enumerate(model.encode(self.pending)):
+                self.features.setdefault(j, f)
+        positions = model.positions(len(keys), spans, self.pending, self.engine.device)
         self.cache.truncate(0)
         self.tokens = []
         with self.engine.lock:
@@ -86,13 +92,15 @@ class Session:
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def user_message(self, question: str, n_media: int) -> dict:
-        placeholder = self.engine.model.image_placeholder
-        given = question.count(placeholder)
-        if given not in (0, n_media):
-            raise TinyVilaError(f"the question has {given} {placeholder} placeholder(s) but {n_media} "
-                                f"image(s) were given")
-        items = [] if given else [{"type": "image"}] * n_media
+    def user_message(self, question: str, media: list) -> dict:
+        """The user's turn: one content item per media item (in order), then the text. A question
+        that already holds the placeholders (one per item) is used as is."""
+        placeholders = self.engine.model.placeholders
+        given = sum(question.count(p) for p in placeholders.values())
+        if given not in (0, len(media)):
+            raise TinyVilaError(f"the question has {given} media placeholder(s) but {len(media)} "
+                                f"media item(s) were given")
+        items = [] if given else [{"type": m.kind} for m in media]
         return {"role": "user", "content": items + [{"type": "text", "text": question}]}
 
     def _turn_for_question(self, question, params, callback):
@@ -101,7 +109,7 @@ class Session:
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
-        messages.append(self.user_message(question, len(self.pending)))
+        messages.append(self.user_message(question, self.pending))
         ids = self.engine.encode_text(self.engine.render(messages))
 
         def on_done(answer_text):
@@ -117,7 +125,8 @@ class Session:
         [(start, end, media index)].
         """
         model = self.engine.model
-        placeholders = {i for i in (model.image_token_id, model.video_token_id) if i is not None}
+        placeholders = {i: kind for kind, i in (("image", model.image_token_id), ("video", model.video_token_id))
+                        if i is not None}
         keys, spans = [], []
         for t in ids:
             if t not in placeholders:
@@ -127,6 +136,9 @@ class Session:
             if j >= len(media):
                 raise TinyVilaError(f"the prompt has more media placeholders than the {len(media)} "
                                     f"media item(s) given")
+            if media[j].kind != placeholders[t]:
+                raise TinyVilaError(f"media item {j + 1} is a {media[j].kind} but the prompt has a "
+                                    f"{placeholders[t]} placeholder there")
             spans.append((len(keys), len(keys) + media[j].n_tokens, j))
             keys += [-(1 + j)] * media[j].n_tokens
         if len(spans) != len(media):
@@ -169,11 +181,11 @@ class Session:
             if new:
                 tv = time.perf_counter()
                 with eng.lock:
-                    for j, f in zip(new, model.encode_images([media[j] for j in new])):
+                    for j, f in zip(new, model.encode([media[j] for j in new])):
                         self.features[j] = f
                 sync(eng.device)
                 stats.vision_s = time.perf_counter() - tv
-            positions = model.positions(len(keys), spans, eng.device)
+            positions = model.positions(len(keys), spans, media, eng.device)
             delta = int(positions.max()) + 1 - len(keys)  # decode position offset (M-RoPE shrinks it)
 
             tp = time.perf_counter()
