@@ -14,12 +14,14 @@ from .errors import TinyVilaError
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 HELP = """commands:
   /image PATH        attach an image to your next message
+  /video PATH        attach a video to your next message
   /clear             forget the conversation (also /reset)
   /system TEXT       set the system prompt (clears the conversation)
   /set NAME VALUE    temperature, top_p, top_k, seed or max_new_tokens
   /stats             show the last answer's statistics
   /help              this help (also /?)
   /exit              quit (also /quit, /bye, Ctrl+D); Ctrl+C stops an answer"""
+MEDIA_OPTIONS = ("max_pixels", "min_pixels", "fps", "max_frames")
 SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_new_tokens": int}
 
 
@@ -29,6 +31,11 @@ def parse_args(argv):
     add("model_pos", nargs="?", metavar="MODEL", help="hub id or local checkpoint directory")
     add("-m", "--model", help=f"same as MODEL (default: $TINYVILA_MODEL or {DEFAULT_MODEL})")
     add("--image", "-i", action="extend", nargs="+", default=[], metavar="PATH", help="image(s), repeatable")
+    add("--video", action="extend", nargs="+", default=[], metavar="PATH", help="video file(s), repeatable")
+    add("--max-pixels", "--max_pixels", dest="max_pixels", type=int, help="pixel budget per image or frame (Qwen2.5-VL)")
+    add("--min-pixels", "--min_pixels", dest="min_pixels", type=int, help="minimum pixels per image or frame (Qwen2.5-VL)")
+    add("--fps", type=float, help="video sampling rate in frames per second (default 2)")
+    add("--max-frames", "--max_frames", dest="max_frames", type=int, help="at most this many video frames")
     add("-p", "--prompt", help="answer this prompt once and exit")
     add("-n", "--max-new-tokens", "--max-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
     add("--temperature", "--temp", type=float, default=0.2, help="0 = greedy (default 0.2)")
@@ -65,7 +72,7 @@ class Chat:
         self.engine, self.args = engine, args
         self.sampling = {k: getattr(args, k) for k in SAMPLING}
         self.sampling["ignore_eos"] = args.ignore_eos
-        self.session = engine.session(images=args.image, system=args.system)
+        self.session = engine.session(images=args.image, videos=args.video, system=args.system)
 
     def answer(self, question: str) -> None:
         out = sys.stdout
@@ -98,11 +105,11 @@ class Chat:
             return False
         if name in ("help", "?"):
             print(HELP)
-        elif name == "image":
+        elif name in ("image", "video"):
             if not rest:
-                raise TinyVilaError("usage: /image PATH")
-            self.session.add_image(rest)
-            print(f"[image {rest} attached to your next message]", file=sys.stderr)
+                raise TinyVilaError(f"usage: /{name} PATH")
+            (self.session.add_image if name == "image" else self.session.add_video)(rest)
+            print(f"[{name} {rest} attached to your next message]", file=sys.stderr)
         elif name in ("clear", "reset"):
             self.session.clear()
             print("[conversation cleared]", file=sys.stderr)
@@ -160,7 +167,8 @@ def main(argv=None) -> int:
         from . import load
 
         try:
-            engine = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+            media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
+            engine = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
             chat = Chat(engine, args)
             if args.prompt is not None:
                 chat.answer(args.prompt)

@@ -22,6 +22,7 @@ DEFAULT_MAX_SEQ_LEN = 8192
 # Conversation options: defaults on load(), overridable per session(). Families add their media
 # options (e.g. Qwen2.5-VL's min_pixels, max_pixels, fps, max_frames).
 CONVERSATION_OPTIONS = ("max_seq_len",)
+MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "max_frames")
 
 
 def resolve_device(device) -> torch.device:
@@ -137,12 +138,14 @@ class Engine:
         return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def _check_options(self, options: dict) -> dict:
-        known = CONVERSATION_OPTIONS + tuple(self.model.media_options)
-        unknown = set(options) - set(known)
+        options = {k: v for k, v in options.items() if v is not None}
+        unknown = set(options) - set(CONVERSATION_OPTIONS + MEDIA_OPTIONS)
         if unknown:
-            raise TypeError(f"unknown option(s) for {self.model.name}: {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(known)})")
-        return {k: v for k, v in options.items() if v is not None}
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        unsupported = set(options) - set(CONVERSATION_OPTIONS + tuple(self.model.media_options))
+        if unsupported:  # a real option, but not one this family has (e.g. fps for an image-only model)
+            raise TinyVilaError(f"{self.model.name} does not take {', '.join(sorted(unsupported))}")
+        return options
 
     def load_media(self, images=None, videos=None, **media_options) -> list:
         """Preprocess user images and videos into the family's media items (decoded and checked
