@@ -36,3 +36,21 @@ def test_cuda_half_conversation(llava_vicuna, image_files, dtype):
     assert len(first.token_ids) == len(second.token_ids) == 12
     assert second.stats.prefill_tokens < second.stats.visual_tokens
     assert 0 < first.stats.peak_mem_bytes < 2e9 and first.stats.decode_tok_s > 0
+
+
+def test_qwen_cuda_matches_cpu_and_runs_video_in_bf16(tmp_path):
+    from fixtures_images import draw_image
+    from fixtures_qwen import build_qwen2_5_vl
+
+    build_qwen2_5_vl(tmp_path)
+    img, frames = draw_image(200, 150, seed=1), [draw_image(112, 84, seed=k) for k in range(6)]
+    cpu = tinyvila.load(tmp_path, device="cpu", dtype="float32")
+    gpu = tinyvila.load(tmp_path, device="cuda", dtype="float32")
+    a = cpu.logits("What?", images=[img], videos=[frames])
+    b = gpu.logits("What?", images=[img], videos=[frames]).cpu()
+    assert (a - b).abs().max() < 1e-3
+    bf16 = tinyvila.load(tmp_path, device="cuda", dtype="bfloat16")
+    with bf16.session(images=[img], videos=[frames]) as s:
+        r = s.ask("What happens?", **GREEDY)
+        r2 = s.ask("And then?", **GREEDY)
+    assert len(r.token_ids) == len(r2.token_ids) == 12 and r2.stats.vision_s == 0

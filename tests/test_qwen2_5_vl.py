@@ -210,3 +210,42 @@ def test_video_file_through_decord(qwen, tmp_path):
         assert item.grid[0] == 2 and item.second_per_grid_t == pytest.approx(1.0)
         r = s.ask("What happens?", max_new_tokens=4, temperature=0, ignore_eos=True)
     assert r.stats.visual_tokens == item.n_tokens and len(r.token_ids) == 4
+
+
+def test_image_and_video_in_one_prompt(qwen):
+    path, ids, eng = qwen["untied"]
+    img, frames = draw_image(112, 84, seed=11), [draw_image(84, 84, seed=k) for k in range(4)]
+    model = hf_model(path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                             {"type": "text", "text": "Which matches?"}]}]
+    with eng.session(images=[img], videos=[frames]) as s:
+        image, video = s.pending
+        keys, spans = s._expand(eng.encode_text(eng.render(messages)), s.pending)
+        ours_pos = eng.model.positions(len(keys), spans, s.pending, "cpu")
+    tokens = [k if k >= 0 else (ids["image_pad"] if k == -1 else ids["video_pad"]) for k in keys]
+    ref_pos = reference_positions(tokens, ids["image_pad"], ids["video_pad"], [image.grid, video.grid],
+                                  [0.0, video.second_per_grid_t], 2)
+    assert torch.equal(ours_pos, ref_pos)
+    t = torch.tensor([tokens])
+    with torch.no_grad():
+        ref = model(input_ids=t, pixel_values=image.pixels, image_grid_thw=torch.tensor([image.grid]),
+                    pixel_values_videos=video.pixels, video_grid_thw=torch.tensor([video.grid]),
+                    position_ids=ref_pos[:, None],
+                    mm_token_type_ids=(t == ids["image_pad"]).int() + 2 * (t == ids["video_pad"]).int()).logits[0]
+    ours = eng.logits("Which matches?", images=[img], videos=[frames])
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_pixel_budget_options(qwen):
+    _, _, eng = qwen["untied"]
+    img = draw_image(224, 224, seed=3)
+    big = eng.session(images=[img]).pending[0]
+    small = eng.session(images=[img], max_pixels=112 * 112).pending[0]
+    assert big.grid == (1, 16, 16) and small.grid == (1, 8, 8)
+
+
+
+def test_media_option_of_another_family_is_an_error(llava_vicuna):
+    """fps means nothing to an image-only family: a clear error, not a silent no-op."""
+    with pytest.raises(tinyvila.TinyVilaError, match="does not take fps"):
+        tinyvila.load(llava_vicuna, device="cpu", fps=1.0)

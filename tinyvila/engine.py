@@ -119,19 +119,20 @@ class Engine:
 
         As transformers' processors do: the tokenizer adds its special tokens (BOS) unless the
         text already starts with them. Checkpoints whose tokenizer has no image token (original
-        LLaVA) are split on the placeholder and joined with the sentinel id, as LLaVA does.
+        LLaVA, Llama-3 LongVILA) get LLaVA's own `tokenizer_image_token` instead: every chunk
+        between placeholders tokenized with the tokenizer's defaults; if chunk 0 starts with BOS,
+        that BOS is kept once and the first token of every chunk is dropped; chunks joined by the
+        sentinel id. Training used exactly this, double BOS included where it happens (spec P7).
         """
         tok = self.tokenizer
-        add_special = not (tok.bos_token and text.startswith(tok.bos_token))
         placeholder = self.model.placeholders["image"]
         if tok.token_to_id(placeholder) is not None or placeholder not in text:
-            return tok.encode(text, add_special_tokens=add_special)
-        ids = []
-        for i, chunk in enumerate(text.split(placeholder)):
-            if i:
-                ids.append(self.image_token_id)
-            if chunk or i == 0:  # an empty first chunk still carries the BOS
-                ids += tok.encode(chunk, add_special_tokens=add_special and i == 0)
+            return tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
+        chunks = [tok.encode(chunk) for chunk in text.split(placeholder)]
+        offset = 1 if chunks[0] and chunks[0][0] == tok.bos_token_id else 0
+        ids = chunks[0][:offset]
+        for i, chunk in enumerate(chunks):
+            ids += ([self.image_token_id] if i else []) + chunk[offset:]
         return ids
 
     def render(self, messages: list, add_generation_prompt: bool = True) -> str:
