@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "LlavaLlamaForCausalLM": ("llava_next", "LlavaNext"),  # original liuhaotian/llava-v1.6-* files
     "LlavaMistralForCausalLM": ("llava_next", "LlavaNext"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
+    "LlavaLlamaModel": ("longvila", "LongVILA"),  # NVlabs' VILA layout (llm/, vision_tower/, mm_projector/)
 }
 # model_type -> (module, class), for configs without `architectures`
 MODEL_TYPES = {
@@ -20,7 +21,7 @@ MODEL_TYPES = {
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VL"),
 }
 SUPPORTED = ("LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM), "
-             "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)")
+             "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), LongVILA (VILA layout: LlavaLlamaModel)")
 
 
 def family_for(config: dict):

@@ -3,6 +3,7 @@
 An Engine holds no conversation state; each `session()` owns its KV cache and history, and
 `generate()` is a one-turn session. Engines share nothing, so several can live in one process.
 """
+import re
 import threading
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def stop_token_ids(path: Path, config: dict, tokenizer: Tokenizer) -> set:
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer, template: ChatTemplate, path: Path, config: dict,
-                 device: torch.device, dtype: torch.dtype, options: dict):
+                 device: torch.device, dtype: torch.dtype, stop_ids: set, options: dict):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -72,7 +73,7 @@ class Engine:
         self.dtype = dtype
         self.image_token_id = model.image_token_id
         self.video_token_id = model.video_token_id
-        self.stop_ids = stop_token_ids(path, config, tokenizer)
+        self.stop_ids = stop_ids
         text = model.language_model.cfg
         self.max_seq_len = int(options.pop("max_seq_len", None) or min(text.max_position_embeddings,
                                                                         DEFAULT_MAX_SEQ_LEN))
@@ -87,13 +88,16 @@ class Engine:
         path = loader.resolve(model)
         config = loader.read_json(path / "config.json")
         family = family_for(config)
-        family_cfg = family.config_from_dir(path, config)
+        family_options = {k: options.pop(k) for k in getattr(family, "load_options", ()) if k in options}
+        family_cfg = family.config_from_dir(path, config, **family_options)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device, config)
-        tokenizer = Tokenizer.from_dir(path)
+        text_dir = family.tokenizer_path(path) if hasattr(family, "tokenizer_path") else path
+        tokenizer = Tokenizer.from_dir(text_dir)
         with torch.device("meta"):
             net = family(family_cfg)
-        template = ChatTemplate.from_dir(path, default=net.default_template,
+        extra_stops = net.bind_tokenizer(tokenizer) if hasattr(net, "bind_tokenizer") else set()
+        template = ChatTemplate.from_dir(text_dir, default=net.default_template,
                                          special_tokens=tokenizer.special_tokens_map)
         try:
             net = net.to(dtype).to_empty(device=device)
@@ -101,7 +105,8 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
                                 f"on {device}; try a smaller model or a quantized checkpoint")
-        return cls(net.eval(), tokenizer, template, path, config, device, dtype, dict(options))
+        stop_ids = stop_token_ids(text_dir, config, tokenizer) | extra_stops
+        return cls(net.eval(), tokenizer, template, path, config, device, dtype, stop_ids, dict(options))
 
     def _banned_ids(self, vocab_size: int):
         """Ids sampling must never produce: embedding rows without a token string (checkpoints pad
@@ -125,14 +130,18 @@ class Engine:
         sentinel id. Training used exactly this, double BOS included where it happens (spec P7).
         """
         tok = self.tokenizer
-        placeholder = self.model.placeholders["image"]
-        if tok.token_to_id(placeholder) is not None or placeholder not in text:
+        # Placeholders that are not tokens of this tokenizer are spliced as sentinel ids.
+        sentinels = {marker: i for kind, i in (("image", self.image_token_id), ("video", self.video_token_id))
+                     if (marker := self.model.placeholders.get(kind)) and marker in text
+                     and tok.token_to_id(marker) is None}
+        if not sentinels:
             return tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
-        chunks = [tok.encode(chunk) for chunk in text.split(placeholder)]
+        parts = re.split("(" + "|".join(map(re.escape, sentinels)) + ")", text)
+        chunks = [tok.encode(chunk) for chunk in parts[0::2]]
         offset = 1 if chunks[0] and chunks[0][0] == tok.bos_token_id else 0
         ids = chunks[0][:offset]
         for i, chunk in enumerate(chunks):
-            ids += ([self.image_token_id] if i else []) + chunk[offset:]
+            ids += ([sentinels[parts[2 * i - 1]]] if i else []) + chunk[offset:]
         return ids
 
     def render(self, messages: list, add_generation_prompt: bool = True) -> str:
@@ -169,9 +178,10 @@ class Engine:
         return Session(self, self.load_media(images, videos, **media_opts), system,
                        opts.get("max_seq_len") or self.max_seq_len, media_opts)
 
-    def logits(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None):
+    def logits(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None,
+               **options):
         """fp32 logits [T, vocab] for every position of a one-turn prompt (same inputs as generate)."""
-        with self.session(images=images, videos=videos, system=system) as s:
+        with self.session(images=images, videos=videos, system=system, **options) as s:
             return s.logits(self._prompt_ids(s, prompt, input_ids, template))
 
     def _prompt_ids(self, session, prompt, input_ids, template) -> list:
@@ -181,21 +191,21 @@ class Engine:
             return list(input_ids)
         if not template:
             return self.encode_text(prompt)
-        messages = ([{"role": "system", "content": [{"type": "text", "text": session.system}]}]
-                    if session.system else [])
-        messages.append(session.user_message(prompt, session.pending))
+        messages = session.history_start() + [session.user_message(prompt, session.pending)]
         return self.encode_text(self.render(messages))
 
     def generate(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None,
                  callback=None, **sampling) -> GenerationResult:
-        """Answer one prompt. `callback(text_piece)` is called as the answer streams.
+        """Answer one prompt. `callback(text_piece)` is called as the answer streams; session
+        options (max_seq_len, media options) apply to this one-turn conversation.
 
         prompt + template=True: the prompt is the user's message, rendered with the chat template.
         prompt + template=False: the prompt string is used as is (raw).
         input_ids: already templated ids with `image_token_id` once per image (expanded here).
         """
+        session_options = {k: sampling.pop(k) for k in list(sampling) if k in CONVERSATION_OPTIONS + MEDIA_OPTIONS}
         params = SamplingParams.from_options(**sampling)
-        with self.session(images=images, videos=videos, system=system) as s:
+        with self.session(images=images, videos=videos, system=system, **session_options) as s:
             if input_ids is None and template:
                 return s.ask(prompt, callback=callback, **vars(params))
             return s.complete(self._prompt_ids(s, prompt, input_ids, template), params, callback)

@@ -92,28 +92,37 @@ class Session:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def message(self, role: str, text: str, media=()) -> dict:
+        """A chat message as the family's template takes it: transformers-style content items (one
+        per media item, then the text), or, for families whose templates take plain text
+        (`string_content`), the media markers followed by the text."""
+        model = self.engine.model
+        if getattr(model, "string_content", False):
+            return {"role": role, "content": "".join(model.media_text(m) for m in media) + text}
+        return {"role": role, "content": [{"type": m.kind} for m in media] + [{"type": "text", "text": text}]}
+
     def user_message(self, question: str, media: list) -> dict:
-        """The user's turn: one content item per media item (in order), then the text. A question
-        that already holds the placeholders (one per item) is used as is."""
-        placeholders = self.engine.model.placeholders
-        given = sum(question.count(p) for p in placeholders.values())
+        """The user's turn. A question that already holds the placeholders (one per media item) is
+        used as is."""
+        given = sum(question.count(p) for p in self.engine.model.placeholders.values())
         if given not in (0, len(media)):
             raise TinyVilaError(f"the question has {given} media placeholder(s) but {len(media)} "
                                 f"media item(s) were given")
-        items = [] if given else [{"type": m.kind} for m in media]
-        return {"role": "user", "content": items + [{"type": "text", "text": question}]}
+        return self.message("user", question, () if given else media)
+
+    def history_start(self) -> list:
+        """The messages a conversation starts with: the system prompt, if any."""
+        return [self.message("system", self.system)] if self.system else []
 
     def _turn_for_question(self, question, params, callback):
         if not isinstance(question, str) or not question.strip():
             raise TinyVilaError("the question is empty")
-        messages = list(self.messages)
-        if self.system and not messages:
-            messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+        messages = list(self.messages) or self.history_start()
         messages.append(self.user_message(question, self.pending))
         ids = self.engine.encode_text(self.engine.render(messages))
 
         def on_done(answer_text):
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer_text}]})
+            messages.append(self.message("assistant", answer_text))
             self.messages = messages
 
         yield from self._turn(ids, self.media + self.pending, params, callback, on_done)

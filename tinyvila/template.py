@@ -87,7 +87,29 @@ MISTRAL_INSTRUCT_TEMPLATE = _CONTENT_MACRO + (
     "{%- endfor -%}"
 )
 
-BUILTIN_TEMPLATES = {"llava_v1": LLAVA_V1_TEMPLATE, "mistral_instruct": MISTRAL_INSTRUCT_TEMPLATE}
+# VILA's `llama_3` conversation (Llama-3-LongVILA; SeparatorStyle.LLAMA_3, sep "<|eot_id|>"):
+# "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" then per
+# message "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>", then the assistant
+# header as the generation prompt. The BOS is in the text; VILA's tokenization adds another (P7).
+LLAMA_3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                  "content that the user provides, and assist the user with a variety of tasks using natural "
+                  "language.")
+LLAMA_3_TEMPLATE = _CONTENT_MACRO + (
+    "{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' -}}"
+    "{{- (system if system is not none else '" + LLAMA_3_SYSTEM + "') + '<|eot_id|>' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] not in ('user', 'assistant') -%}"
+    "{{- raise_exception('llama_3: only system, user and assistant roles are supported') -}}{%- endif -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- content_text(message['content'], false) + '<|eot_id|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- content_text(message['content'], true) + '<|eot_id|>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+BUILTIN_TEMPLATES = {"llava_v1": LLAVA_V1_TEMPLATE, "mistral_instruct": MISTRAL_INSTRUCT_TEMPLATE,
+                     "llama_3": LLAMA_3_TEMPLATE}
 
 
 def _one_line(text):

@@ -502,6 +502,14 @@ class Tokenizer:
     def __len__(self):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def add_special_tokens(self, tokens):
+        """Append special tokens (ids after the current ones), as some loaders do at load time
+        (VILA adds its media tokens this way)."""
+        from tokenizers import AddedToken
+
+        self._tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
+        self._special_ids = None
+
     def _is_special(self, token_id):
         if self._special_ids is None:
             self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
