@@ -43,6 +43,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tinyvila-chat = tinyvila.chat:main",
+            "tinyvila-bench = tinyvila.tools.bench:main",
         ]
     },
 )

@@ -317,9 +317,7 @@ class Qwen2_5_VL(nn.Module):
         video budget (capped by `max_pixels`)."""
         v = self.cfg.vision
         frames, sampled_fps = prep.sample_video(video, fps=fps or prep.FPS, max_frames=max_frames or prep.FPS_MAX_FRAMES)
-        lo = min_pixels or prep.VIDEO_MIN_PIXELS
-        n = -(-len(frames) // v.temporal_patch_size) * v.temporal_patch_size
-        hi = None if max_pixels is None else prep.video_pixel_budget(n, lo, max_pixels)[1]
+        lo, hi = min_pixels or prep.VIDEO_MIN_PIXELS, max_pixels or prep.VIDEO_MAX_PIXELS
         pixels, grid, spt = prep.preprocess_video(frames, sampled_fps, lo, hi, self.cfg.image_mean, self.cfg.image_std,
                                                   v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
         return QwenMedia("video", pixels, tuple(grid), prep.num_tokens(grid, v.spatial_merge_size), spt)

@@ -75,6 +75,7 @@ class Engine:
         self.video_token_id = model.video_token_id
         self.stop_ids = stop_ids
         text = model.language_model.cfg
+        self.explicit_max_seq_len = options.get("max_seq_len") is not None
         self.max_seq_len = int(options.pop("max_seq_len", None) or min(text.max_position_embeddings,
                                                                         DEFAULT_MAX_SEQ_LEN))
         self.defaults = self._check_options(options)
@@ -175,8 +176,16 @@ class Engine:
         `options` override load()'s conversation and media options for this session."""
         opts = dict(self.defaults, **self._check_options(options))
         media_opts = {k: v for k, v in opts.items() if k in self.model.media_options}
-        return Session(self, self.load_media(images, videos, **media_opts), system,
-                       opts.get("max_seq_len") or self.max_seq_len, media_opts)
+        media = self.load_media(images, videos, **media_opts)
+        return Session(self, media, system, opts.get("max_seq_len") or self.default_context(media), media_opts)
+
+    def default_context(self, media) -> int:
+        """Without max_seq_len: room for the session's media plus DEFAULT_MAX_SEQ_LEN tokens of
+        text, within the model's limit (a long video needs far more than a chat about an image)."""
+        if self.explicit_max_seq_len:
+            return self.max_seq_len
+        limit = self.model.language_model.cfg.max_position_embeddings
+        return min(limit, self.max_seq_len + sum(m.n_tokens for m in media))
 
     def logits(self, prompt=None, images=None, videos=None, *, input_ids=None, template=True, system=None,
                **options):

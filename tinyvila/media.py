@@ -16,8 +16,18 @@ file fails now, not halfway through a model call. PIL's global settings are neve
 `resize_bicubic` and `to_normalized_tensor` reproduce the resize / rescale / normalise steps of
 transformers' PIL backend bit for bit (uint8 PIL bicubic; x/255 in float64 then float32;
 (x - mean) / std in float32).
+
+`open_video` opens a video file (decoded by decord, only the frames asked for) or wraps a list of
+frames (each one through `load_image`) as a `Video`. Its problems raise `MediaError` with one line
+naming the file too; ffmpeg's and decord's own messages to stderr are captured, not shown.
 """
+import contextlib
+import math
+import operator
 import os
+import re
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -181,3 +191,256 @@ def to_normalized_tensor(img, mean, std):
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - m) / s
+
+
+# ---------------------------------------------------------------------------------------------
+# Video
+
+_VIDEO_ACCEPTED = ("a video file path (str or pathlib.Path), or a list/tuple of frames (PIL images, "
+                   "uint8 HxWx3 numpy arrays or image paths)")
+
+
+def _vfail(name, reason):
+    reason = " ".join(str(reason).split())
+    return MediaError(f"cannot read video '{name}': {reason}")
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Redirect file descriptor 2 to a temporary file for the duration of the block.
+
+    decord and ffmpeg write their logs from C/C++ straight to fd 2, out of reach of Python's
+    `sys.stderr`; the capture keeps them off the user's terminal (and lets an error message quote
+    ffmpeg's reason). Yields a function returning what was captured so far. The redirect is
+    process-wide: another thread's C-level stderr output during the block is captured as well.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all: nothing to silence
+        yield lambda: ""
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+
+        def read():
+            tmp.flush()
+            tmp.seek(0)
+            return tmp.read().decode("utf-8", "replace")
+        try:
+            yield read
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+# ffmpeg log lines look like "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0a1b2c3] moov atom not found".
+_FFMPEG_LINE = re.compile(r"\[[^\]@]+ @ 0x[0-9a-fA-F]+\]\s*(.+)")
+# decord's own: "[01:15:15] /path/video_reader.cc:83: ERROR opening: name, Invalid data found ..."
+_DECORD_OPEN = re.compile(r"ERROR opening: .*, ([^,]+)$")
+
+
+def _decoder_detail(log, exc):
+    """The most telling short reason among ffmpeg's captured log lines and decord's exception."""
+    for line in log.splitlines():
+        m = _FFMPEG_LINE.search(line)
+        if m:
+            return "ffmpeg: " + m.group(1).strip().rstrip(".")
+    for line in log.splitlines():
+        m = _DECORD_OPEN.search(line.strip())
+        if m:
+            return "ffmpeg: " + m.group(1).strip().rstrip(".")
+    if "broken metadata" in str(exc):
+        return "decord: cannot measure the duration or frame count"
+    return ""
+
+
+class Video:
+    """A video to sample frames from: a file read lazily with decord, or a list of frames.
+
+    num_frames: frames in the video (for a file: decord's count from the container).
+    fps: the file's average frame rate (float); None for a frame list, which is taken as
+        already sampled (the caller picks the rate it stands for), or when the file has none.
+    name: the path, or "<list of N frames>", for messages.
+    kind: "file" or "frames" (a frame list).
+    width, height: the frame size in pixels.
+    frames(indices): the requested frames only, as RGB PIL images.
+    """
+
+    def __init__(self, name, num_frames, fps, width, height, reader=None, images=None):
+        self.name = name
+        self.kind = "frames" if images is not None else "file"
+        self.num_frames = num_frames
+        self.fps = fps
+        self.width = width
+        self.height = height
+        self._reader = reader
+        self._images = images
+        self._broken = None  # the error message once decoding has failed
+
+    def __len__(self):
+        return self.num_frames
+
+    def __repr__(self):
+        fps = "None" if self.fps is None else f"{self.fps:g}"
+        return (f"Video({self.name!r}, num_frames={self.num_frames}, fps={fps}, "
+                f"size={self.width}x{self.height})")
+
+    @property
+    def duration(self):
+        """Seconds covered by the frames (None without an fps)."""
+        return None if self.fps is None else self.num_frames / self.fps
+
+    def frames(self, indices):
+        """The frames at `indices` (ints in [0, num_frames), any order, repeats allowed) as RGB PIL
+        images, in the order asked. A file decodes just those frames (decord `get_batch`)."""
+        idx = [operator.index(i) for i in indices]
+        for i in idx:
+            if not 0 <= i < self.num_frames:
+                raise IndexError(f"frame index {i} out of range for {self.num_frames} frames "
+                                 f"of video '{self.name}'")
+        if self._images is not None:
+            return [self._images[i] for i in idx]
+        if not idx:
+            return []
+        if self._broken is not None:
+            raise MediaError(self._broken)
+        wanted = sorted(set(idx))
+        err = None
+        with _captured_stderr() as log:
+            try:
+                batch = self._reader.get_batch(wanted).asnumpy()
+            except MemoryError:
+                err = _vfail(self.name, f"out of memory decoding {len(wanted)} frames")
+            except Exception as e:
+                detail = _decoder_detail(log(), e)
+                err = _vfail(self.name, f"file is corrupt or truncated: cannot decode {_span(wanted)}"
+                                        + (f" ({detail})" if detail else ""))
+            if err is not None:
+                # A decoder that failed keeps its threads busy and would print later, outside the
+                # capture: destroy it here, while stderr is still captured (the except block is
+                # over, so no traceback keeps it alive). A corrupt file stays corrupt: later calls
+                # fail with the same message.
+                self._broken, self._reader = str(err), None
+        if err is not None:
+            raise err
+        if batch.ndim != 4 or batch.shape[0] != len(wanted) or batch.shape[3] != 3:
+            raise _vfail(self.name, f"decoder returned frames of shape {batch.shape}, expected "
+                                    f"({len(wanted)}, H, W, 3)")
+        pos = {f: k for k, f in enumerate(wanted)}
+        return [Image.fromarray(np.ascontiguousarray(batch[pos[i]]), mode="RGB") for i in idx]
+
+
+def _span(frames):
+    if len(frames) == 1:
+        return f"frame {frames[0]}"
+    return f"{len(frames)} frames between {frames[0]} and {frames[-1]}"
+
+
+def open_video(src, max_pixels=DEFAULT_MAX_PIXELS):
+    """Open `src` as a `Video`.
+
+    src: a video file path (str / pathlib.Path), read with decord on the CPU, frames decoded only
+    when asked for; or a list/tuple of frames (PIL images, uint8 HxWx3 numpy arrays, image paths;
+    a 4-D uint8 array THWC is taken as such a list). List frames go through `load_image` (EXIF
+    orientation, RGB conversion, size limit) and must all have the same size.
+    max_pixels: refuse frames with more pixels (None: no limit), as `load_image`.
+    """
+    if isinstance(src, np.ndarray) and src.ndim == 4:
+        src = list(src)
+    if isinstance(src, (list, tuple)):
+        return _open_frame_list(src, max_pixels)
+    if isinstance(src, (str, os.PathLike)):
+        return _open_video_file(os.fspath(src), max_pixels)
+    raise MediaError(f"cannot load a video from a {type(src).__name__}: expected {_VIDEO_ACCEPTED}")
+
+
+def _open_frame_list(frames, max_pixels):
+    name = f"<list of {len(frames)} frame{'s' if len(frames) != 1 else ''}>"
+    if not frames:
+        raise _vfail(name, "the frame list is empty")
+    images = []
+    for i, frame in enumerate(frames):
+        try:
+            img = load_image(frame, max_pixels=max_pixels)
+        except MediaError as e:
+            raise _vfail(name, f"frame {i}: {e}") from None
+        if images and img.size != images[0].size:
+            raise _vfail(name, f"frame {i} is {img.width}x{img.height} pixels but frame 0 is "
+                               f"{images[0].width}x{images[0].height}; all frames must have the same size")
+        images.append(img)
+    return Video(name, len(images), None, images[0].width, images[0].height, images=images)
+
+
+def _open_video_file(path, max_pixels):
+    if os.path.isdir(path):
+        raise _vfail(path, "is a directory, not a video file")
+    if not os.path.exists(path):
+        hint = " (URLs are not fetched; download the file first)" if "://" in path else ""
+        raise _vfail(path, "no such file" + hint)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+    except PermissionError:
+        raise _vfail(path, "permission denied") from None
+    except OSError as e:
+        raise _vfail(path, e.strerror or e) from None
+    if size == 0:
+        raise _vfail(path, "file is empty (0 bytes)")
+    try:
+        import decord
+    except ImportError:
+        raise _vfail(path, "video files need the 'decord' package (pip install decord); "
+                           "a list of frames works without it") from None
+
+    err = reader = None
+    with _captured_stderr() as log:
+        try:
+            reader = decord.VideoReader(path, ctx=decord.cpu(0))
+            num_frames = len(reader)
+            first = reader.get_batch([0]).asnumpy() if num_frames > 0 else None
+        except MemoryError:
+            err = _vfail(path, "out of memory while opening")
+        except Exception as e:
+            err = _vfail(path, _open_failure(path, log(), e))
+        if err is None and num_frames <= 0:
+            err = _vfail(path, "video has no frames")
+        if err is not None:
+            reader = None  # its decoder threads end while stderr is still captured
+    if err is not None:
+        raise err
+    height, width = int(first.shape[1]), int(first.shape[2])
+    _check_video_size(path, width, height, max_pixels)
+    fps = float(reader.get_avg_fps())
+    if not math.isfinite(fps) or fps <= 0:
+        fps = None
+    return Video(path, num_frames, fps, width, height, reader=reader)
+
+
+def _check_video_size(path, width, height, max_pixels):
+    if width <= 0 or height <= 0:
+        raise _vfail(path, f"video has zero size ({width}x{height} pixels)")
+    if max_pixels is not None and width * height > max_pixels:
+        raise _vfail(path, f"frames are {width}x{height} = {width * height} pixels, over the limit "
+                           f"of {max_pixels} pixels")
+
+
+def _open_failure(path, log, exc):
+    """One-line reason why decord could not open `path`."""
+    if "cannot find video stream" in str(exc):
+        return "no video stream in the file (audio only, or a video with no frames)"
+    detail = _decoder_detail(log, exc)
+    try:  # an image given where a video was expected deserves a precise message
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                fmt = img.format
+        return f"is a {fmt} image, not a video (pass it as an image, or as a one-frame list)"
+    except Exception:
+        pass
+    reason = "not a video file, or an unsupported, corrupt or truncated one"
+    return reason + (f" ({detail})" if detail else "")

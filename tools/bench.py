@@ -1,0 +1,160 @@
+"""`tinyvila-bench`: time a full-size model of a real architecture, built with random weights on the
+GPU (no checkpoint, no download: speed does not depend on the weights' values).
+
+    tinyvila-bench --arch llava-next-vicuna-7b --image 672x672 --new-tokens 128
+    tinyvila-bench --arch longvila-7b --video 256x448x448 --new-tokens 32
+
+One turn runs through the same Session code as a chat (vision encoder, prefill, decode); the first
+run warms up, the rest are reported as a markdown table: vision, LLM prefill, TTFT, decode tok/s,
+context and peak memory. This first version measures the plain PyTorch path; the GPU fast-path
+issue adds kernels, the roofline fraction and the transformers comparison.
+"""
+import argparse
+import json
+import sys
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tinyvila.generate import SamplingParams
+from tinyvila.session import Session
+
+# The released checkpoints' config.json values (LLM, vision) for each built-in architecture.
+LLAMA2_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096)
+MISTRAL_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
+                  max_position_embeddings=32768, sliding_window=None)
+QWEN2_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
+                max_position_embeddings=128000)
+QWEN2_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                max_position_embeddings=128000, tie_word_embeddings=True)
+LONGVILA_QWEN2_7B = dict(QWEN2_7B, vocab_size=151648, rope_theta=15300000.0, max_position_embeddings=131072)
+LLAMA3_8B = dict(vocab_size=128257, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=207112184.0,
+                 max_position_embeddings=262144)
+SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14,
+              hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+ARCHS = {
+    "llava-next-vicuna-7b": ("llava_next", dict(text=(LLAMA2_7B, "llama"))),
+    "llava-next-mistral-7b": ("llava_next", dict(text=(MISTRAL_7B, "mistral"))),
+    "qwen2.5-vl-3b": ("qwen2_5_vl", dict(text=(QWEN2_3B, "qwen2"), out=2048)),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", dict(text=(QWEN2_7B, "qwen2"), out=3584)),
+    "longvila-7b": ("longvila", dict(text=(LONGVILA_QWEN2_7B, "qwen2"), image_size=448, generation="nvila")),
+    "llama3-longvila-8b": ("longvila", dict(text=(LLAMA3_8B, "llama"), image_size=384, generation="old")),
+}
+
+
+def build(arch: str, device, dtype):
+    """The family module with random weights, allocated directly on `device`."""
+    from tinyvila.models import layers
+
+    family, spec = ARCHS[arch]
+    text = layers.TextConfig.from_dict(dict(spec["text"][0]), spec["text"][1])
+    if family == "llava_next":
+        from tinyvila.models.llava_next import LlavaNext as cls, LlavaNextConfig
+
+        cfg = LlavaNextConfig(text=text, vision=layers.VisionConfig())
+    elif family == "qwen2_5_vl":
+        from tinyvila.models.qwen2_5_vl import Qwen2_5_VL as cls, Qwen2_5_VLConfig, QwenVisionConfig
+
+        text.mrope_section = [16, 24, 24]
+        cfg = Qwen2_5_VLConfig(text=text, vision=QwenVisionConfig(out_hidden_size=spec["out"]))
+    else:
+        from tinyvila.models.longvila import LongVILA as cls, VilaConfig
+
+        vision = layers.VisionConfig(image_size=spec["image_size"], **SIGLIP)
+        old = spec["generation"] == "old"
+        cfg = VilaConfig(text=text, vision=vision, projector="mlp_downsample", feature_layer=-2,
+                         generation=spec["generation"], order="column" if old else "row", num_video_frames=256)
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    if family == "longvila":
+        model.newline_ids = [198]
+    return model.eval()
+
+
+def media_items(model, args):
+    from tinyvila.media import open_video
+
+    rng = np.random.default_rng(0)
+
+    def picture(w, h):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    items = [model.prepare_image(picture(*map(int, size.split("x")))) for size in args.image]
+    for spec in args.video:
+        n, h, w = map(int, spec.split("x"))
+        frames = open_video([picture(w, h) for _ in range(n)])
+        items.append(model.prepare_video(frames, max_frames=n) if "max_frames" in model.media_options
+                     else model.prepare_video(frames))
+    return items
+
+
+class NoText:  # the bench feeds token ids; nothing is detokenized
+    def stream_decoder(self):
+        return SimpleNamespace(push=lambda t: "", flush=lambda: "")
+
+    def decode(self, ids):
+        return ""
+
+
+def run(args) -> list:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = build(args.arch, device, dtype)
+    engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
+                             banned=None, stop_ids=set())
+    items = media_items(model, args)
+    placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
+    ids = [1] + list(range(100, 100 + args.text)) + placeholders + list(range(200, 220))
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    context = sum(it.n_tokens for it in items) + len(ids) + args.new_tokens + 8
+    rows = []
+    for i in range(args.runs + 1):
+        session = Session(engine, list(items), None, context)
+        for _ in session._turn(ids, list(items), params, None, None):
+            pass
+        if i:  # the first run warms up
+            rows.append(session.last_result.stats)
+        session.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tinyvila-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHS), required=True)
+    p.add_argument("--image", action="append", default=[], metavar="WxH", help="an image of this size, repeatable")
+    p.add_argument("--video", action="append", default=[], metavar="FRAMESxHxW", help="a video, repeatable")
+    p.add_argument("--text", type=int, default=30, help="prompt text tokens before the media")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
+    args = p.parse_args(argv)
+    rows = run(args)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    media = " ".join(args.image + args.video)
+    print(f"| arch | media | visual tok | vision ms | prefill ms | TTFT ms | decode tok/s | context | peak GB |  ({name}, {args.dtype})")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in rows:
+        print(f"| {args.arch} | {media} | {s.visual_tokens} | {s.vision_s * 1e3:.1f} | {s.prefill_s * 1e3:.1f} | "
+              f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {s.context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": name, "runs": [s.to_dict() for s in rows]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
