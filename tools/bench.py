@@ -79,8 +79,10 @@ def build(arch: str, device, dtype):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    if family == "longvila":
+    if family == "longvila":  # what bind_tokenizer sets from a real tokenizer
         model.newline_ids = [198]
+        if not old:  # VILA's loader adds its media tokens after the vocabulary
+            model.image_token_id, model.video_token_id = text.vocab_size + 1, text.vocab_size + 2
     return model.eval()
 
 
