@@ -17,15 +17,15 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
-from tinyvila.errors import CheckpointError, TinyVilaError
+from tinyvila.errors import CheckpointError, MediaError
 from tinyvila.loader import iter_tensors, read_json, tensor_shapes, weight_files
-from tinyvila.media import CLIP_MEAN, CLIP_STD
-
-from . import qwen_preprocess as prep
+from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
 from .layers import MLP, DecoderLM, RMSNorm, TextConfig, load_weights
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
@@ -116,6 +116,295 @@ def parse_config(path: Path, config: dict) -> Qwen2_5_VLConfig:
 
 def weight_has_lm_head(path: Path) -> bool:
     return any(canonical_name(k) == "language_model.lm_head.weight" for k in tensor_shapes(weight_files(path)))
+
+
+# --------------------------------------------------------------------------- preprocessing
+#
+# Qwen2.5-VL image and video preprocessing (pure functions; spec qwen2_5_vl.md §3, §4, §12).
+#
+# Images reproduce transformers 5.23 `Qwen2VLImageProcessorPil` (the parity reference):
+# `smart_resize` -> PIL bicubic resize on uint8 -> x/255 -> (x - mean) / std -> duplicate in time
+# -> patchify. Videos reproduce qwen-vl-utils 0.0.10 `fetch_video` (frame sampling, per-frame pixel
+# budget, torchvision bicubic+antialias resize) followed by the transformers video processor's
+# normalise + patchify.
+#
+# Patch rows come in merge-unit order: the merge x merge patches of one LLM token are consecutive
+# rows (top-left, top-right, bottom-left, bottom-right), units in raster order over (t, h, w).
+# Columns are (channel, frame, py, px), the flattening of the Conv3d patch-embedding weight.
+#
+# Where transformers 5.23 and qwen-vl-utils disagree, transformers wins for `smart_resize` (no
+# `max(28, .)` clamp on the first rounding, a `max(28, .)` clamp in the max_pixels branch; the two
+# only differ for a side under 14 px) and qwen-vl-utils for frame sampling and the video budget
+# (transformers' video processor samples nothing by default and caps the budget only on request).
+
+PATCH_SIZE = 14
+TEMPORAL_PATCH_SIZE = 2
+MERGE_SIZE = 2
+IMAGE_FACTOR = PATCH_SIZE * MERGE_SIZE  # 28
+MAX_RATIO = 200
+
+# Image pixel bounds: qwen-vl-utils MIN/MAX_PIXELS = hub preprocessor_config.json min/max_pixels.
+MIN_PIXELS = 4 * 28 * 28            # 3,136
+MAX_PIXELS = 16384 * 28 * 28        # 12,845,056
+
+# Video (qwen-vl-utils 0.0.10).
+VIDEO_MIN_PIXELS = 128 * 28 * 28    # 100,352
+VIDEO_MAX_PIXELS = 768 * 28 * 28    # 602,112
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90,316,800 (its env override is not read)
+FPS = 2.0
+FRAME_FACTOR = 2
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+
+
+class QwenMediaError(MediaError, ValueError):
+    """An image or video Qwen2.5-VL cannot take (aspect ratio over 200, a one-frame video).
+
+    A `MediaError` (one-line message for the user) that is also the `ValueError` transformers and
+    qwen-vl-utils raise in the same cases.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+def smart_resize(height, width, factor=IMAGE_FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """(height, width) -> (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels],
+    aspect ratio kept as closely as possible (spec §3.1 step 2; transformers 5.23 `smart_resize`).
+
+    Python's `round` (half to even) for the first rounding; in the max_pixels branch each side is
+    floored to a multiple of `factor`, but never below `factor`; in the min_pixels branch each side
+    is ceiled. Raises QwenMediaError when max(h, w) / min(h, w) > 200.
+    """
+    if height <= 0 or width <= 0:
+        raise QwenMediaError(f"image has zero size ({width}x{height} pixels)")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise QwenMediaError(f"image is {width}x{height} pixels: its aspect ratio "
+                             f"{max(height, width) / min(height, width):.1f} is over the "
+                             f"{MAX_RATIO} that Qwen2.5-VL accepts")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def num_tokens(grid_thw, merge=MERGE_SIZE):
+    """LLM placeholder tokens for one image or video: t * h * w // merge**2."""
+    t, h, w = (int(v) for v in grid_thw)
+    return t * h * w // (merge * merge)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patchify
+
+def patchify(frames, patch=PATCH_SIZE, temporal=TEMPORAL_PATCH_SIZE, merge=MERGE_SIZE):
+    """float [T, C, H, W] -> (rows [T/temporal * H/patch * W/patch, C*temporal*patch*patch],
+    (T/temporal, H/patch, W/patch)).
+
+    T must be a multiple of `temporal` and H, W of patch*merge. Frames (k*temporal .. k*temporal +
+    temporal - 1) form temporal slice k. Rows: merge units in raster order over (t, h/merge,
+    w/merge), the merge x merge patches of a unit consecutive in raster order. Columns: (channel,
+    frame within the slice, py, px).
+    """
+    t, c, h, w = frames.shape
+    if t % temporal or h % (patch * merge) or w % (patch * merge):
+        raise ValueError(f"patchify needs T % {temporal} == 0 and H, W multiples of "
+                         f"{patch * merge}, got {tuple(frames.shape)}")
+    gt, gh, gw = t // temporal, h // patch, w // patch
+    x = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    # axes: 0 gt, 1 tp, 2 c, 3 h-unit, 4 mh, 5 py, 6 w-unit, 7 mw, 8 px
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch), (gt, gh, gw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+def preprocess_image(img, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, mean=CLIP_MEAN, std=CLIP_STD,
+                     patch=PATCH_SIZE, temporal=TEMPORAL_PATCH_SIZE, merge=MERGE_SIZE):
+    """RGB PIL image -> (pixel_values float32 [gh*gw, 3*temporal*patch*patch], grid_thw (1, gh, gw)).
+
+    As transformers' `Qwen2VLImageProcessorPil`: smart_resize (factor patch*merge), PIL bicubic
+    resize of the uint8 image, x/255 then (x - mean)/std, the single frame repeated `temporal`
+    times, patchify. Load the image with `tinyvila.media.load_image` first.
+    """
+    h, w = smart_resize(img.height, img.width, patch * merge, min_pixels, max_pixels)
+    x = to_normalized_tensor(resize_bicubic(img, (w, h)), mean, std)  # [3, h, w] float32
+    rows, grid = patchify(x.unsqueeze(0).expand(temporal, -1, -1, -1), patch, temporal, merge)
+    return rows.contiguous(), grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Video: frame sampling and pixel budget (qwen-vl-utils 0.0.10)
+
+def video_num_frames(total_frames, video_fps, fps=FPS, max_frames=FPS_MAX_FRAMES,
+                     min_frames=FPS_MIN_FRAMES, nframes=None):
+    """How many frames to sample (qwen-vl-utils `smart_nframes`).
+
+    nframes given: round(nframes / 2) * 2. Otherwise n = total_frames / video_fps * fps, clamped
+    to [ceil2(min_frames), floor2(min(max_frames, total_frames))] and to <= total_frames, then
+    floored to even. The result must satisfy 2 <= n <= total_frames, else QwenMediaError: a
+    one-frame video cannot be sampled (qwen-vl-utils raises ValueError; pass such a video as an
+    image, or as a one-frame list, which is padded to two frames).
+    """
+    if nframes is not None:
+        n = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+        hi = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+        n = total_frames / video_fps * fps
+        n = min(min(max(n, lo), hi), total_frames)
+        n = math.floor(n / FRAME_FACTOR) * FRAME_FACTOR
+    if not FRAME_FACTOR <= n <= total_frames:
+        if total_frames < FRAME_FACTOR:
+            raise QwenMediaError(f"video has {total_frames} frame(s); Qwen2.5-VL video input needs at "
+                                 f"least {FRAME_FACTOR} (pass a single frame as an image instead)")
+        raise QwenMediaError(f"cannot sample {n} frames from a video of {total_frames} frames "
+                             f"(need {FRAME_FACTOR} <= frames <= {total_frames})")
+    return int(n)
+
+
+def video_frame_indices(total_frames, video_fps, fps=FPS, max_frames=FPS_MAX_FRAMES,
+                        min_frames=FPS_MIN_FRAMES, nframes=None):
+    """Frame indices to decode: round(linspace(0, total_frames - 1, n)) with n from
+    `video_num_frames`. Evaluated as qwen-vl-utils does (torch float32 linspace, round half to
+    even), so the indices agree for very long videos too."""
+    n = video_num_frames(total_frames, video_fps, fps, max_frames, min_frames, nframes)
+    return torch.linspace(0, total_frames - 1, n, dtype=torch.float32).round().long().tolist()
+
+
+def sampled_fps(n_sampled, total_frames, video_fps):
+    """Frame rate the sampled frames stand for: n / total_frames * video_fps (qwen-vl-utils
+    `sample_fps`, what the processor receives as `fps`)."""
+    return n_sampled / max(total_frames, 1e-6) * video_fps
+
+
+def video_pixel_budget(n_frames, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
+                       total_pixels=VIDEO_TOTAL_PIXELS):
+    """Per-frame (min_pixels, max_pixels) for a clip of `n_frames` sampled frames (spec §4.2):
+    max = max(min(VIDEO_MAX_PIXELS, total_pixels / n_frames * 2), int(min_pixels * 1.05)), then
+    capped by the user's `max_pixels` (a larger one does not raise the limit, as in qwen-vl-utils).
+    The max may be a float; smart_resize takes it as is, like qwen-vl-utils."""
+    budget = max(min(VIDEO_MAX_PIXELS, total_pixels / n_frames * FRAME_FACTOR), int(min_pixels * 1.05))
+    return min_pixels, min(max_pixels, budget)
+
+
+def sample_video(video, fps=FPS, max_frames=FPS_MAX_FRAMES, min_frames=FPS_MIN_FRAMES, nframes=None):
+    """A `tinyvila.media.Video` -> (frames: list of RGB PIL images, fps_sampled).
+
+    A file: `video_frame_indices` frames, decoded only those, fps_sampled = n / total * video fps
+    (a file without a usable frame rate is taken as `fps` frames per second). A frame list: all
+    its frames, standing for `fps` frames per second (qwen-vl-utils' default 2.0), unsampled.
+    Errors name the video.
+    """
+    if video.kind == "frames":
+        return video.frames(range(video.num_frames)), float(fps)
+    video_fps = video.fps if video.fps is not None else float(fps)
+    try:
+        idx = video_frame_indices(video.num_frames, video_fps, fps, max_frames, min_frames, nframes)
+    except QwenMediaError as e:
+        raise QwenMediaError(f"cannot use video '{video.name}': {e}") from None
+    return video.frames(idx), sampled_fps(len(idx), video.num_frames, video_fps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Video: resize, normalise, patchify
+
+def resize_frames_bicubic(frames, height, width):
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, height, width], as qwen-vl-utils 0.0.10 resizes videos:
+    `torchvision.transforms.functional.resize(video, [h, w], BICUBIC, antialias=True)`.
+
+    Verified in pytorch/vision's source (torchvision/transforms/functional.py `resize`, and
+    _functional_tensor.py `resize`, `_cast_squeeze_in/_out` at commit 0ffa6ae2): that v1 API returns the
+    input unchanged when the size is already right; otherwise it casts a uint8 tensor to float32,
+    calls `interpolate(mode="bicubic", align_corners=False, antialias=True)`, clamps to [0, 255]
+    (bicubic + uint8 only), rounds with `torch.round` (half to even) and casts back to uint8.
+    qwen-vl-utils calls `.float()` only after that, so its frames hold integer values in [0, 255]
+    (the spec's "no rounding/clamping" in §4.2 is about that `.float()`, not the resize). The v2 API
+    (`transforms.v2.functional.resize_image`, commit 00bf6d49) would instead run PyTorch's native
+    uint8 bicubic kernel on CPU, which differs by up to ~10 levels on some pixels; qwen-vl-utils
+    0.0.10 calls the v1 API.
+    """
+    if frames.dtype != torch.uint8 or frames.dim() != 4:
+        raise ValueError(f"expected uint8 [N, 3, H, W] frames, got {frames.dtype} {tuple(frames.shape)}")
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    x = F.interpolate(frames.to(torch.float32), size=[height, width], mode="bicubic",
+                      align_corners=False, antialias=True)
+    return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _frames_to_uint8(frames, height, width):
+    """RGB PIL images / uint8 HxWx3 arrays, all height x width -> uint8 tensor [N, 3, H, W]."""
+    arrs = []
+    for f in frames:
+        if isinstance(f, Image.Image) and f.mode != "RGB":
+            raise ValueError(f"expected RGB frames, got mode {f.mode!r}")
+        a = np.asarray(f)
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+            raise ValueError(f"expected uint8 HxWx3 frames, got {a.dtype} {a.shape}")
+        if a.shape[:2] != (height, width):
+            raise ValueError(f"all frames must have one size: the first is {width}x{height}, "
+                             f"got one of {a.shape[1]}x{a.shape[0]}")
+        arrs.append(a)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+
+
+def preprocess_video(frames, fps_sampled=FPS, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
+                     mean=CLIP_MEAN, std=CLIP_STD, patch=PATCH_SIZE, temporal=TEMPORAL_PATCH_SIZE,
+                     merge=MERGE_SIZE, total_pixels=VIDEO_TOTAL_PIXELS, chunk=16):
+    """Sampled frames -> (pixel_values float32 [grid_t*gh*gw, 3*temporal*patch*patch],
+    grid_thw (grid_t, gh, gw), second_per_grid_t).
+
+    frames: RGB PIL images (or uint8 HxWx3 arrays), all of one size, e.g. from `sample_video`.
+    fps_sampled: the rate the frames stand for; second_per_grid_t = temporal / fps_sampled.
+    min_pixels / max_pixels: the per-frame bounds asked for (qwen-vl-utils' video `min_pixels` /
+    `max_pixels`). As in qwen-vl-utils the max is then lowered to the clip's share of
+    `total_pixels`: smart_resize uses `video_pixel_budget(n, min_pixels, max_pixels, total_pixels)`
+    with n = the frame count padded to a multiple of `temporal`. total_pixels=None: no total
+    budget, min_pixels / max_pixels are used as they are.
+
+    One smart_resize for the clip (from the first frame's size), every frame resized with
+    `resize_frames_bicubic` (torchvision bicubic + antialias, rounded to uint8), the frame count
+    padded to a multiple of `temporal` by repeating the last frame, normalised as transformers'
+    torchvision backend does (fused: (x - 255*mean) / (255*std) in float32), patchified.
+    Frames are converted `chunk` at a time to bound the temporary memory.
+    """
+    n = len(frames)
+    if n == 0:
+        raise ValueError("preprocess_video needs at least one frame")
+    if fps_sampled is None or not fps_sampled > 0:
+        raise ValueError(f"fps_sampled must be > 0, got {fps_sampled!r}")
+    first = frames[0]
+    if isinstance(first, Image.Image):
+        height, width = first.height, first.width
+    else:
+        height, width = np.asarray(first).shape[:2]
+    n_pad = -(-n // temporal) * temporal
+    if total_pixels is not None:
+        min_pixels, max_pixels = video_pixel_budget(n_pad, min_pixels, max_pixels, total_pixels)
+    h, w = smart_resize(height, width, patch * merge, min_pixels, max_pixels)
+
+    # transformers' TorchvisionBackend fuses rescale into normalise: mean and std (float32) times
+    # 1/rescale_factor, then (x - mean) / std on the float32 0..255 pixels.
+    rescale = 1 / 255
+    m = (torch.tensor(mean, dtype=torch.float32) * (1.0 / rescale)).view(1, 3, 1, 1)
+    s = (torch.tensor(std, dtype=torch.float32) * (1.0 / rescale)).view(1, 3, 1, 1)
+    out = torch.empty(n_pad, 3, h, w, dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = resize_frames_bicubic(_frames_to_uint8(frames[start:start + chunk], height, width), h, w)
+        out[start:start + part.shape[0]] = (part.to(torch.float32) - m) / s
+    if n_pad > n:
+        out[n:] = out[n - 1]
+    rows, grid = patchify(out, patch, temporal, merge)
+    return rows.contiguous(), grid, temporal / fps_sampled
 
 
 # --------------------------------------------------------------------------- vision encoder
@@ -307,20 +596,20 @@ class Qwen2_5_VL(nn.Module):
     def prepare_image(self, img, min_pixels=None, max_pixels=None, **_) -> QwenMedia:
         v = self.cfg.vision
         lo, hi = self._pixel_range(min_pixels, max_pixels)
-        pixels, grid = prep.preprocess_image(img, lo, hi, self.cfg.image_mean, self.cfg.image_std, v.patch_size,
+        pixels, grid = preprocess_image(img, lo, hi, self.cfg.image_mean, self.cfg.image_std, v.patch_size,
                                              v.temporal_patch_size, v.spatial_merge_size)
-        return QwenMedia("image", pixels, tuple(grid), prep.num_tokens(grid, v.spatial_merge_size))
+        return QwenMedia("image", pixels, tuple(grid), num_tokens(grid, v.spatial_merge_size))
 
     def prepare_video(self, video, fps=None, max_frames=None, min_pixels=None, max_pixels=None, **_) -> QwenMedia:
         """A file is sampled at `fps` (2.0) from its own frame rate, at most `max_frames` frames;
         a frame list is taken as already sampled at `fps`. Per-frame pixels follow qwen-vl-utils'
         video budget (capped by `max_pixels`)."""
         v = self.cfg.vision
-        frames, sampled_fps = prep.sample_video(video, fps=fps or prep.FPS, max_frames=max_frames or prep.FPS_MAX_FRAMES)
-        lo, hi = min_pixels or prep.VIDEO_MIN_PIXELS, max_pixels or prep.VIDEO_MAX_PIXELS
-        pixels, grid, spt = prep.preprocess_video(frames, sampled_fps, lo, hi, self.cfg.image_mean, self.cfg.image_std,
+        frames, fps_sampled = sample_video(video, fps=fps or FPS, max_frames=max_frames or FPS_MAX_FRAMES)
+        lo, hi = min_pixels or VIDEO_MIN_PIXELS, max_pixels or VIDEO_MAX_PIXELS
+        pixels, grid, spt = preprocess_video(frames, fps_sampled, lo, hi, self.cfg.image_mean, self.cfg.image_std,
                                                   v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
-        return QwenMedia("video", pixels, tuple(grid), prep.num_tokens(grid, v.spatial_merge_size), spt)
+        return QwenMedia("video", pixels, tuple(grid), num_tokens(grid, v.spatial_merge_size), spt)
 
     @torch.no_grad()
     def encode(self, items: list) -> list:

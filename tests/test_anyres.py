@@ -1,4 +1,4 @@
-"""models/anyres.py against transformers 5.x LLaVA-NeXT (test-only dependency)."""
+"""LLaVA-NeXT anyres preprocessing (models/llava_next.py) against transformers 5.x LLaVA-NeXT (test-only dependency)."""
 import functools
 from types import SimpleNamespace
 
@@ -8,10 +8,9 @@ import torch
 from PIL import Image
 
 from tinyvila.media import CLIP_MEAN, CLIP_STD
-from tinyvila.models import anyres
-from tinyvila.models.anyres import LLAVA_NEXT_PINPOINTS
+from tinyvila.models import llava_next as anyres
+from tinyvila.models.llava_next import DEFAULT_PINPOINTS as LLAVA_NEXT_PINPOINTS
 
-import transformers  # noqa: E402  (the reference: a test dependency, never skipped)
 from transformers import LlavaNextProcessor  # noqa: E402
 
 from fixtures_llava import pil_image_processor  # noqa: E402

@@ -9,13 +9,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from tinyvila.errors import MediaError
 from tinyvila.media import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, load_image, resize_bicubic,
                             to_normalized_tensor)
 
-import transformers  # noqa: E402  (the reference: a test dependency, never skipped)
 from fixtures_llava import pil_image_processor  # noqa: E402
 
 LlavaNextImageProcessorPil = pil_image_processor()

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tinyvila
 from fixtures_qwen import build_qwen2_5_vl

@@ -1,4 +1,4 @@
-"""models/qwen_preprocess.py: images against transformers 5.x `Qwen2VLImageProcessorPil` (test-only
+"""Qwen2.5-VL preprocessing (models/qwen2_5_vl.py): images against transformers 5.x `Qwen2VLImageProcessorPil` (test-only
 dependency); sizes, frame sampling and video budget against hand-computed values of the spec's
 formulas (qwen2_5_vl.md §3, §4, §12); video patch layout against an explicit loop."""
 import math
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import draw_image
+from fixtures_images import draw_image
 from tinyvila.errors import MediaError
 from tinyvila.media import CLIP_MEAN, CLIP_STD, open_video
-from tinyvila.models import qwen_preprocess as qp
-from tinyvila.models.qwen_preprocess import (QwenMediaError, num_tokens, patchify, preprocess_image,
+from tinyvila.models import qwen2_5_vl as qp
+from tinyvila.models.qwen2_5_vl import (QwenMediaError, num_tokens, patchify, preprocess_image,
                                              preprocess_video, resize_frames_bicubic, sample_video,
                                              sampled_fps, smart_resize, video_frame_indices,
                                              video_num_frames, video_pixel_budget)

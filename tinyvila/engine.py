@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import loader
-from .errors import CheckpointError, TinyVilaError
+from .errors import TinyVilaError
 from .generate import GenerationResult, SamplingParams
 from .media import load_image
 from .session import Session
