@@ -162,3 +162,17 @@ def test_num_video_frames_default_and_video_file(vila, tmp_path):
         assert video.pixels.shape[0] == 8
         r = s.ask(QUESTION, max_new_tokens=3, temperature=0, ignore_eos=True)
     assert r.stats.visual_tokens == video.n_tokens == 8 * (eng.model._tokens_per_frame())
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_input_ids_path_takes_one_placeholder_per_item(vila, name):
+    """On the input_ids= path an image or a video is image_token_id / video_token_id once,
+    whatever the generation splices internally: the same answer as the text path."""
+    eng = tinyvila.load(vila[name].path, device="cpu", dtype="float32")
+    frames = [draw_image(60, 40, seed=k) for k in range(4)]
+    greedy = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    text = eng.generate(QUESTION, videos=[frames], **greedy)
+    with eng.session(videos=[frames]) as s:
+        ids = eng._prompt_ids(s, QUESTION, None, True)
+    assert ids.count(eng.video_token_id) == 1
+    assert eng.generate(input_ids=ids, videos=[frames], **greedy).token_ids == text.token_ids

@@ -248,3 +248,33 @@ def test_media_option_of_another_family_is_an_error(llava_vicuna):
     """fps means nothing to an image-only family: a clear error, not a silent no-op."""
     with pytest.raises(tinyvila.TinyVilaError, match="does not take fps"):
         tinyvila.load(llava_vicuna, device="cpu", fps=1.0)
+
+
+def test_bad_videos_in_the_cli(qwen, tmp_path):
+    """A corrupt video, a video with zero frames and a file with no video stream: one error line,
+    exit status 2, no traceback, from the command line as a user runs it."""
+    import subprocess
+    import sys
+
+    import av
+
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    zero = tmp_path / "zero.mp4"
+    with av.open(str(zero), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        out.start_encoding()
+    audio = tmp_path / "sound.mkv"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in list(stream.encode(frame)) + list(stream.encode()):
+            out.mux(packet)
+    for path in (corrupt, zero, audio):
+        proc = subprocess.run([sys.executable, "-m", "tinyvila.chat", str(qwen["untied"][0]), "--video", str(path),
+                               "-p", "What happens?", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], proc.stderr
