@@ -176,6 +176,14 @@ def load_weights(module: nn.Module, tensors, what: str = "checkpoint") -> None:
         raise CheckpointError(f"{what}: missing tensors for {missing[:3]}{more}")
 
 
+def rename_key(name: str, renames) -> str:
+    """Map a checkpoint key through (old prefix, new prefix) rules; the first match wins."""
+    for old, new in renames:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 # --------------------------------------------------------------------------- RoPE
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from tinyvila.errors import CheckpointError
 from tinyvila.loader import iter_tensors, read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
 
-from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, activation, load_weights
+from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, activation, load_weights, rename_key
 
 # llava-hf/llava-v1.6-* image_grid_pinpoints, (height, width) pairs.
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -182,10 +182,7 @@ RENAMES = [
 
 def canonical_name(name: str) -> str:
     """A checkpoint key in any supported layout -> this module's parameter name."""
-    for old, new in RENAMES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
+    return rename_key(name, RENAMES)
 
 
 @dataclass

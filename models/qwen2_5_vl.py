@@ -26,7 +26,7 @@ from PIL import Image
 from tinyvila.errors import CheckpointError, MediaError
 from tinyvila.loader import iter_tensors, read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
-from .layers import MLP, DecoderLM, RMSNorm, TextConfig, load_weights
+from .layers import MLP, DecoderLM, RMSNorm, TextConfig, load_weights, rename_key
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
            ("lm_head.", "language_model.lm_head."), ("visual.", "visual."), ("model.", "language_model.")]
@@ -34,10 +34,7 @@ RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_mod
 
 def canonical_name(name: str) -> str:
     """A checkpoint key in either layout -> this module's parameter name."""
-    for old, new in RENAMES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
+    return rename_key(name, RENAMES)
 
 
 # --------------------------------------------------------------------------- config

@@ -56,12 +56,14 @@ def _fail(name, reason):
     return MediaError(f"cannot read image '{name}': {reason}")
 
 
-def _check_size(name, width, height, max_pixels):
+def _check_size(name, width, height, max_pixels, fail=None, noun="image"):
+    """Reject a zero-size picture, or one over `max_pixels`, before anything is decoded."""
+    fail = fail or _fail
     if width <= 0 or height <= 0:
-        raise _fail(name, f"image has zero size ({width}x{height} pixels)")
+        raise fail(name, f"{noun} has zero size ({width}x{height} pixels)")
     if max_pixels is not None and width * height > max_pixels:
-        raise _fail(name, f"image is {width}x{height} = {width * height} pixels, over the limit "
-                          f"of {max_pixels} pixels (possible decompression bomb)")
+        raise fail(name, f"{noun} is {width}x{height} = {width * height} pixels, over the limit "
+                         f"of {max_pixels} pixels (possible decompression bomb)")
 
 
 def _pil_to_rgb(img, alpha):
@@ -414,19 +416,11 @@ def _open_video_file(path, max_pixels):
     if err is not None:
         raise err
     height, width = int(first.shape[1]), int(first.shape[2])
-    _check_video_size(path, width, height, max_pixels)
+    _check_size(path, width, height, max_pixels, _vfail, "video frame")
     fps = float(reader.get_avg_fps())
     if not math.isfinite(fps) or fps <= 0:
         fps = None
     return Video(path, num_frames, fps, width, height, reader=reader)
-
-
-def _check_video_size(path, width, height, max_pixels):
-    if width <= 0 or height <= 0:
-        raise _vfail(path, f"video has zero size ({width}x{height} pixels)")
-    if max_pixels is not None and width * height > max_pixels:
-        raise _vfail(path, f"frames are {width}x{height} = {width * height} pixels, over the limit "
-                           f"of {max_pixels} pixels")
 
 
 def _open_failure(path, log, exc):
