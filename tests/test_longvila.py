@@ -176,3 +176,32 @@ def test_input_ids_path_takes_one_placeholder_per_item(vila, name):
         ids = eng._prompt_ids(s, QUESTION, None, True)
     assert ids.count(eng.video_token_id) == 1
     assert eng.generate(input_ids=ids, videos=[frames], **greedy).token_ids == text.token_ids
+
+
+def test_cli_with_a_video(vila, tmp_path):
+    import subprocess
+    import sys
+
+    import av
+
+    video = tmp_path / "v.mp4"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(12):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(draw_image(64, 48, seed=k)),
+                                                                   format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    proc = subprocess.run([sys.executable, "-m", "tinyvila.chat", vila["qwen2"].path, "--video", str(video),
+                           "--max-frames", "4", "-p", QUESTION, "-n", "3", "--json", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    eng = tinyvila.load(vila["qwen2"].path, device="cpu")
+    assert record["stats"]["visual_tokens"] == 4 * eng.model._tokens_per_frame()
+    proc = subprocess.run([sys.executable, "-m", "tinyvila.chat", vila["qwen2"].path, "--video", str(video),
+                           "--fps", "1", "-p", QUESTION, "--device", "cpu"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "does not take fps" in proc.stderr and "Traceback" not in proc.stderr
