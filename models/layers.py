@@ -261,6 +261,21 @@ class Attention(nn.Module):
         return self.o_proj(out[0].transpose(0, 1).reshape(T, -1))
 
 
+    def decode(self, x, cos, sin, kv, slot, length, window, workspace):
+        """One token (x [1, C]) at cache slot `slot` (device tensor): graph-capturable, no host sync."""
+        from tinyvila.kernels.decode_attention import decode_attention
+
+        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                          self.n_kv * self.head_dim], dim=-1)
+        q = apply_rope(q.view(1, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)  # [H, 1, D]
+        k = apply_rope(k.view(1, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
+        k_cache, v_cache = kv
+        k_cache.index_copy_(1, slot, k)
+        v_cache.index_copy_(1, slot, v.view(1, self.n_kv, self.head_dim).transpose(0, 1))
+        out = decode_attention(q[:, 0], k_cache, v_cache, length, window=window, workspace=workspace)
+        return self.o_proj(out.reshape(1, -1))
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
         super().__init__()
@@ -283,6 +298,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, kv, start, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, cos, sin, kv, slot, length, window, workspace):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, kv, slot, length, window, workspace)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -339,6 +358,19 @@ class DecoderLM(nn.Module):
             return None
         h = self.norm(h if logits == "all" else h[-1:])
         return F.linear(h, self.output_weight()).float()
+
+    def decode_step(self, token, positions, cache, slot, length, workspace):
+        """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
+        all device tensors, so a CUDA graph can capture it once and replay it for every token.
+        positions: [1] or [3, 1]. Returns fp32 logits [1, V]."""
+        if self._inv_freq.device != token.device:
+            self._inv_freq = self._inv_freq.to(token.device)
+        h = self.embed(token)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer.decode(h, cos, sin, cache.layer(i), slot, length, self.cfg.sliding_window, workspace)
+        return F.linear(self.norm(h), self.output_weight()).float()
 
 
 # --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)

@@ -1,5 +1,11 @@
 """Shared fixtures: tiny checkpoints in the real formats and test images, built once per run."""
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # CI has no GPU: Triton kernels run in the interpreter (set before they load)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fixtures_images import draw_image
 from fixtures_llava import build_llava_next

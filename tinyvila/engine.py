@@ -78,6 +78,7 @@ class Engine:
         self.explicit_max_seq_len = options.get("max_seq_len") is not None
         self.max_seq_len = int(options.pop("max_seq_len", None) or min(text.max_position_embeddings,
                                                                         DEFAULT_MAX_SEQ_LEN))
+        self.cuda_graphs = bool(options.pop("cuda_graphs", True))  # capture GPU decode steps as CUDA graphs
         self.defaults = self._check_options(options)
         self.banned = self._banned_ids(text.vocab_size)
         self.lock = threading.Lock()  # one forward at a time per engine: sessions interleave steps

@@ -117,3 +117,51 @@ def peak_memory(device) -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class GraphedDecode:
+    """A session's decode step (all layers, one token) captured once as a CUDA graph and replayed
+    for every new token: one launch instead of hundreds. Inputs live in fixed device tensors that
+    are refilled before each replay; the KV cache and the attention workspace never move."""
+
+    def __init__(self, lm, cache, positions_dims: int, token: int, pos: int, slot: int, capture: bool = True):
+        from tinyvila.kernels.decode_attention import decode_workspace, split_count
+
+        device = cache.k.device
+        cfg = lm.cfg
+        self.lm, self.cache = lm, cache
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((3, 1) if positions_dims == 2 else (1,), dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.length = torch.ones(1, dtype=torch.int32, device=device)
+        splits = split_count(cache.max_len, cfg.num_attention_heads)
+        self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
+        self.graph = None
+        self._set(token, pos, slot)
+        if capture:  # warm up on a side stream (the writes land in the slot about to be written anyway)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.logits = self._step()
+
+    def _set(self, token, pos, slot):
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        self.slot.fill_(slot)
+        self.length.fill_(slot + 1)
+
+    def _step(self):
+        return self.lm.decode_step(self.token, self.pos, self.cache, self.slot, self.length, self.workspace)
+
+    def __call__(self, token: int, pos: int, slot: int) -> torch.Tensor:
+        self._set(token, pos, slot)
+        if self.graph is None:
+            with torch.no_grad():
+                return self._step()
+        self.graph.replay()
+        return self.logits

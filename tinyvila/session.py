@@ -11,7 +11,8 @@ import time
 import torch
 
 from .errors import ContextError, TinyVilaError
-from .generate import GenerationResult, Sampler, SamplingParams, Stats, peak_memory, reset_peak_memory, sync
+from .generate import (GenerationResult, GraphedDecode, Sampler, SamplingParams, Stats, peak_memory,
+                       reset_peak_memory, sync)
 from .kv_cache import KVCache
 
 
@@ -28,6 +29,7 @@ class Session:
         self.turns = 0
         self.last_result = None
         self._busy = False
+        self._decoder = None  # the GPU decode step, captured on first use
         text = engine.model.language_model.cfg
         self.cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, max_seq_len,
                              engine.device, engine.dtype)
@@ -223,10 +225,8 @@ class Session:
                 if len(out) >= params.max_new_tokens or n >= self.cache.max_len:
                     finish = "length"
                     break
-                pos = torch.full((positions.shape[0], 1) if positions.dim() == 2 else (1,), n + delta,
-                                 device=eng.device)
-                with eng.lock, torch.no_grad():
-                    logits = lm(lm.embed(torch.tensor([token], device=eng.device)), pos, self.cache, n)
+                with eng.lock:
+                    logits = self._decode_step(token, n + delta, n, positions.dim())
                 self.tokens.append(token)
                 token = sampler(logits)
                 stats.decode_tokens += 1
@@ -253,6 +253,22 @@ class Session:
         if on_done is not None:
             on_done(text)
         self.last_result = GenerationResult(text, out, stats, finish)
+
+    @torch.no_grad()
+    def _decode_step(self, token: int, pos: int, slot: int, positions_dims: int) -> torch.Tensor:
+        """Logits after feeding `token` at cache slot `slot` (RoPE position `pos`). On a GPU: the
+        Triton decode step, captured as a CUDA graph on first use; on a CPU: the eager forward."""
+        eng = self.engine
+        lm = eng.model.language_model
+        if eng.device.type != "cuda":
+            shape = (3, 1) if positions_dims == 2 else (1,)
+            return lm(lm.embed(torch.tensor([token], device=eng.device)), torch.full(shape, pos, device=eng.device),
+                      self.cache, slot)
+        if self._decoder is None:
+            self._decoder = GraphedDecode(lm, self.cache, positions_dims, token, pos, slot, capture=eng.cuda_graphs)
+        logits = self._decoder(token, pos, slot)
+        self.cache.length = slot + 1
+        return logits
 
     def _embed(self, keys: list, spans: list, start: int) -> torch.Tensor:
         """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""

@@ -115,7 +115,7 @@ def run(args) -> list:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = build(args.arch, device, dtype)
     engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
-                             banned=None, stop_ids=set())
+                             banned=None, stop_ids=set(), cuda_graphs=not args.no_graphs)
     items = media_items(model, args)
     placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
     ids = [1] + list(range(100, 100 + args.text)) + placeholders + list(range(200, 220))
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     args = p.parse_args(argv)
     rows = run(args)

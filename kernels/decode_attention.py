@@ -1,0 +1,109 @@
+"""Decode attention: one new query token per head over a contiguous KV buffer, split-K.
+
+Shapes: q [Hq, D]; k, v [Hkv, S, D] (a layer's preallocated cache); `length` a 1-element int32
+DEVICE tensor: keys [max(0, length - window), length) are attended. Keeping the length on the device
+is what lets a CUDA graph replay the same launch while the cache grows.
+
+Flash-decoding: the key range is cut into `splits` chunks handled by separate programs, each
+leaving a partial softmax (running max, sum, weighted values); a second kernel merges the partials.
+Grouped-query attention: query head h reads KV head h // (Hq // Hkv). fp16 / bf16 in, fp32 math.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+def decode_attention_ref(q, k, v, length, scale=None, window=None):
+    """Plain PyTorch reference: q [Hq, D], k/v [Hkv, S, D], length int or 1-element tensor."""
+    n = int(length)
+    lo = max(0, n - window) if window else 0
+    group = q.shape[0] // k.shape[0]
+    keys = k[:, lo:n].repeat_interleave(group, 0).float()
+    values = v[:, lo:n].repeat_interleave(group, 0).float()
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    p = torch.softmax(torch.einsum("hd,hsd->hs", q.float(), keys) * scale, dim=-1)
+    return torch.einsum("hs,hsd->hd", p, values).to(q.dtype)
+
+
+@triton.jit
+def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window, split_size,
+             GROUP: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    kv = head // GROUP
+    length = tl.load(Length)
+    lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    start = tl.maximum(lo, split * split_size)
+    end = tl.minimum(length, split * split_size + split_size)
+    d = tl.arange(0, D)
+    q = tl.load(Q + head * D + d).to(tl.float32) * scale
+    m = tl.full([1], float("-inf"), tl.float32)
+    s = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for n0 in range(start, end, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        valid = n < end
+        offs = kv * stride_kh + n[:, None] * stride_ks + d[None, :]
+        k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        score = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        p = tl.exp(score - m_new)
+        alpha = tl.exp(m - m_new)
+        vals = tl.load(V + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = s * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
+        m = m_new
+    part = head * SPLITS + split
+    tl.store(Out + part * D + d, acc)
+    tl.store(Max + part + tl.arange(0, 1), m)
+    tl.store(Sum + part + tl.arange(0, 1), s)
+
+
+@triton.jit
+def _merge(Out, Max, Sum, Final, SPLITS: tl.constexpr, D: tl.constexpr):
+    head = tl.program_id(0)
+    i = tl.arange(0, SPLITS)
+    m = tl.load(Max + head * SPLITS + i)
+    s = tl.load(Sum + head * SPLITS + i)
+    top = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))  # empty splits weigh nothing
+    d = tl.arange(0, D)
+    acc = tl.load(Out + (head * SPLITS + i)[:, None] * D + d[None, :])
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(s * w, axis=0)
+    tl.store(Final + head * D + d, out.to(Final.dtype.element_ty))
+
+
+def split_count(max_len: int, n_heads: int, sm_count: int = 132) -> int:
+    """Enough splits to give every multiprocessor a couple of programs (a power of two)."""
+    want = max(1, min(max_len // 256, (2 * sm_count + n_heads - 1) // n_heads))
+    return 1 << (want - 1).bit_length()
+
+
+def decode_attention(q, k, v, length, scale=None, window=None, splits=None, block=64, workspace=None):
+    """Triton decode attention; same contract as `decode_attention_ref` (length: int32 tensor)."""
+    Hq, D = q.shape
+    Hkv, S, Dk = k.shape
+    assert Dk == D and v.shape == k.shape and Hq % Hkv == 0, (q.shape, k.shape, v.shape)
+    assert D & (D - 1) == 0, f"head_dim {D} must be a power of two"
+    assert k.stride(2) == 1 and v.stride() == k.stride() and q.is_contiguous()
+    assert length.numel() == 1 and length.dtype == torch.int32 and length.device == q.device
+    splits = splits or split_count(S, Hq)
+    split_size = math.ceil(S / splits / block) * block
+    if workspace is None:
+        workspace = decode_workspace(Hq, splits, D, q.device)
+    part, mx, sm = workspace
+    out = torch.empty_like(q)
+    scale = scale if scale is not None else D ** -0.5
+    _partial[(Hq, splits)](q, k, v, length, part, mx, sm, k.stride(0), k.stride(1), scale, window or 0, split_size,
+                           GROUP=Hq // Hkv, SPLITS=splits, D=D, BLOCK=block)
+    _merge[(Hq,)](part, mx, sm, out, SPLITS=splits, D=D)
+    return out
+
+
+def decode_workspace(n_heads: int, splits: int, head_dim: int, device):
+    """fp32 scratch for the partial results (allocate once per session for CUDA graphs)."""
+    return (torch.empty(n_heads * splits * head_dim, device=device, dtype=torch.float32),
+            torch.empty(n_heads * splits, device=device, dtype=torch.float32),
+            torch.empty(n_heads * splits, device=device, dtype=torch.float32))
