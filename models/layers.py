@@ -262,17 +262,14 @@ class Attention(nn.Module):
 
 
     def decode(self, x, cos, sin, kv, slot, length, window, workspace):
-        """One token (x [1, C]) at cache slot `slot` (device tensor): graph-capturable, no host sync."""
+        """One token (x [1, C]) at cache slot `slot` (device tensor), Triton kernels only between
+        the projections: graph-capturable, no host sync."""
         from tinyvila.kernels.decode_attention import decode_attention
+        from tinyvila.kernels.rope_append import rope_append
 
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                          self.n_kv * self.head_dim], dim=-1)
-        q = apply_rope(q.view(1, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)  # [H, 1, D]
-        k = apply_rope(k.view(1, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
         k_cache, v_cache = kv
-        k_cache.index_copy_(1, slot, k)
-        v_cache.index_copy_(1, slot, v.view(1, self.n_kv, self.head_dim).transpose(0, 1))
-        out = decode_attention(q[:, 0], k_cache, v_cache, length, window=window, workspace=workspace)
+        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
+        out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
         return self.o_proj(out.reshape(1, -1))
 
 
@@ -287,6 +284,14 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
+    def decode(self, x):
+        """The GPU decode path: SiLU and the product in one Triton kernel."""
+        if self.act is not F.silu:
+            return self.forward(x)
+        from tinyvila.kernels.silu_mul import silu_mul
+
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
@@ -300,9 +305,6 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, kv, slot, length, window, workspace):
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, kv, slot, length, window, workspace)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderLM(nn.Module):
@@ -365,12 +367,24 @@ class DecoderLM(nn.Module):
         positions: [1] or [3, 1]. Returns fp32 logits [1, V]."""
         if self._inv_freq.device != token.device:
             self._inv_freq = self._inv_freq.to(token.device)
-        h = self.embed(token)
+        from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
+
+        eps = self.cfg.rms_norm_eps
+        h = self.embed(token)  # the residual stream; each norm also adds the block output before it
         cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        delta = None
         for i, layer in enumerate(self.layers):
-            h = layer.decode(h, cos, sin, cache.layer(i), slot, length, self.cfg.sliding_window, workspace)
-        return F.linear(self.norm(h), self.output_weight()).float()
+            if delta is None:
+                x = rmsnorm(h, layer.input_layernorm.weight, eps)
+            else:
+                x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
+            attn = layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length, self.cfg.sliding_window,
+                                          workspace)
+            x, h = add_rmsnorm(h, attn, layer.post_attention_layernorm.weight, eps)
+            delta = layer.mlp.decode(x)
+        x, _ = add_rmsnorm(h, delta, self.norm.weight, eps)
+        return F.linear(x, self.output_weight()).float()
 
 
 # --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)

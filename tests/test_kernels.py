@@ -55,3 +55,63 @@ def test_decode_attention_real_shapes(dtype, hq, hkv, length):
     ours = decode_attention(q, k, v, n)
     ref = decode_attention_ref(q, k, v, length)
     assert (ours.float() - ref.float()).abs().max() <= 2e-2
+
+
+from tinyvila.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
+from tinyvila.kernels.rope_append import rope_append, rope_append_ref  # noqa: E402
+from tinyvila.kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.mark.parametrize("rows, n", [(1, 64), (3, 40), (2, 100)])
+def test_rmsnorm_and_add_rmsnorm(rows, n):
+    x, d, w = torch.randn(rows, n), torch.randn(rows, n), torch.randn(n)
+    assert torch.allclose(rmsnorm(x.to(DEVICE), w.to(DEVICE), 1e-6).cpu(), rmsnorm_ref(x, w, 1e-6), atol=1e-5)
+    y, s = add_rmsnorm(x.to(DEVICE), d.to(DEVICE), w.to(DEVICE), 1e-5)
+    y_ref, s_ref = add_rmsnorm_ref(x, d, w, 1e-5)
+    assert torch.allclose(s.cpu(), s_ref) and torch.allclose(y.cpu(), y_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, inter", [(1, 48), (2, 100)])
+def test_silu_mul(rows, inter):
+    gu = torch.randn(rows, 2 * inter)
+    assert torch.allclose(silu_mul(gu.to(DEVICE), block=32).cpu(), silu_mul_ref(gu), atol=1e-5)
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 1)])
+def test_rope_append(hq, hkv):
+    D, S, slot = 16, 10, 7
+    qkv = torch.randn(1, (hq + 2 * hkv) * D)
+    ang = torch.randn(1, D // 2)
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    k_ref, v_ref = torch.randn(hkv, S, D), torch.randn(hkv, S, D)
+    k, v = k_ref.clone().to(DEVICE), v_ref.clone().to(DEVICE)
+    q = rope_append(qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), k, v, torch.tensor([slot], device=DEVICE), hq, hkv)
+    q_ref = rope_append_ref(qkv, cos, sin, k_ref, v_ref, slot, hq, hkv)
+    assert torch.allclose(q.cpu(), q_ref, atol=1e-5)
+    assert torch.allclose(k.cpu(), k_ref, atol=1e-5) and torch.equal(v.cpu(), v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_kernels_real_shapes(dtype):
+    x, d = torch.randn(1, 3584, device="cuda", dtype=dtype), torch.randn(1, 3584, device="cuda", dtype=dtype)
+    w = torch.randn(3584, device="cuda", dtype=dtype)
+    y, s = add_rmsnorm(x, d, w, 1e-6)
+    y_ref, s_ref = add_rmsnorm_ref(x, d, w, 1e-6)
+    assert torch.equal(s, s_ref) and (y.float() - y_ref.float()).abs().max() <= _tol(dtype) * 4
+    gu = torch.randn(1, 2 * 18944, device="cuda", dtype=dtype)
+    assert (silu_mul(gu).float() - silu_mul_ref(gu).float()).abs().max() <= _tol(dtype) * 4
+    hq, hkv, D = 28, 4, 128
+    qkv = torch.randn(1, (hq + 2 * hkv) * D, device="cuda", dtype=dtype)
+    ang = torch.randn(1, D // 2, device="cuda")
+    cos, sin = (torch.cat([f(ang), f(ang)], -1).to(dtype) for f in (torch.cos, torch.sin))
+    k, v = torch.zeros(hkv, 64, D, device="cuda", dtype=dtype), torch.zeros(hkv, 64, D, device="cuda", dtype=dtype)
+    k2, v2 = k.clone(), v.clone()
+    q = rope_append(qkv, cos, sin, k, v, torch.tensor([33], device="cuda"), hq, hkv)
+    q_ref = rope_append_ref(qkv, cos, sin, k2, v2, 33, hq, hkv)
+    assert (q.float() - q_ref.float()).abs().max() <= _tol(dtype) * 4 and torch.equal(v, v2)
+    assert (k.float() - k2.float()).abs().max() <= _tol(dtype) * 4

@@ -103,6 +103,32 @@ def media_items(model, args):
     return items
 
 
+def copy_bandwidth(device, gib: float = 1.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), measured with CUDA events."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def decode_bytes(lm, context: int) -> int:
+    """What one decode step must read: every LLM weight (the embedding table: one row; a tied
+    table is read in full as the output projection) plus the K and V of the whole context."""
+    cfg = lm.cfg
+    weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if n != "embed_tokens.weight")
+    table = lm.embed_tokens.weight
+    weights += table.numel() * table.element_size() if cfg.tie_word_embeddings else table[0].numel() * table.element_size()
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * cfg.head_dim * table.element_size()
+    return weights + kv
+
+
 class NoText:  # the bench feeds token ids; nothing is detokenized
     def stream_decoder(self):
         return SimpleNamespace(push=lambda t: "", flush=lambda: "")
@@ -129,7 +155,7 @@ def run(args) -> list:
         if i:  # the first run warms up
             rows.append(session.last_result.stats)
         session.close()
-    return rows
+    return rows, model
 
 
 def main(argv=None) -> int:
@@ -145,17 +171,26 @@ def main(argv=None) -> int:
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     args = p.parse_args(argv)
-    rows = run(args)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    rows, model = run(args)
+    cuda = args.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    bandwidth = copy_bandwidth(args.device) if cuda else float("nan")
     media = " ".join(args.image + args.video)
-    print(f"| arch | media | visual tok | vision ms | prefill ms | TTFT ms | decode tok/s | context | peak GB |  ({name}, {args.dtype})")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| arch | media | visual tok | vision ms | prefill ms | TTFT ms | decode tok/s | GB/step | roofline | "
+          f"context | peak GB |  ({name}, {args.dtype}, copy {bandwidth / 1e12:.2f} TB/s)")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    records = []
     for s in rows:
+        # the context in the middle of the answer stands for the whole decode
+        step_bytes = decode_bytes(model.language_model, s.context_tokens - args.new_tokens // 2)
+        roofline = step_bytes * s.decode_tok_s / bandwidth
+        records.append(dict(s.to_dict(), bytes_per_step=step_bytes, copy_bandwidth=bandwidth, roofline=roofline))
         print(f"| {args.arch} | {media} | {s.visual_tokens} | {s.vision_s * 1e3:.1f} | {s.prefill_s * 1e3:.1f} | "
-              f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {s.context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
+              f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {step_bytes / 1e9:.2f} | {roofline:.0%} | "
+              f"{s.context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": name, "runs": [s.to_dict() for s in rows]}, f, indent=2)
+            json.dump({"args": vars(args), "device": name, "runs": records}, f, indent=2)
     return 0
 
 

@@ -1,0 +1,66 @@
+"""Rotary embedding for one decode token, fused with the KV-cache append.
+
+`rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv)` takes the fused q/k/v projection
+of one token [1, (Hq + 2 Hkv) D], rotates q and k (rotate-half layout, tables cos/sin [1, D] in the
+activation dtype) and writes the rotated k and the v into the caches at slot `slot` (a 1-element
+device tensor, so CUDA graphs can replay it). Returns the rotated q [Hq, D]. M-RoPE needs nothing
+special here: its tables already mix the t/h/w angles.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
+    D = cos.shape[-1]
+    q, k, v = qkv.view(-1).split([n_heads * D, n_kv * D, n_kv * D])
+    half = D // 2
+
+    def rot(x):
+        x = x.view(-1, D)
+        return x * cos + torch.cat([-x[:, half:], x[:, :half]], dim=-1) * sin
+
+    k_cache[:, int(slot)] = rot(k)
+    v_cache[:, int(slot)] = v.view(-1, D)
+    return rot(q)
+
+
+@triton.jit
+def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks,
+                 N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
+    half = HALF
+    i = tl.arange(0, HALF)
+    cos = tl.load(Cos + i)
+    sin = tl.load(Sin + i)
+    base = QKV + head * D
+    x1 = tl.load(base + i)
+    x2 = tl.load(base + half + i)
+    slot = tl.load(Slot)
+    if head < N_HEADS + N_KV:
+        # x * cos + rotate_half(x) * sin, each product rounded as torch rounds it
+        o1 = (x1 * cos) + (-x2 * sin)
+        o2 = (x2 * cos) + (x1 * sin)
+        if head < N_HEADS:
+            tl.store(Q_out + head * D + i, o1)
+            tl.store(Q_out + head * D + half + i, o2)
+        else:
+            dst = K_cache + (head - N_HEADS) * stride_kh + slot * stride_ks
+            tl.store(dst + i, o1)
+            tl.store(dst + half + i, o2)
+    else:
+        dst = V_cache + (head - N_HEADS - N_KV) * stride_kh + slot * stride_ks
+        tl.store(dst + i, x1)
+        tl.store(dst + half + i, x2)
+
+
+def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
+    D = cos.shape[-1]
+    assert qkv.is_contiguous() and qkv.numel() == (n_heads + 2 * n_kv) * D, (qkv.shape, n_heads, n_kv, D)
+    assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == D and k_cache.stride(2) == 1
+    assert v_cache.stride() == k_cache.stride() and cos.dtype == qkv.dtype and slot.numel() == 1
+    q = torch.empty(n_heads, D, device=qkv.device, dtype=qkv.dtype)
+    _rope_append[(n_heads + 2 * n_kv,)](qkv, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
+                                       k_cache.stride(0), k_cache.stride(1), N_HEADS=n_heads, N_KV=n_kv, D=D,
+                                       HALF=D // 2)
+    return q
