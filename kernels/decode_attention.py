@@ -6,7 +6,8 @@ is what lets a CUDA graph replay the same launch while the cache grows.
 
 Flash-decoding: the key range is cut into `splits` chunks handled by separate programs, each
 leaving a partial softmax (running max, sum, weighted values); a second kernel merges the partials.
-Grouped-query attention: query head h reads KV head h // (Hq // Hkv). fp16 / bf16 in, fp32 math.
+Grouped-query attention: query head h reads KV head h // (Hq // Hkv); one program serves a whole
+group, so every key and value is read once. fp16 / bf16 in (fp32 for tests), fp32 accumulation.
 """
 import math
 
@@ -29,36 +30,42 @@ def decode_attention_ref(q, k, v, length, scale=None, window=None):
 
 @triton.jit
 def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window, split_size,
-             GROUP: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-    head = tl.program_id(0)
+             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (KV head, split): the GROUP query heads sharing that KV head are scored
+    # together with tensor-core dots, so each key and value is read once.
+    kv = tl.program_id(0)
     split = tl.program_id(1)
-    kv = head // GROUP
     length = tl.load(Length)
     lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)
     start = tl.maximum(lo, split * split_size)
     end = tl.minimum(length, split * split_size + split_size)
+    g = tl.arange(0, GROUP_PAD)
+    heads = kv * GROUP + g
+    in_group = g < GROUP
     d = tl.arange(0, D)
-    q = tl.load(Q + head * D + d).to(tl.float32) * scale
-    m = tl.full([1], float("-inf"), tl.float32)
-    s = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
+    q = tl.load(Q + heads[:, None] * D + d[None, :], mask=in_group[:, None], other=0.0)  # [GROUP_PAD, D]
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    s = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
     for n0 in range(start, end, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         valid = n < end
         offs = kv * stride_kh + n[:, None] * stride_ks + d[None, :]
-        k = tl.load(K + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        score = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(score, axis=0))
-        p = tl.exp(score - m_new)
+        k = tl.load(K + offs, mask=valid[:, None], other=0.0)  # [BLOCK, D]
+        score = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK]
+        score = tl.where(valid[None, :], score, float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=1))
+        p = tl.exp(score - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        vals = tl.load(V + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = s * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * vals, axis=0)
+        vals = tl.load(V + offs, mask=valid[:, None], other=0.0)
+        s = s * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals, input_precision=PRECISION)
         m = m_new
-    part = head * SPLITS + split
-    tl.store(Out + part * D + d, acc)
-    tl.store(Max + part + tl.arange(0, 1), m)
-    tl.store(Sum + part + tl.arange(0, 1), s)
+    part = heads * SPLITS + split
+    tl.store(Out + part[:, None] * D + d[None, :], acc, mask=in_group[:, None])
+    tl.store(Max + part, m, mask=in_group)
+    tl.store(Sum + part, s, mask=in_group)
 
 
 @triton.jit
@@ -75,13 +82,14 @@ def _merge(Out, Max, Sum, Final, SPLITS: tl.constexpr, D: tl.constexpr):
     tl.store(Final + head * D + d, out.to(Final.dtype.element_ty))
 
 
-def split_count(max_len: int, n_heads: int, sm_count: int = 132) -> int:
-    """Enough splits to give every multiprocessor a couple of programs (a power of two)."""
-    want = max(1, min(max_len // 256, (2 * sm_count + n_heads - 1) // n_heads))
+def split_count(max_len: int, n_kv_heads: int, sm_count: int = 132) -> int:
+    """Enough splits to give every multiprocessor a couple of programs (a power of two); a split
+    is never shorter than 256 keys."""
+    want = max(1, min(max_len // 256, (2 * sm_count + n_kv_heads - 1) // n_kv_heads))
     return 1 << (want - 1).bit_length()
 
 
-def decode_attention(q, k, v, length, scale=None, window=None, splits=None, block=64, workspace=None):
+def decode_attention(q, k, v, length, scale=None, window=None, splits=None, block=64, workspace=None, num_warps=4):
     """Triton decode attention; same contract as `decode_attention_ref` (length: int32 tensor)."""
     Hq, D = q.shape
     Hkv, S, Dk = k.shape
@@ -89,15 +97,18 @@ def decode_attention(q, k, v, length, scale=None, window=None, splits=None, bloc
     assert D & (D - 1) == 0, f"head_dim {D} must be a power of two"
     assert k.stride(2) == 1 and v.stride() == k.stride() and q.is_contiguous()
     assert length.numel() == 1 and length.dtype == torch.int32 and length.device == q.device
-    splits = splits or split_count(S, Hq)
+    splits = splits or split_count(S, Hkv)
     split_size = math.ceil(S / splits / block) * block
     if workspace is None:
         workspace = decode_workspace(Hq, splits, D, q.device)
     part, mx, sm = workspace
     out = torch.empty_like(q)
     scale = scale if scale is not None else D ** -0.5
-    _partial[(Hq, splits)](q, k, v, length, part, mx, sm, k.stride(0), k.stride(1), scale, window or 0, split_size,
-                           GROUP=Hq // Hkv, SPLITS=splits, D=D, BLOCK=block)
+    group = Hq // Hkv
+    _partial[(Hkv, splits)](q, k, v, length, part, mx, sm, k.stride(0), k.stride(1), scale, window or 0, split_size,
+                            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=splits, D=D,
+                            BLOCK=block, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                            num_warps=num_warps)
     _merge[(Hq,)](part, mx, sm, out, SPLITS=splits, D=D)
     return out
 

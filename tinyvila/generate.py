@@ -134,7 +134,7 @@ class GraphedDecode:
         self.pos = torch.zeros((3, 1) if positions_dims == 2 else (1,), dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.length = torch.ones(1, dtype=torch.int32, device=device)
-        splits = split_count(cache.max_len, cfg.num_attention_heads)
+        splits = split_count(cache.max_len, cfg.num_key_value_heads)
         self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
         self.graph = None
         self._set(token, pos, slot)
