@@ -121,15 +121,18 @@ def peak_memory(device) -> int:
 
 class GraphedDecode:
     """A session's decode step (all layers, one token) captured once as a CUDA graph and replayed
-    for every new token: one launch instead of hundreds. Inputs live in fixed device tensors that
-    are refilled before each replay; the KV cache and the attention workspace never move."""
+    for every new token: one launch instead of hundreds. Inputs live in fixed device tensors; the
+    KV cache and the attention workspace never move. The graph also advances its own position,
+    slot and length and picks the greedy next token (never a banned id), feeding it to the next
+    replay: a greedy step costs the host one replay and one 8-byte read."""
 
-    def __init__(self, lm, cache, positions_dims: int, token: int, pos: int, slot: int, capture: bool = True):
+    def __init__(self, lm, cache, positions_dims: int, banned, token: int, pos: int, slot: int,
+                 capture: bool = True):
         from tinyvila.kernels.decode_attention import decode_workspace, split_count
 
         device = cache.k.device
         cfg = lm.cfg
-        self.lm, self.cache = lm, cache
+        self.lm, self.cache, self.banned = lm, cache, banned
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros((3, 1) if positions_dims == 2 else (1,), dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -137,13 +140,15 @@ class GraphedDecode:
         splits = split_count(cache.max_len, cfg.num_key_value_heads)
         self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
         self.graph = None
-        self._set(token, pos, slot)
+        self.expected = None  # (token, pos, slot) the device state already holds
         if capture:  # warm up on a side stream (the writes land in the slot about to be written anyway)
+            self._set(token, pos, slot)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), torch.no_grad():
                 for _ in range(2):
                     self._step()
+                    self._set(token, pos, slot)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph), torch.no_grad():
@@ -156,12 +161,28 @@ class GraphedDecode:
         self.length.fill_(slot + 1)
 
     def _step(self):
-        return self.lm.decode_step(self.token, self.pos, self.cache, self.slot, self.length, self.workspace)
+        logits = self.lm.decode_step(self.token, self.pos, self.cache, self.slot, self.length, self.workspace)
+        masked = logits if self.banned is None else logits.masked_fill(self.banned, float("-inf"))
+        self.token.copy_(masked.argmax(-1))  # the greedy next token, fed to the next replay
+        for t in (self.pos, self.slot, self.length):
+            t.add_(1)
+        return logits
 
     def __call__(self, token: int, pos: int, slot: int) -> torch.Tensor:
-        self._set(token, pos, slot)
+        """Logits after feeding `token` at `slot` (RoPE position `pos`)."""
         if self.graph is None:
+            self._set(token, pos, slot)
             with torch.no_grad():
-                return self._step()
-        self.graph.replay()
-        return self.logits
+                logits = self._step()
+        else:
+            if self.expected != (token, pos, slot):
+                self._set(token, pos, slot)
+            self.graph.replay()
+        self.expected = None  # known once the host has read the greedy token
+        return logits if self.graph is None else self.logits
+
+    def greedy_token(self, pos: int, slot: int) -> int:
+        """The masked argmax of the last step (already in place as the next input)."""
+        token = int(self.token)
+        self.expected = (token, pos, slot)
+        return token

@@ -228,7 +228,10 @@ class Session:
                 with eng.lock:
                     logits = self._decode_step(token, n + delta, n, positions.dim())
                 self.tokens.append(token)
-                token = sampler(logits)
+                if self._decoder is not None and params.temperature == 0:
+                    token = self._decoder.greedy_token(n + 1 + delta, n + 1)  # picked on the GPU
+                else:
+                    token = sampler(logits)
                 stats.decode_tokens += 1
         except GeneratorExit:
             finish = "cancelled"
@@ -265,7 +268,8 @@ class Session:
             return lm(lm.embed(torch.tensor([token], device=eng.device)), torch.full(shape, pos, device=eng.device),
                       self.cache, slot)
         if self._decoder is None:
-            self._decoder = GraphedDecode(lm, self.cache, positions_dims, token, pos, slot, capture=eng.cuda_graphs)
+            self._decoder = GraphedDecode(lm, self.cache, positions_dims, eng.banned, token, pos, slot,
+                                          capture=eng.cuda_graphs)
         logits = self._decoder(token, pos, slot)
         self.cache.length = slot + 1
         return logits
