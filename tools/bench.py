@@ -129,6 +129,72 @@ def decode_bytes(lm, context: int) -> int:
     return weights + kv
 
 
+def hf_model(arch, device, dtype):
+    """transformers' model of the same architecture, random weights, on the GPU (--compare-hf)."""
+    import transformers
+
+    family, spec = ARCHS[arch]
+    text = dict(spec["text"][0])
+    if family == "llava_next":
+        text_cfg = (transformers.LlamaConfig if spec["text"][1] == "llama" else transformers.MistralConfig)(**text)
+        cfg = transformers.LlavaNextConfig(text_config=text_cfg, image_token_index=32000)
+        cls = transformers.LlavaNextForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=dict(out_hidden_size=spec["out"], depth=32,
+                                            hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                            fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
+                                            tokens_per_second=2, in_chans=3, hidden_act="silu"))
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise SystemExit(f"--compare-hf: transformers has no {arch} model class (VILA layout)")
+    with torch.device(device):
+        model = cls._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def hf_inputs(model, items, ids, image_token_id, device):
+    """The same prompt for transformers: placeholders expanded, pixels as its processor gives them."""
+    expanded = []
+    for t in ids:
+        expanded += [image_token_id] * items[0].n_tokens if t == image_token_id else [t]
+    inputs = {"input_ids": torch.tensor([expanded], device=device)}
+    item = items[0]
+    if hasattr(item, "grid"):  # Qwen2.5-VL
+        inputs.update(pixel_values=item.pixels.to(device), image_grid_thw=torch.tensor([item.grid], device=device),
+                      mm_token_type_ids=(inputs["input_ids"] == image_token_id).int())
+    else:  # LLaVA-NeXT
+        inputs.update(pixel_values=item.image.pixels[None].to(device),
+                      image_sizes=torch.tensor([item.image.image_size], device=device))
+    return inputs
+
+
+def run_hf(args, items, ids, image_token_id) -> dict:
+    """transformers' TTFT (prefill + first token) and decode tok/s on the same prompt."""
+    import time
+
+    model = hf_model(args.arch, args.device, getattr(torch, args.dtype))
+    inputs = hf_inputs(model, items, ids, image_token_id, args.device)
+    kw = dict(do_sample=False, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens, pad_token_id=0)
+    result = {}
+    for _ in range(2):  # the first run warms up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, **dict(kw, min_new_tokens=1, max_new_tokens=1))
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        ttft = t1 - t0
+        result = dict(ttft_s=ttft, decode_tok_s=(args.new_tokens - 1) / max(t2 - t1 - ttft, 1e-9))
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
 class NoText:  # the bench feeds token ids; nothing is detokenized
     def stream_decoder(self):
         return SimpleNamespace(push=lambda t: "", flush=lambda: "")
@@ -155,7 +221,10 @@ def run(args) -> list:
         if i:  # the first run warms up
             rows.append(session.last_result.stats)
         session.close()
-    return rows, model
+    hf = None
+    if args.compare_hf:
+        hf = run_hf(args, items, ids, model.image_token_id)
+    return rows, model, hf
 
 
 def main(argv=None) -> int:
@@ -169,9 +238,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     args = p.parse_args(argv)
-    rows, model = run(args)
+    rows, model, hf = run(args)
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     bandwidth = copy_bandwidth(args.device) if cuda else float("nan")
@@ -188,9 +258,14 @@ def main(argv=None) -> int:
         print(f"| {args.arch} | {media} | {s.visual_tokens} | {s.vision_s * 1e3:.1f} | {s.prefill_s * 1e3:.1f} | "
               f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {step_bytes / 1e9:.2f} | {roofline:.0%} | "
               f"{s.context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
+    if hf:
+        ours = rows[-1]
+        print(f"\ntransformers {__import__('transformers').__version__}: TTFT {hf['ttft_s'] * 1e3:.1f} ms, decode "
+              f"{hf['decode_tok_s']:.1f} tok/s.  tinyvila/transformers: decode x{ours.decode_tok_s / hf['decode_tok_s']:.1f}, "
+              f"TTFT x{ours.ttft_s / hf['ttft_s']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": name, "runs": records}, f, indent=2)
+            json.dump({"args": vars(args), "device": name, "runs": records, "transformers": hf}, f, indent=2)
     return 0
 
 
