@@ -284,8 +284,8 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
-    def decode(self, x):
-        """The GPU decode path: SiLU and the product in one Triton kernel."""
+    def fused(self, x):
+        """The GPU path: SiLU and the product in one Triton kernel."""
         if self.act is not F.silu:
             return self.forward(x)
         from tinyvila.kernels.silu_mul import silu_mul
@@ -353,13 +353,27 @@ class DecoderLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         mask = self.attention_mask(T, start, h.device)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.layer(i), start, mask)
+        if h.is_cuda:  # the same blocks with the residual adds, norms and SwiGLU fused (Triton)
+            from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
+
+            eps, delta = self.cfg.rms_norm_eps, None
+            for i, layer in enumerate(self.layers):
+                if delta is None:
+                    x = rmsnorm(h, layer.input_layernorm.weight, eps)
+                else:
+                    x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
+                attn = layer.self_attn(x, cos, sin, cache.layer(i), start, mask)
+                x, h = add_rmsnorm(h, attn, layer.post_attention_layernorm.weight, eps)
+                delta = layer.mlp.fused(x)
+            h, _ = add_rmsnorm(h, delta, self.norm.weight, eps)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, cache.layer(i), start, mask)
+            h = self.norm(h)
         cache.length = start + T
         if logits == "none":
             return None
-        h = self.norm(h if logits == "all" else h[-1:])
-        return F.linear(h, self.output_weight()).float()
+        return F.linear(h if logits == "all" else h[-1:], self.output_weight()).float()
 
     def decode_step(self, token, positions, cache, slot, length, workspace):
         """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
@@ -382,7 +396,7 @@ class DecoderLM(nn.Module):
             attn = layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length, self.cfg.sliding_window,
                                           workspace)
             x, h = add_rmsnorm(h, attn, layer.post_attention_layernorm.weight, eps)
-            delta = layer.mlp.decode(x)
+            delta = layer.mlp.fused(x)
         x, _ = add_rmsnorm(h, delta, self.norm.weight, eps)
         return F.linear(x, self.output_weight()).float()
 

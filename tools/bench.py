@@ -103,19 +103,23 @@ def media_items(model, args):
     return items
 
 
-def copy_bandwidth(device, gib: float = 1.0) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), measured with CUDA events."""
+def copy_bandwidth(device, gib: float = 2.0, trials: int = 5) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), the best of a few timed trials."""
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize(device)
-    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
+    best = 0.0
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize(device)
+        best = max(best, 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3))
+    del src, dst
+    return best
 
 
 def decode_bytes(lm, context: int) -> int:
