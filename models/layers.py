@@ -242,9 +242,14 @@ class Attention(nn.Module):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                           self.n_kv * self.head_dim], dim=-1)
-        q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
-        k = apply_rope(k.view(T, self.n_kv, self.head_dim).transpose(0, 1), cos, sin)
-        v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
+        if x.is_cuda:  # rotate in place with one Triton kernel each
+            from tinyvila.kernels.rope import rope_
+
+            q, k = rope_(q, cos, sin).transpose(0, 1), rope_(k, cos, sin).transpose(0, 1)
+        else:
+            q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)
+        v = v.transpose(0, 1)
         k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
         k_cache[:, start:start + T] = k
         v_cache[:, start:start + T] = v
@@ -437,6 +442,26 @@ class ViTAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
 
 
+def layer_norm(module: nn.LayerNorm, x):
+    """LayerNorm; on the GPU the Triton kernel."""
+    if not x.is_cuda:
+        return module(x)
+    from tinyvila.kernels.layernorm import layernorm
+
+    return layernorm(x.contiguous(), module.weight, module.bias, module.eps)
+
+
+def vit_activation(name: str, x):
+    """The ViT MLP's activation; on the GPU one Triton kernel."""
+    from tinyvila.kernels.gelu import KINDS
+
+    if x.is_cuda and name in KINDS:
+        from tinyvila.kernels.gelu import gelu
+
+        return gelu(x.contiguous(), name)
+    return activation(name)(x)
+
+
 class ViTLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -447,11 +472,12 @@ class ViTLayer(nn.Module):
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(C, cfg.intermediate_size)
         self.mlp.fc2 = nn.Linear(cfg.intermediate_size, C)
-        self.act = activation(cfg.hidden_act)
+        activation(cfg.hidden_act)  # fail at load on an unknown activation
+        self.act = cfg.hidden_act
 
     def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+        x = x + self.self_attn(layer_norm(self.layer_norm1, x))
+        return x + self.mlp.fc2(vit_activation(self.act, self.mlp.fc1(layer_norm(self.layer_norm2, x))))
 
 
 class ViTEmbeddings(nn.Module):
@@ -490,7 +516,7 @@ class ViTEncoder(nn.Module):
         """pixels [N, 3, S, S] -> features [N, T, C * len(feature_layers)]."""
         x = self.embeddings(pixels)
         if self.pre_layrnorm is not None:
-            x = self.pre_layrnorm(x)
+            x = layer_norm(self.pre_layrnorm, x)
         kept = {0: x} if 0 in self.feature_layers else {}  # keep only the states the projector reads
         for i, layer in enumerate(self.encoder.layers, start=1):
             x = layer(x)

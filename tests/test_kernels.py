@@ -115,3 +115,34 @@ def test_small_kernels_real_shapes(dtype):
     q_ref = rope_append_ref(qkv, cos, sin, k2, v2, 33, hq, hkv)
     assert (q.float() - q_ref.float()).abs().max() <= _tol(dtype) * 4 and torch.equal(v, v2)
     assert (k.float() - k2.float()).abs().max() <= _tol(dtype) * 4
+
+
+from tinyvila.kernels.gelu import KINDS, gelu, gelu_ref  # noqa: E402
+from tinyvila.kernels.layernorm import layernorm, layernorm_ref  # noqa: E402
+from tinyvila.kernels.rope import rope_, rope_ref  # noqa: E402
+
+
+def test_rope_in_place_on_a_strided_view():
+    T, Hq, Hkv, D = 5, 4, 2, 16
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D)
+    ang = torch.randn(T, D // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    ref = rope_ref(qkv[:, Hq * D:(Hq + Hkv) * D].reshape(T, Hkv, D), cos, sin)
+    dev = qkv.clone().to(DEVICE)
+    k = dev[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)  # a view into the fused projection
+    rope_(k, cos.to(DEVICE), sin.to(DEVICE), block_h=1)
+    assert torch.allclose(k.cpu(), ref, atol=1e-5)
+    assert torch.equal(dev[:, :Hq * D].cpu(), qkv[:, :Hq * D])  # nothing else touched
+
+
+@pytest.mark.parametrize("rows, n", [(3, 40), (2, 128)])
+def test_layernorm(rows, n):
+    x, w, b = torch.randn(rows, n) * 3 + 1, torch.randn(n), torch.randn(n)
+    assert torch.allclose(layernorm(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), 1e-6).cpu(), layernorm_ref(x, w, b, 1e-6),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gelu_variants(kind):
+    x = torch.randn(3, 50) * 3
+    assert torch.allclose(gelu(x.to(DEVICE), kind, block=64).cpu(), gelu_ref(x, kind), atol=1e-5)
