@@ -34,7 +34,7 @@ def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window
              BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (KV head, split): the GROUP query heads sharing that KV head are scored
     # together with tensor-core dots, so each key and value is read once.
-    kv = tl.program_id(0)
+    kv = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a KV head of a long cache is large
     split = tl.program_id(1)
     length = tl.load(Length)
     lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)

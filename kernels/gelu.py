@@ -19,7 +19,7 @@ def gelu_ref(x, kind):
 
 @triton.jit
 def _gelu(X, Y, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit: tensors past 2**31
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if KIND == 0:

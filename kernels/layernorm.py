@@ -12,7 +12,7 @@ def layernorm_ref(x, weight, bias, eps):
 
 @triton.jit
 def _layernorm(X, W, B, Y, n, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: many frames times wide rows
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * n + cols, mask=mask, other=0.0).to(tl.float32)

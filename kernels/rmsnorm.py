@@ -22,7 +22,7 @@ def add_rmsnorm_ref(x, delta, weight, eps):
 
 @triton.jit
 def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: long prompts times wide rows
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(X + row * n + cols, mask=mask, other=0.0)

@@ -14,7 +14,7 @@ def rope_ref(x, cos, sin):
 
 @triton.jit
 def _rope(X, Cos, Sin, stride_t, stride_h, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # 64-bit offsets for long prompts
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF)
     cos = tl.load(Cos + t * 2 * HALF + i)

@@ -12,7 +12,7 @@ def silu_mul_ref(gate_up):
 
 @triton.jit
 def _silu_mul(GU, Out, inter, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # long prompts: row * 2 * inter passes 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     g = tl.load(GU + row * 2 * inter + cols, mask=mask, other=0.0)

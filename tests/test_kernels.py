@@ -146,3 +146,18 @@ def test_layernorm(rows, n):
 def test_gelu_variants(kind):
     x = torch.randn(3, 50) * 3
     assert torch.allclose(gelu(x.to(DEVICE), kind, block=64).cpu(), gelu_ref(x, kind), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_row_kernels_past_two_to_the_31_elements():
+    """A 256-frame video prompt (66K rows) times Qwen2's 2 x 18944 gate/up width passes 2**31."""
+    rows, inter = 57000, 18944
+    gu = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.float16)
+    out = silu_mul(gu)
+    tail = slice(rows - 3, rows)
+    assert (out[tail].float() - silu_mul_ref(gu[tail]).float()).abs().max() <= 4e-2
+    del gu, out
+    x = torch.randn(rows * 8, 4096 + 512, device="cuda", dtype=torch.float16)
+    w = torch.randn(4096 + 512, device="cuda", dtype=torch.float16)
+    y = rmsnorm(x, w, 1e-6)
+    assert (y[-2:].float() - rmsnorm_ref(x[-2:], w, 1e-6).float()).abs().max() <= 4e-2
