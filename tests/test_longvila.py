@@ -3,12 +3,11 @@ Llama/Qwen2 modules with the reference projector of fixtures_vila.py, spliced as
 says each generation does (fp32, CPU)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import tinyvila
-from fixtures_images import draw_image
+from fixtures_images import draw_image, write_video
 from fixtures_vila import build_vila, reference_image_features, siglip_pixels, uniform_frame_indices
 from tinyvila.models.longvila import frame_indices
 
@@ -144,18 +143,7 @@ def test_video_frames_are_encoded_in_chunks(vila, monkeypatch):
 
 def test_num_video_frames_default_and_video_file(vila, tmp_path):
     """A file is sampled uniformly to the checkpoint's num_video_frames (8 here), read with decord."""
-    import av
-
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for k in range(30):
-            frame = av.VideoFrame.from_ndarray(np.asarray(draw_image(64, 48, seed=k)), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path = write_video(tmp_path / "clip.mp4", [draw_image(64, 48, seed=k) for k in range(30)])
     eng = tinyvila.load(vila["llama3"].path, device="cpu", dtype="float32")
     with eng.session(videos=[path]) as s:
         video = s.pending[0]
@@ -182,18 +170,7 @@ def test_cli_with_a_video(vila, tmp_path):
     import subprocess
     import sys
 
-    import av
-
-    video = tmp_path / "v.mp4"
-    with av.open(str(video), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for k in range(12):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(draw_image(64, 48, seed=k)),
-                                                                   format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    video = write_video(tmp_path / "v.mp4", [draw_image(64, 48, seed=k) for k in range(12)])
     proc = subprocess.run([sys.executable, "-m", "tinyvila.chat", vila["qwen2"].path, "--video", str(video),
                            "--max-frames", "4", "-p", QUESTION, "-n", "3", "--json", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ import torch
 
 import tinyvila
 from fixtures_qwen import build_qwen2_5_vl
-from fixtures_images import draw_image
+from fixtures_images import draw_image, write_video
 
 
 @pytest.fixture(scope="module")
@@ -191,18 +191,8 @@ def test_video_encoder_positions_and_greedy(qwen):
 
 def test_video_file_through_decord(qwen, tmp_path):
     """A video file written in the test, read with decord and sampled at 2 fps from its own rate."""
-    import av
-
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 112, 84, "yuv420p"
-        for k in range(16):  # 2 s at 8 fps -> 4 frames sampled at 2 fps
-            frame = av.VideoFrame.from_ndarray(np.asarray(draw_image(112, 84, seed=k)), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    # 2 s at 8 fps -> 4 frames sampled at 2 fps
+    path = write_video(tmp_path / "clip.mp4", [draw_image(112, 84, seed=k) for k in range(16)], fps=8)
     _, ids, eng = qwen["untied"]
     with eng.session(videos=[path]) as s:
         item = s.pending[0]

@@ -136,12 +136,17 @@ def load_image(src, max_pixels=DEFAULT_MAX_PIXELS, alpha="drop"):
     raise MediaError(f"cannot load an image from a {type(src).__name__}: expected {_ACCEPTED}")
 
 
-def _load_path(path, alpha, max_pixels):
+def _check_path(path, fail, noun):
+    """A clear error for a directory or a missing file, before anything is opened."""
     if os.path.isdir(path):
-        raise _fail(path, "is a directory, not an image file")
+        raise fail(path, f"is a directory, not {noun} file")
     if not os.path.exists(path):
         hint = " (URLs are not fetched; download the file first)" if "://" in path else ""
-        raise _fail(path, "no such file" + hint)
+        raise fail(path, "no such file" + hint)
+
+
+def _load_path(path, alpha, max_pixels):
+    _check_path(path, _fail, "an image")
     try:
         f = open(path, "rb")
     except PermissionError:
@@ -379,11 +384,7 @@ def _open_frame_list(frames, max_pixels):
 
 
 def _open_video_file(path, max_pixels):
-    if os.path.isdir(path):
-        raise _vfail(path, "is a directory, not a video file")
-    if not os.path.exists(path):
-        hint = " (URLs are not fetched; download the file first)" if "://" in path else ""
-        raise _vfail(path, "no such file" + hint)
+    _check_path(path, _vfail, "a video")
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
