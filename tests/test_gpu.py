@@ -54,3 +54,18 @@ def test_qwen_cuda_matches_cpu_and_runs_video_in_bf16(tmp_path):
         r = s.ask("What happens?", **GREEDY)
         r2 = s.ask("And then?", **GREEDY)
     assert len(r.token_ids) == len(r2.token_ids) == 12 and r2.stats.vision_s == 0
+
+
+def test_closing_a_session_frees_its_memory(llava_vicuna, image_files):
+    """The KV cache and the captured decode graph go away with the session."""
+    eng = tinyvila.load(llava_vicuna, device="cuda", dtype="float16")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with eng.session(images=[image_files[0]], max_seq_len=4096) as s:
+        s.ask("Hi", **GREEDY)
+        assert torch.cuda.memory_allocated() > before
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + 1024

@@ -85,7 +85,7 @@ class Session:
             return model.language_model(self._embed(keys, spans, 0), positions, self.cache, 0, logits="all")
 
     def close(self) -> None:
-        self.cache = None  # release the preallocated memory
+        self.cache = self._decoder = None  # release the preallocated cache and the captured graph
 
     def __enter__(self):
         return self
