@@ -79,6 +79,7 @@ class Engine:
         self.max_seq_len = int(options.pop("max_seq_len", None) or min(text.max_position_embeddings,
                                                                         DEFAULT_MAX_SEQ_LEN))
         self.cuda_graphs = bool(options.pop("cuda_graphs", True))  # capture GPU decode steps as CUDA graphs
+        self._capture_stream = None
         self.defaults = self._check_options(options)
         self.banned = self._banned_ids(text.vocab_size)
         self.lock = threading.Lock()  # one forward at a time per engine: sessions interleave steps
@@ -109,6 +110,15 @@ class Engine:
                                 f"on {device}; try a smaller model or a quantized checkpoint")
         stop_ids = stop_token_ids(text_dir, config, tokenizer) | extra_stops
         return cls(net.eval(), tokenizer, template, path, config, device, dtype, stop_ids, dict(options))
+
+    def capture_stream(self):
+        """The side stream this engine's sessions warm up and capture decode graphs on (None: no
+        graphs). One per engine: cuBLAS keeps a workspace per stream for the life of the process."""
+        if not self.cuda_graphs or self.device.type != "cuda":
+            return None
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        return self._capture_stream
 
     def _banned_ids(self, vocab_size: int):
         """Ids sampling must never produce: embedding rows without a token string (checkpoints pad

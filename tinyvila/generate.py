@@ -127,7 +127,7 @@ class GraphedDecode:
     replay: a greedy step costs the host one replay and one 8-byte read."""
 
     def __init__(self, lm, cache, positions_dims: int, banned, token: int, pos: int, slot: int,
-                 capture: bool = True):
+                 capture_stream=None):
         from tinyvila.kernels.decode_attention import decode_workspace, split_count
 
         device = cache.k.device
@@ -141,9 +141,9 @@ class GraphedDecode:
         self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
         self.graph = None
         self.expected = None  # (token, pos, slot) the device state already holds
-        if capture:  # warm up on a side stream (the writes land in the slot about to be written anyway)
+        if capture_stream is not None:  # warm up on a side stream (writes land in the slot about to be written)
             self._set(token, pos, slot)
-            side = torch.cuda.Stream(device)
+            side = capture_stream  # one per engine: libraries keep per-stream workspaces for good
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side), torch.no_grad():
                 for _ in range(2):

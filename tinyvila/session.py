@@ -269,7 +269,7 @@ class Session:
                       self.cache, slot)
         if self._decoder is None:
             self._decoder = GraphedDecode(lm, self.cache, positions_dims, eng.banned, token, pos, slot,
-                                          capture=eng.cuda_graphs)
+                                          eng.capture_stream())
         logits = self._decoder(token, pos, slot)
         self.cache.length = slot + 1
         return logits

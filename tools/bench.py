@@ -227,8 +227,9 @@ def run(args) -> list:
         model = engine.model
     else:
         model = build(args.arch, device, dtype)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
-                                 banned=None, stop_ids=set(), cuda_graphs=not args.no_graphs)
+                                 banned=None, stop_ids=set(), capture_stream=lambda: stream)
     items = media_items(model, args)
     placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
     ids = [1] + list(range(100, 100 + args.text)) + placeholders + list(range(200, 220))
