@@ -347,30 +347,38 @@ class DecoderLM(nn.Module):
             mask &= q - k < window
         return mask
 
+    def rope_tables(self, positions: torch.Tensor, dtype):
+        """cos/sin [T, head_dim] for positions [T] or [3, T], in the activation dtype."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
+        return cos.to(dtype), sin.to(dtype)
+
+    def fused_blocks(self, h: torch.Tensor, attend) -> torch.Tensor:
+        """All decoder blocks with the residual adds, norms and SwiGLU fused (Triton, GPU), the
+        final norm included. attend(i, layer, x) is the attention of block i on its normed input."""
+        from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
+
+        eps, delta = self.cfg.rms_norm_eps, None  # each norm also adds the block output before it
+        for i, layer in enumerate(self.layers):
+            if delta is None:
+                x = rmsnorm(h, layer.input_layernorm.weight, eps)
+            else:
+                x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
+            x, h = add_rmsnorm(h, attend(i, layer, x), layer.post_attention_layernorm.weight, eps)
+            delta = layer.mlp.fused(x)
+        return add_rmsnorm(h, delta, self.norm.weight, eps)[0]
+
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last"):
         """h: input embeddings [T, C] for cache slots start..start+T; returns fp32 logits.
 
         positions: [T] (1-D RoPE) or [3, T] (M-RoPE). logits: "last", "all" or "none".
         """
         T = h.shape[0]
-        if self._inv_freq.device != h.device:
-            self._inv_freq = self._inv_freq.to(h.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        cos, sin = self.rope_tables(positions, h.dtype)
         mask = self.attention_mask(T, start, h.device)
-        if h.is_cuda:  # the same blocks with the residual adds, norms and SwiGLU fused (Triton)
-            from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
-
-            eps, delta = self.cfg.rms_norm_eps, None
-            for i, layer in enumerate(self.layers):
-                if delta is None:
-                    x = rmsnorm(h, layer.input_layernorm.weight, eps)
-                else:
-                    x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
-                attn = layer.self_attn(x, cos, sin, cache.layer(i), start, mask)
-                x, h = add_rmsnorm(h, attn, layer.post_attention_layernorm.weight, eps)
-                delta = layer.mlp.fused(x)
-            h, _ = add_rmsnorm(h, delta, self.norm.weight, eps)
+        if h.is_cuda:
+            h = self.fused_blocks(h, lambda i, layer, x: layer.self_attn(x, cos, sin, cache.layer(i), start, mask))
         else:
             for i, layer in enumerate(self.layers):
                 h = layer(h, cos, sin, cache.layer(i), start, mask)
@@ -384,26 +392,12 @@ class DecoderLM(nn.Module):
         """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
         all device tensors, so a CUDA graph can capture it once and replay it for every token.
         positions: [1] or [3, 1]. Returns fp32 logits [1, V]."""
-        if self._inv_freq.device != token.device:
-            self._inv_freq = self._inv_freq.to(token.device)
-        from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
-
-        eps = self.cfg.rms_norm_eps
-        h = self.embed(token)  # the residual stream; each norm also adds the block output before it
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
-        delta = None
-        for i, layer in enumerate(self.layers):
-            if delta is None:
-                x = rmsnorm(h, layer.input_layernorm.weight, eps)
-            else:
-                x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
-            attn = layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length, self.cfg.sliding_window,
-                                          workspace)
-            x, h = add_rmsnorm(h, attn, layer.post_attention_layernorm.weight, eps)
-            delta = layer.mlp.fused(x)
-        x, _ = add_rmsnorm(h, delta, self.norm.weight, eps)
-        return F.linear(x, self.output_weight()).float()
+        h = self.embed(token)
+        cos, sin = self.rope_tables(positions, h.dtype)
+        window = self.cfg.sliding_window
+        h = self.fused_blocks(h, lambda i, layer, x: layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length,
+                                                                            window, workspace))
+        return F.linear(h, self.output_weight()).float()
 
 
 # --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)
