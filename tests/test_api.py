@@ -118,3 +118,16 @@ def test_hub_id_from_local_cache(llava_vicuna, tmp_path):
 def test_import_is_light():
     code = "import sys, tinyvila; assert 'torch' not in sys.modules, 'torch imported eagerly'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_logits_in_a_session_with_history_use_the_right_media(eng, image_files):
+    """Media are indexed over the whole conversation: scoring after a turn with image A and a new
+    image B equals scoring the same two-image prompt in a fresh session."""
+    a, b = image_files[0], image_files[1]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Both?"}]}]
+    ids = eng.encode_text(eng.render(messages))
+    with eng.session(images=[a]) as s:
+        s.ask("One?", **GREEDY)
+        s.add_image(b)
+        ours = s.logits(ids)
+    assert torch.allclose(ours, eng.logits(input_ids=ids, images=[a, b]), atol=1e-5)

@@ -61,24 +61,24 @@ class Session:
         yield from self._turn_for_question(question, SamplingParams.from_options(**sampling), None)
 
     def complete(self, ids: list, params: SamplingParams, callback=None) -> GenerationResult:
-        """One turn from already templated ids (placeholder id once per media item)."""
-        media = self.pending
-        for _ in self._turn(ids, media, params, callback, on_done=None):
+        """One turn from already templated ids (placeholder id once per media item of the
+        conversation, pending ones included)."""
+        for _ in self._turn(ids, self.media + self.pending, params, callback, on_done=None):
             pass
         return self.last_result
 
     @torch.no_grad()
     def logits(self, ids: list) -> torch.Tensor:
         """fp32 logits [T, vocab] for every position of a prompt given as ids (placeholder id once
-        per pending media item). Scores only: the conversation is left as it was."""
-        keys, spans = self._expand(ids, self.pending)
+        per media item of the conversation, pending ones included). Scores only: no answer is
+        generated and the history is kept, but the cache is refilled by the next turn."""
+        media = self.media + self.pending
+        keys, spans = self._expand(ids, media)
         if len(keys) > self.cache.max_len:
             raise ContextError(f"the prompt is {len(keys)} tokens but the context holds {self.cache.max_len}")
         model = self.engine.model
-        if self.pending:
-            for j, f in enumerate(model.encode(self.pending)):
-                self.features.setdefault(j, f)
-        positions = model.positions(len(keys), spans, self.pending, self.engine.device)
+        self._encode_new(spans, media)
+        positions = model.positions(len(keys), spans, media, self.engine.device)
         self.cache.truncate(0)
         self.tokens = []
         with self.engine.lock:
@@ -187,15 +187,7 @@ class Session:
         decoder = eng.tokenizer.stream_decoder()
         try:
             reset_peak_memory(eng.device)
-            # Encode the media this conversation has not seen yet (once per conversation).
-            new = [j for _, _, j in spans if j not in self.features]
-            if new:
-                tv = time.perf_counter()
-                with eng.lock:
-                    for j, f in zip(new, model.encode([media[j] for j in new])):
-                        self.features[j] = f
-                sync(eng.device)
-                stats.vision_s = time.perf_counter() - tv
+            stats.vision_s = self._encode_new(spans, media)
             positions = model.positions(len(keys), spans, media, eng.device)
             delta = int(positions.max()) + 1 - len(keys)  # decode position offset (M-RoPE shrinks it)
 
@@ -256,6 +248,20 @@ class Session:
         if on_done is not None:
             on_done(text)
         self.last_result = GenerationResult(text, out, stats, finish)
+
+    def _encode_new(self, spans, media) -> float:
+        """Encode the media this conversation has not encoded yet (each once per conversation);
+        returns the seconds it took."""
+        new = [j for _, _, j in spans if j not in self.features]
+        if not new:
+            return 0.0
+        eng = self.engine
+        t0 = time.perf_counter()
+        with eng.lock:
+            for j, f in zip(new, eng.model.encode([media[j] for j in new])):
+                self.features[j] = f
+        sync(eng.device)
+        return time.perf_counter() - t0
 
     @torch.no_grad()
     def _decode_step(self, token: int, pos: int, slot: int, positions_dims: int) -> torch.Tensor:
