@@ -161,3 +161,35 @@ def test_row_kernels_past_two_to_the_31_elements():
     w = torch.randn(4096 + 512, device="cuda", dtype=torch.float16)
     y = rmsnorm(x, w, 1e-6)
     assert (y[-2:].float() - rmsnorm_ref(x[-2:], w, 1e-6).float()).abs().max() <= 4e-2
+
+
+def test_fused_decoder_paths_match_the_eager_decoder():
+    """The GPU code paths (fused blocks, the Triton decode step) run here through the interpreter
+    and must give the eager decoder's logits: prefill, then one decode token at slot T."""
+    from tinyvila.kv_cache import KVCache
+    from tinyvila.models.layers import DecoderLM, TextConfig
+
+    cfg = TextConfig.from_dict(dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6), "qwen2")
+    torch.manual_seed(0)
+    lm = DecoderLM(cfg)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.normal_(0, 0.3)
+    T = 7
+    ids = torch.randint(0, 64, (T + 1,))
+    new = lambda: KVCache(2, 2, 8, 16, "cpu", torch.float32)  # noqa: E731
+    with torch.no_grad():
+        ref_cache, fused_cache = new(), new()
+        ref = lm(lm.embed(ids), torch.arange(T + 1), ref_cache, 0, logits="all")
+        cos, sin = lm.rope_tables(torch.arange(T), torch.float32)
+        mask = lm.attention_mask(T, 0, "cpu")
+        h = lm.fused_blocks(lm.embed(ids[:T]),
+                            lambda i, layer, x: layer.self_attn(x, cos, sin, fused_cache.layer(i), 0, mask))
+        assert torch.allclose(torch.nn.functional.linear(h, lm.output_weight()), ref[:T], atol=1e-4)
+        from tinyvila.kernels.decode_attention import decode_workspace, split_count
+
+        ws = decode_workspace(4, split_count(16, 2), 8, "cpu")
+        step = lm.decode_step(ids[T:], torch.tensor([T]), fused_cache, torch.tensor([T]),
+                              torch.tensor([T + 1], dtype=torch.int32), ws)
+    assert torch.allclose(step[0], ref[T], atol=1e-4)
