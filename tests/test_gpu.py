@@ -73,3 +73,23 @@ def test_closing_a_session_frees_its_memory(llava_vicuna, image_files):
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() < before + 5e6
+
+
+def test_greedy_decoding_ahead_of_the_host_stops_where_the_cpu_stops(llava_mistral, image_files):
+    """The GPU computes each greedy token one step before the host reads it: an answer that ends on
+    a stop token leaves one step past the end, which must not leak into the next turn."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engines = [tinyvila.load(llava_mistral, device=d, dtype="float32") for d in ("cpu", "cuda")]
+    free = engines[0].generate("Go on.", images=[image_files[2]], **GREEDY).token_ids
+    stop = free[4]  # make the 5th token (or an earlier copy of it) a stop token
+    answers = []
+    for eng in engines:
+        eng.stop_ids = {stop}
+        with eng.session(images=[image_files[2]]) as s:
+            first = s.ask("Go on.", temperature=0, max_new_tokens=12)
+            second = s.ask("Again.", temperature=0, max_new_tokens=12, ignore_eos=True)
+            assert first.finish_reason == "stop" and s.cache.length == len(s.tokens)
+        answers.append((first.token_ids, second.token_ids))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == free[:free.index(stop)]

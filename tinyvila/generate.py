@@ -124,7 +124,7 @@ class GraphedDecode:
     for every new token: one launch instead of hundreds. Inputs live in fixed device tensors; the
     KV cache and the attention workspace never move. The graph also advances its own position,
     slot and length and picks the greedy next token (never a banned id), feeding it to the next
-    replay: a greedy step costs the host one replay and one 8-byte read."""
+    replay, so greedy decoding runs ahead of the host (`greedy`)."""
 
     def __init__(self, lm, cache, positions_dims: int, banned, token: int, pos: int, slot: int,
                  capture_stream=None):
@@ -140,7 +140,6 @@ class GraphedDecode:
         splits = split_count(cache.max_len, cfg.num_key_value_heads)
         self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
         self.graph = None
-        self.expected = None  # (token, pos, slot) the device state already holds
         if capture_stream is not None:  # warm up on a side stream (writes land in the slot about to be written)
             self._set(token, pos, slot)
             side = capture_stream  # one per engine: libraries keep per-stream workspaces for good
@@ -175,14 +174,31 @@ class GraphedDecode:
             with torch.no_grad():
                 logits = self._step()
         else:
-            if self.expected != (token, pos, slot):
-                self._set(token, pos, slot)
+            self._set(token, pos, slot)
             self.graph.replay()
-        self.expected = None  # known once the host has read the greedy token
         return logits if self.graph is None else self.logits
 
-    def greedy_token(self, pos: int, slot: int) -> int:
-        """The masked argmax of the last step (already in place as the next input)."""
-        token = int(self.token)
-        self.expected = (token, pos, slot)
-        return token
+    def greedy(self, token: int, pos: int, slot: int, steps: int):
+        """Yield the next `steps` greedy tokens after feeding `token` at `slot`, keeping one step
+        queued on the GPU ahead of the host: while the host streams token i, step i+1 runs, so
+        no host time sits between steps. A consumer that stops early leaves one step computed past
+        the end (its KV lies beyond the cache length and is overwritten later)."""
+        device = self.token.device
+        if not hasattr(self, "_pinned"):
+            self._pinned = torch.zeros(2, dtype=torch.long, pin_memory=True)
+            self._ready = [torch.cuda.Event(), torch.cuda.Event()]
+        self._set(token, pos, slot)
+
+        def launch(i):
+            with torch.no_grad():
+                self.graph.replay() if self.graph is not None else self._step()
+            self._pinned[i % 2:i % 2 + 1].copy_(self.token, non_blocking=True)
+            self._ready[i % 2].record(torch.cuda.current_stream(device))
+
+        if steps > 0:
+            launch(0)
+        for i in range(steps):
+            if i + 1 < steps:
+                launch(i + 1)
+            self._ready[i % 2].synchronize()
+            yield int(self._pinned[i % 2])

@@ -206,6 +206,7 @@ class Session:
             stats.prefill_s, stats.ttft_s, stats.prefill_tokens = now - tp, now - t0, len(keys) - p
             t_decode = now
             stop_ids = () if params.ignore_eos else eng.stop_ids
+            greedy = None  # the GPU's greedy tokens, computed one step ahead of this loop
             while token not in stop_ids:
                 out.append(token)
                 piece = decoder.push(token)
@@ -217,12 +218,19 @@ class Session:
                 if len(out) >= params.max_new_tokens or n >= self.cache.max_len:
                     finish = "length"
                     break
-                with eng.lock:
-                    logits = self._decode_step(token, n + delta, n, positions.dim())
-                self.tokens.append(token)
-                if self._decoder is not None and params.temperature == 0:
-                    token = self._decoder.greedy_token(n + 1 + delta, n + 1)  # picked on the GPU
+                if eng.device.type == "cuda" and params.temperature == 0:
+                    if greedy is None:
+                        steps = min(params.max_new_tokens - len(out), self.cache.max_len - n)
+                        greedy = self._decoder_for(token, n + delta, n, positions.dim()).greedy(
+                            token, n + delta, n, steps)
+                    with eng.lock:
+                        token = next(greedy)
+                    self.tokens.append(out[-1])
+                    self.cache.length = len(self.tokens)
                 else:
+                    with eng.lock:
+                        logits = self._decode_step(token, n + delta, n, positions.dim())
+                    self.tokens.append(token)
                     token = sampler(logits)
                 stats.decode_tokens += 1
         except GeneratorExit:
@@ -273,12 +281,17 @@ class Session:
             shape = (3, 1) if positions_dims == 2 else (1,)
             return lm(lm.embed(torch.tensor([token], device=eng.device)), torch.full(shape, pos, device=eng.device),
                       self.cache, slot)
-        if self._decoder is None:
-            self._decoder = GraphedDecode(lm, self.cache, positions_dims, eng.banned, token, pos, slot,
-                                          eng.capture_stream())
-        logits = self._decoder(token, pos, slot)
+        logits = self._decoder_for(token, pos, slot, positions_dims)(token, pos, slot)
         self.cache.length = slot + 1
         return logits
+
+    def _decoder_for(self, token: int, pos: int, slot: int, positions_dims: int) -> GraphedDecode:
+        """This conversation's GPU decode step, captured as a CUDA graph on first use."""
+        if self._decoder is None:
+            eng = self.engine
+            self._decoder = GraphedDecode(eng.model.language_model, self.cache, positions_dims, eng.banned, token,
+                                          pos, slot, eng.capture_stream())
+        return self._decoder
 
     def _embed(self, keys: list, spans: list, start: int) -> torch.Tensor:
         """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""

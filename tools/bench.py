@@ -5,14 +5,16 @@ GPU (no checkpoint, no download: speed does not depend on the weights' values).
     tinyvila-bench --arch longvila-7b --video 256x448x448 --new-tokens 32
 
 One turn runs through the same Session code as a chat (vision encoder, prefill, decode); the first
-run warms up, the rest are reported as a markdown table: vision, LLM prefill, TTFT, decode tok/s,
-context and peak memory. This first version measures the plain PyTorch path; the GPU fast-path
-issue adds kernels, the roofline fraction and the transformers comparison.
+run warms up, the rest are reported as a markdown table: vision encoder and projector, LLM
+prefill, TTFT, decode tok/s at the reached context, the roofline fraction (bytes one decode step
+must read / step time / copy bandwidth measured in the same run), context and peak memory.
+`--compare-hf` also times transformers on the same architecture in the same process.
 """
 import argparse
 import json
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,6 +103,38 @@ def media_items(model, args):
         items.append(model.prepare_video(frames, max_frames=n) if "max_frames" in model.media_options
                      else model.prepare_video(frames))
     return items
+
+
+class ProjectorTimer:
+    """GPU time spent in the projector (LLaVA's multi_modal_projector, VILA's mm_projector, Qwen's
+    patch merger) during a run, from CUDA events around its forward: no host synchronisation."""
+
+    def __init__(self, model, device):
+        self.cuda = torch.device(device).type == "cuda"
+        module = getattr(model, "multi_modal_projector", None) or getattr(model, "mm_projector", None)
+        module = module or model.visual.merger
+        self.events = []
+        module.register_forward_pre_hook(lambda *_: self._record())
+        module.register_forward_hook(lambda *_: self._record())
+
+    def _record(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        else:  # CPU work is synchronous
+            self.events.append(time.perf_counter())
+
+    def take(self) -> float:
+        """Seconds spent in the projector since the last call."""
+        pairs = list(zip(self.events[::2], self.events[1::2]))
+        if self.cuda:
+            torch.cuda.synchronize()
+            seconds = sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+        else:
+            seconds = sum(b - a for a, b in pairs)
+        self.events = []
+        return seconds
 
 
 def copy_bandwidth(device, gib: float = 2.0, trials: int = 5) -> float:
@@ -236,12 +270,14 @@ def run(args) -> list:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     context = sum(it.n_tokens for it in items) + len(ids) + args.new_tokens + 8
     rows = []
+    timer = ProjectorTimer(model, device)
     for i in range(args.runs + 1):
         session = Session(engine, list(items), None, context)
         for _ in session._turn(ids, list(items), params, None, None):
             pass
+        projector_s = timer.take()
         if i:  # the first run warms up
-            rows.append(session.last_result.stats)
+            rows.append((session.last_result.stats, projector_s))
         session.close()
     hf = None
     if args.compare_hf:
@@ -272,20 +308,22 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if cuda else "CPU"
     bandwidth = copy_bandwidth(args.device) if cuda else float("nan")
     media = " ".join(args.image + args.video)
-    print(f"| arch | media | visual tok | vision ms | prefill ms | TTFT ms | decode tok/s | GB/step | roofline | "
-          f"context | peak GB |  ({name}, {args.dtype}, copy {bandwidth / 1e12:.2f} TB/s)")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| arch | media | visual tok | encoder ms | projector ms | prefill ms | TTFT ms | decode tok/s | GB/step | "
+          f"roofline | context | peak GB |  ({name}, {args.dtype}, copy {bandwidth / 1e12:.2f} TB/s)")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     records = []
-    for s in rows:
+    for s, projector_s in rows:
         # the context in the middle of the answer stands for the whole decode
         step_bytes = decode_bytes(model.language_model, s.context_tokens - args.new_tokens // 2)
         roofline = step_bytes * s.decode_tok_s / bandwidth
-        records.append(dict(s.to_dict(), bytes_per_step=step_bytes, copy_bandwidth=bandwidth, roofline=roofline))
-        print(f"| {args.arch or args.model} | {media} | {s.visual_tokens} | {s.vision_s * 1e3:.1f} | {s.prefill_s * 1e3:.1f} | "
+        records.append(dict(s.to_dict(), projector_s=projector_s, bytes_per_step=step_bytes,
+                            copy_bandwidth=bandwidth, roofline=roofline))
+        print(f"| {args.arch or args.model} | {media} | {s.visual_tokens} | {(s.vision_s - projector_s) * 1e3:.1f} | "
+              f"{projector_s * 1e3:.2f} | {s.prefill_s * 1e3:.1f} | "
               f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {step_bytes / 1e9:.2f} | {roofline:.0%} | "
               f"{s.context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
     if hf:
-        ours = rows[-1]
+        ours = rows[-1][0]
         print(f"\ntransformers {__import__('transformers').__version__}: vision {hf['vision_s'] * 1e3:.1f} ms, TTFT "
               f"{hf['ttft_s'] * 1e3:.1f} ms, decode {hf['decode_tok_s']:.1f} tok/s.  tinyvila/transformers: decode "
               f"x{ours.decode_tok_s / hf['decode_tok_s']:.1f}, TTFT x{ours.ttft_s / hf['ttft_s']:.2f}, "
