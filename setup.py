@@ -44,6 +44,8 @@ setup(
         "console_scripts": [
             "tinyvila-chat = tinyvila.chat:main",
             "tinyvila-bench = tinyvila.tools.bench:main",
+            "tinyvila-quantize = tinyvila.tools.quantize:main",
+            "tinyvila-quant-check = tinyvila.tools.quant_check:main",
         ]
     },
 )

@@ -124,7 +124,7 @@ class FusedLinear(nn.Linear):
         super().__init__(in_features, sum(shard_sizes), bias=bias)
         self.shard_sizes = list(shard_sizes)
 
-    def shard(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+    def shard(self, tensor: torch.Tensor, index: int, leaf: str = "weight") -> torch.Tensor:
         start = sum(self.shard_sizes[:index])
         return tensor.narrow(0, start, self.shard_sizes[index])
 
@@ -132,6 +132,28 @@ class FusedLinear(nn.Linear):
 # Checkpoint module name -> (fused module name, shard index).
 PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def fused_target(name: str, params) -> tuple[str, int | None]:
+    """Where checkpoint tensor `name` lives in a module with parameters `params`: (parameter name,
+    shard index), the shard index None unless q/k/v or gate/up were fused into one parameter."""
+    prefix, _, leaf = name.rpartition(".")
+    mod_path, _, mod_name = prefix.rpartition(".")
+    if name not in params and mod_name in PACKED:
+        fused, shard = PACKED[mod_name]
+        return (f"{mod_path}.{fused}.{leaf}" if mod_path else f"{fused}.{leaf}"), shard
+    return name, None
+
+
+def param_view(module: nn.Module, name: str, shard: int | None, params=None, owners=None) -> torch.Tensor:
+    """The part of `module`'s parameter `name` that a checkpoint tensor fills (a shard of a fused one)."""
+    params = params if params is not None else dict(module.named_parameters())
+    p = params[name]
+    if shard is None:
+        return p.data
+    owner_name, _, leaf = name.rpartition(".")
+    owner = owners[owner_name] if owners is not None else module.get_submodule(owner_name)
+    return owner.shard(p.data, shard, leaf)
 
 
 def load_weights(module: nn.Module, tensors, what: str = "checkpoint") -> None:
@@ -146,21 +168,15 @@ def load_weights(module: nn.Module, tensors, what: str = "checkpoint") -> None:
     needed = {}
     for name, p in params.items():
         owner = owners[name.rpartition(".")[0]]
-        needed[name] = len(owner.shard_sizes) if isinstance(owner, FusedLinear) else 1
+        needed[name] = len(owner.shard_sizes) if hasattr(owner, "shard_sizes") else 1
     filled = {name: set() for name in params}
     unexpected = []
     for name, t in tensors:
-        target, shard = name, None
-        prefix, _, leaf = name.rpartition(".")
-        mod_path, _, mod_name = prefix.rpartition(".")
-        if name not in params and mod_name in PACKED:
-            fused, shard = PACKED[mod_name]
-            target = f"{mod_path}.{fused}.{leaf}" if mod_path else f"{fused}.{leaf}"
+        target, shard = fused_target(name, params)
         if target not in params:
             unexpected.append(name)
             continue
-        p = params[target]
-        dst = p.data if shard is None else owners[target.rpartition(".")[0]].shard(p.data, shard)
+        dst = param_view(module, target, shard, params, owners)
         if tuple(dst.shape) != tuple(t.shape):
             raise CheckpointError(f"{what}: tensor {name!r} has shape {list(t.shape)}, expected "
                                   f"{list(dst.shape)} from config.json")
@@ -174,6 +190,39 @@ def load_weights(module: nn.Module, tensors, what: str = "checkpoint") -> None:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{what}: missing tensors for {missing[:3]}{more}")
+
+
+def checkpoint_entries(model: nn.Module, path):
+    """(file, stored name, module parameter name or None) for every tensor of a checkpoint folder,
+    read from the safetensors headers only. None marks tensors the model never uses (e.g. vision
+    layers past the feature layer). Families give `checkpoint_files(path)` and
+    `module_name(folder, name)` (folder: the file's folder relative to `path`, "" at the top)."""
+    from safetensors import safe_open
+
+    for f in model.checkpoint_files(path):
+        folder = f.parent.relative_to(path).as_posix()
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                names = list(handle.keys())
+        except Exception as e:
+            raise CheckpointError(f"cannot read weights '{f}': {e} (truncated or corrupt file?)")
+        for name in names:
+            yield f, name, model.module_name("" if folder == "." else folder, name)
+
+
+def load_checkpoint(model: nn.Module, path) -> None:
+    """Fill `model`'s parameters from the checkpoint folder `path` (see checkpoint_entries)."""
+    from tinyvila.loader import iter_tensors
+
+    def tensors():
+        for f in model.checkpoint_files(path):
+            folder = f.parent.relative_to(path).as_posix()
+            for name, t in iter_tensors([f]):
+                target = model.module_name("" if folder == "." else folder, name)
+                if target is not None:
+                    yield target, t
+
+    load_weights(model, tensors(), what=str(path))
 
 
 def rename_key(name: str, renames) -> str:
@@ -325,8 +374,11 @@ class DecoderLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    def output_weight(self):
-        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits for final hidden states h [T, C] (the output layer may be 4-bit)."""
+        if self.cfg.tie_word_embeddings:
+            return F.linear(h, self.embed_tokens.weight).float()
+        return self.lm_head(h).float()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids (media tokens) may lie outside the table: clamp, the caller overwrites them.
@@ -386,7 +438,7 @@ class DecoderLM(nn.Module):
         cache.length = start + T
         if logits == "none":
             return None
-        return F.linear(h if logits == "all" else h[-1:], self.output_weight()).float()
+        return self.project(h if logits == "all" else h[-1:])
 
     def decode_step(self, token, positions, cache, slot, length, workspace):
         """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
@@ -397,7 +449,7 @@ class DecoderLM(nn.Module):
         window = self.cfg.sliding_window
         h = self.fused_blocks(h, lambda i, layer, x: layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length,
                                                                             window, workspace))
-        return F.linear(h, self.output_weight()).float()
+        return self.project(h)
 
 
 # --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)

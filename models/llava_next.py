@@ -16,10 +16,10 @@ import torch.nn as nn
 from PIL import Image
 
 from tinyvila.errors import CheckpointError
-from tinyvila.loader import iter_tensors, read_json, tensor_shapes, weight_files
+from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
 
-from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, activation, load_weights, rename_key
+from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, activation, rename_key
 
 # llava-hf/llava-v1.6-* image_grid_pinpoints, (height, width) pairs.
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -284,6 +284,7 @@ class LlavaNext(nn.Module):
     placeholders = {"image": "<image>"}  # what the chat template writes for one image
     video_token_id = None
     media_options = ()
+    quant_skip = ["vision_tower", "multi_modal_projector", "mm_projector"]  # stay 16-bit (AWQ modules_to_not_convert)
 
     def __init__(self, cfg: LlavaNextConfig):
         super().__init__()
@@ -302,23 +303,21 @@ class LlavaNext(nn.Module):
         return parse_config(path, config)
 
     # ------------------------------------------------------------------ weights
-    def checkpoint_tensors(self, path: Path):
-        """(module name, tensor) pairs from the checkpoint, whatever its key layout."""
-        n_vision_layers = len(self.vision_tower.encoder.layers)
-        for name, tensor in iter_tensors(weight_files(path)):
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # old checkpoints saved the RoPE buffer
-            name = canonical_name(name)
-            if name.startswith("vision_tower."):
-                rest = name[len("vision_tower."):]
-                if rest.startswith("post_layernorm."):
-                    continue  # LLaVA reads a hidden layer; the final norm is never used
-                if rest.startswith("encoder.layers.") and int(rest.split(".")[2]) >= n_vision_layers:
-                    continue  # layers past the feature layer never run
-            yield name, tensor
+    def checkpoint_files(self, path: Path) -> list:
+        return weight_files(path)
 
-    def load_checkpoint(self, path: Path) -> None:
-        load_weights(self, self.checkpoint_tensors(path), what=str(path))
+    def module_name(self, folder: str, name: str) -> str | None:
+        """This module's parameter for checkpoint key `name`, whatever its key layout (None: unused)."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return None  # old checkpoints saved the RoPE buffer
+        name = canonical_name(name)
+        if name.startswith("vision_tower."):
+            rest = name[len("vision_tower."):]
+            if rest.startswith("post_layernorm."):
+                return None  # LLaVA reads a hidden layer; the final norm is never used
+            if rest.startswith("encoder.layers.") and int(rest.split(".")[2]) >= len(self.vision_tower.encoder.layers):
+                return None  # layers past the feature layer never run
+        return name
 
     # ------------------------------------------------------------------ media
     def prepare_image(self, img) -> ImageItem:

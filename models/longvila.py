@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyvila.errors import CheckpointError, TinyVilaError
-from tinyvila.loader import iter_tensors, read_json, weight_files
+from tinyvila.loader import read_json, weight_files
 from tinyvila.media import SIGLIP_MEAN, SIGLIP_STD, resize_bicubic, to_normalized_tensor
 
-from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, load_weights
+from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig
 
 OLD_SENTINEL, OLD_VIDEO_SENTINEL = -200, -201  # LLaVA's IMAGE_TOKEN_INDEX; ours for a whole video
 NVILA_MEDIA_TOKENS = ["<vila/sentinel>", "<image>", "<vila/video>"]  # added by VILA's loader, in order
@@ -130,6 +130,7 @@ def frame_indices(total: int, n: int) -> list:
 class LongVILA(nn.Module):
     name = "LongVILA"
     media_options = ("max_frames",)
+    quant_skip = ["vision_tower", "mm_projector"]  # stay 16-bit (AWQ modules_to_not_convert)
     load_options = ("projector_order",)  # "row" | "column": override the detected token order
     string_content = True  # VILA's templates take the user's text with the media markers as a string
 
@@ -172,24 +173,22 @@ class LongVILA(nn.Module):
     def media_text(self, item) -> str:
         return self.placeholders[item.kind]
 
-    def load_checkpoint(self, path: Path) -> None:
-        def tensors():
-            run = len(self.vision_tower.encoder.layers)
-            for name, t in iter_tensors(weight_files(path / "vision_tower")):
-                name = name.removeprefix("vision_model.")
-                if name.startswith(("head.", "post_layernorm.")) or (
-                        name.startswith("encoder.layers.") and int(name.split(".")[2]) >= run):
-                    continue  # the MAP head, the final norm and layers past the feature layer never run
-                yield "vision_tower." + name, t
-            for name, t in iter_tensors(weight_files(path / "mm_projector")):
-                yield "mm_projector." + name, t
-            for name, t in iter_tensors(weight_files(path / "llm")):
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                yield ("language_model." + name.removeprefix("model.") if name.startswith("model.")
-                       else "language_model." + name), t
+    def checkpoint_files(self, path: Path) -> list:
+        return [f for sub in ("vision_tower", "mm_projector", "llm") for f in weight_files(path / sub)]
 
-        load_weights(self, tensors(), what=str(path))
+    def module_name(self, folder: str, name: str) -> str | None:
+        """This module's parameter for `name` in the checkpoint's `folder` (None: never used)."""
+        if folder == "vision_tower":
+            name = name.removeprefix("vision_model.")
+            if name.startswith(("head.", "post_layernorm.")) or (
+                    name.startswith("encoder.layers.") and int(name.split(".")[2]) >= len(self.vision_tower.encoder.layers)):
+                return None  # the MAP head, the final norm and layers past the feature layer never run
+            return "vision_tower." + name
+        if folder == "mm_projector":
+            return "mm_projector." + name
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        return "language_model." + name.removeprefix("model.")
 
     # ------------------------------------------------------------------ media
     def _pixels(self, images) -> torch.Tensor:

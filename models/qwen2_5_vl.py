@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tinyvila.errors import CheckpointError, MediaError
-from tinyvila.loader import iter_tensors, read_json, tensor_shapes, weight_files
+from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
-from .layers import MLP, DecoderLM, RMSNorm, TextConfig, load_weights, rename_key
+from .layers import MLP, DecoderLM, RMSNorm, TextConfig, rename_key
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
            ("lm_head.", "language_model.lm_head."), ("visual.", "visual."), ("model.", "language_model.")]
@@ -570,6 +570,7 @@ class Qwen2_5_VL(nn.Module):
     placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     default_template = None  # the checkpoints ship their chat template
     media_options = ("min_pixels", "max_pixels", "fps", "max_frames")
+    quant_skip = ["visual"]  # the vision tower stays 16-bit (AWQ modules_to_not_convert)
 
     def __init__(self, cfg: Qwen2_5_VLConfig):
         super().__init__()
@@ -582,9 +583,11 @@ class Qwen2_5_VL(nn.Module):
     def config_from_dir(cls, path: Path, config: dict) -> Qwen2_5_VLConfig:
         return parse_config(path, config)
 
-    def load_checkpoint(self, path: Path) -> None:
-        tensors = ((canonical_name(n), t) for n, t in iter_tensors(weight_files(path)))
-        load_weights(self, tensors, what=str(path))
+    def checkpoint_files(self, path: Path) -> list:
+        return weight_files(path)
+
+    def module_name(self, folder: str, name: str) -> str:
+        return canonical_name(name)
 
     # ------------------------------------------------------------------ media
     def _pixel_range(self, min_pixels, max_pixels):

@@ -186,7 +186,7 @@ def test_fused_decoder_paths_match_the_eager_decoder():
         mask = lm.attention_mask(T, 0, "cpu")
         h = lm.fused_blocks(lm.embed(ids[:T]),
                             lambda i, layer, x: layer.self_attn(x, cos, sin, fused_cache.layer(i), 0, mask))
-        assert torch.allclose(torch.nn.functional.linear(h, lm.output_weight()), ref[:T], atol=1e-4)
+        assert torch.allclose(lm.project(h), ref[:T], atol=1e-4)
         from tinyvila.kernels.decode_attention import decode_workspace, split_count
 
         ws = decode_workspace(4, split_count(16, 2), 8, "cpu")

@@ -87,6 +87,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
         from tinyvila.models import family_for
+        from tinyvila.models.layers import checkpoint_entries, load_checkpoint
+        from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
 
         path = loader.resolve(model)
         config = loader.read_json(path / "config.json")
@@ -103,8 +105,13 @@ class Engine:
         template = ChatTemplate.from_dir(text_dir, default=net.default_template,
                                          special_tokens=tokenizer.special_tokens_map)
         try:
-            net = net.to(dtype).to_empty(device=device)
-            net.load_checkpoint(path)
+            net = net.to(dtype)
+            w4 = awq_config(config, loader.read_json(text_dir / "config.json", required=False))
+            if w4 and not convert_to_w4(net, checkpoint_entries(net, path)):
+                raise TinyVilaError(f"'{model}' says it is AWQ-quantized but stores no qweight tensors")
+            net = net.to_empty(device=device)
+            load_checkpoint(net, path)
+            finalize_w4(net, dtype)
         except torch.cuda.OutOfMemoryError:
             raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
                                 f"on {device}; try a smaller model or a quantized checkpoint")

@@ -72,17 +72,23 @@ class Session:
         """fp32 logits [T, vocab] for every position of a prompt given as ids (placeholder id once
         per media item of the conversation, pending ones included). Scores only: no answer is
         generated and the history is kept, but the cache is refilled by the next turn."""
-        media = self.media + self.pending
-        keys, spans = self._expand(ids, media)
-        if len(keys) > self.cache.max_len:
-            raise ContextError(f"the prompt is {len(keys)} tokens but the context holds {self.cache.max_len}")
-        model = self.engine.model
-        self._encode_new(spans, media)
-        positions = model.positions(len(keys), spans, media, self.engine.device)
+        h, positions = self.inputs(ids)
+        if h.shape[0] > self.cache.max_len:
+            raise ContextError(f"the prompt is {h.shape[0]} tokens but the context holds {self.cache.max_len}")
         self.cache.truncate(0)
         self.tokens = []
         with self.engine.lock:
-            return model.language_model(self._embed(keys, spans, 0), positions, self.cache, 0, logits="all")
+            return self.engine.model.language_model(h, positions, self.cache, 0, logits="all")
+
+    @torch.no_grad()
+    def inputs(self, ids: list):
+        """What the LLM takes for a prompt given as ids (as in `logits`): input embeddings [T, C]
+        with the media features in place, and RoPE positions [T] or [3, T]."""
+        media = self.media + self.pending
+        keys, spans = self._expand(ids, media)
+        self._encode_new(spans, media)
+        positions = self.engine.model.positions(len(keys), spans, media, self.engine.device)
+        return self._embed(keys, spans, 0), positions
 
     def close(self) -> None:
         self.cache = self._decoder = None  # release the preallocated cache and the captured graph

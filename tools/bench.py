@@ -53,7 +53,7 @@ ARCHS = {
 }
 
 
-def build(arch: str, device, dtype):
+def build(arch: str, device, dtype, quant: str | None = None):
     """The family module with random weights, allocated directly on `device`."""
     from tinyvila.models import layers
 
@@ -81,6 +81,8 @@ def build(arch: str, device, dtype):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    if quant == "w4a16":
+        random_w4(model.language_model)
     if family == "longvila":  # what bind_tokenizer sets from a real tokenizer
         model.newline_ids = [198]
         if not old:  # VILA's loader adds its media tokens after the vocabulary
@@ -156,11 +158,45 @@ def copy_bandwidth(device, gib: float = 2.0, trials: int = 5) -> float:
     return best
 
 
+def random_w4(lm, group_size: int = 128) -> None:
+    """Swap every decoder-layer linear of `lm` for a W4A16 one with random packed weights (speed
+    does not depend on the values; these give weights of about the fp16 ones' size)."""
+    from tinyvila.quant.linear import W4Linear
+
+    for layer in lm.layers:
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            old = layer.get_submodule(name)
+            device, dtype = old.weight.device, old.weight.dtype
+            K, N = old.in_features, old.out_features
+            with torch.device(device):
+                new = W4Linear(K, N, group_size, old.bias is not None, getattr(old, "shard_sizes", None))
+                new.qweight.random_(-2**31, 2**31 - 1)
+                new.qzeros.fill_(0x77777777)  # zero point 7 everywhere
+                new.scales.fill_(0.004)
+                if old.bias is not None:
+                    new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
+            new.finalize(dtype)
+            parent, _, leaf = name.rpartition(".")
+            setattr(layer.get_submodule(parent), leaf, new)
+
+
+def layer_bytes(module) -> int:
+    """Bytes a layer's weights take in their stored format: a 4-bit linear counts half a byte per
+    weight plus an fp16 scale and a 4-bit zero point per group (the AutoAWQ format)."""
+    from tinyvila.quant.linear import W4Linear
+
+    if isinstance(module, W4Linear):
+        groups = module.in_features // module.group_size * module.out_features
+        bias = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
+        return module.in_features * module.out_features // 2 + groups * 5 // 2 + bias
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
 def decode_bytes(lm, context: int) -> int:
     """What one decode step must read: every LLM weight (the embedding table: one row; a tied
     table is read in full as the output projection) plus the K and V of the whole context."""
     cfg = lm.cfg
-    weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if n != "embed_tokens.weight")
+    weights = sum(layer_bytes(m) for n, m in lm.named_modules() if n != "embed_tokens")
     table = lm.embed_tokens.weight
     weights += table.numel() * table.element_size() if cfg.tie_word_embeddings else table[0].numel() * table.element_size()
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * cfg.head_dim * table.element_size()
@@ -260,7 +296,7 @@ def run(args) -> list:
         engine.tokenizer, engine.stop_ids = NoText(), set()  # fixed-length runs, nothing to detokenize
         model = engine.model
     else:
-        model = build(args.arch, device, dtype)
+        model = build(args.arch, device, dtype, args.quant)
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
                                  banned=None, stop_ids=set(), capture_stream=lambda: stream)
@@ -299,15 +335,20 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--quant", choices=["w4a16"], help="--arch only: AWQ W4A16 LLM (random packed weights); "
+                   "a --model checkpoint runs as it is stored")
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     args = p.parse_args(argv)
+    if args.quant and not args.arch:
+        p.error("--quant builds a quantized --arch; a --model checkpoint runs as it is stored")
     rows, model, hf = run(args)
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else "CPU"
     bandwidth = copy_bandwidth(args.device) if cuda else float("nan")
     media = " ".join(args.image + args.video)
+    label = (args.arch or args.model) + (f" {args.quant}" if args.quant else "")
     print(f"| arch | media | visual tok | encoder ms | projector ms | prefill ms | TTFT ms | decode tok/s | GB/step | "
           f"roofline | context | peak GB |  ({name}, {args.dtype}, copy {bandwidth / 1e12:.2f} TB/s)")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -318,7 +359,7 @@ def main(argv=None) -> int:
         roofline = step_bytes * s.decode_tok_s / bandwidth
         records.append(dict(s.to_dict(), projector_s=projector_s, bytes_per_step=step_bytes,
                             copy_bandwidth=bandwidth, roofline=roofline))
-        print(f"| {args.arch or args.model} | {media} | {s.visual_tokens} | {(s.vision_s - projector_s) * 1e3:.1f} | "
+        print(f"| {label} | {media} | {s.visual_tokens} | {(s.vision_s - projector_s) * 1e3:.1f} | "
               f"{projector_s * 1e3:.2f} | {s.prefill_s * 1e3:.1f} | "
               f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {step_bytes / 1e9:.2f} | {roofline:.0%} | "
               f"{s.context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
