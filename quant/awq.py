@@ -28,6 +28,9 @@ Finally every decoder-block linear is quantized with quant.pack.quantize (RTN, a
 Memory: one DecoderLayer at a time is moved to `device` (and to fp32 when that device is the CPU,
 where fp16 matmuls are slow or missing), the calibration activations it needs are kept on `device`
 for that layer only, and the layer goes back to where it was (in its dtype) before the next one.
+Losses, the mean |x| statistic and the fake quantization go through fp32 one chunk at a time.
+Measured on an H100 with two Qwen2.5-VL-7B-shaped layers in fp16 and 128 x 512 calibration tokens:
+about 3.7 s per layer and a peak of 6 GiB above the model and the samples.
 
 Next-layer inputs are the outputs of the *fp* layer, taken in the same pass that collects the
 features (before the layer is scaled, clipped and quantized), as llm-awq and AutoAWQ do: scaling
@@ -208,6 +211,13 @@ def _abs_mean(x: torch.Tensor) -> torch.Tensor:
     return total / x.shape[0]
 
 
+def _divide_columns_(x: torch.Tensor, s: torch.Tensor) -> None:
+    """x /= s per channel, in place, through fp32 one chunk of tokens at a time."""
+    step = max(1, _CHUNK_ELEMS // x.shape[1])
+    for a in range(0, x.shape[0], step):
+        x[a:a + step] = (x[a:a + step].float() / s).to(x.dtype)
+
+
 # --------------------------------------------------------------------------- searches
 
 @torch.no_grad()
@@ -221,7 +231,10 @@ def search_scale(group: ScaleGroup, calib: LayerCalibration, group_size: int, w_
             alpha = i / n_grid
             s = _normalised_scales(x_mean, alpha)
             for lin, w in zip(group.linears, originals):
-                lin.weight.copy_((fake_quantize(w.float() * s, group_size, w_bit) / s).to(w.dtype))
+                step = max(1, _CHUNK_ELEMS // (4 * w.shape[1]))  # rows per fp32 temporary
+                for a in range(0, w.shape[0], step):
+                    q = fake_quantize(w[a:a + step].float() * s, group_size, w_bit) / s
+                    lin.weight[a:a + step] = q.to(w.dtype)
             loss = calib.loss(group.target)
             if loss < best[0]:  # a NaN loss never wins
                 best = (loss, alpha, s)
@@ -368,8 +381,7 @@ def awq_quantize(lm: DecoderLM, samples: list[tuple[torch.Tensor, torch.Tensor]]
                 for g in groups:
                     fold_scales(g, found[g.name])
                     if clip:  # the clipping search sees the scaled inputs of the scaled weights
-                        f = calib.features[g.feature]
-                        f.copy_((f.float() / found[g.name]).to(f.dtype))
+                        _divide_columns_(calib.features[g.feature], found[g.name])
                 calib.outputs.clear()
                 if clip:
                     for name, weight, feature in clip_targets(layer):

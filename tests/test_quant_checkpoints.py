@@ -159,7 +159,7 @@ def test_quantize_writes_the_autoawq_layout_read_back_independently(tiny_models,
             assert torch.equal(written[key], t), key
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "vila"])
 def test_quantize_then_run_through_the_command_lines(tiny_models, tmp_path, family, image_files):
     src, out = tiny_models[family], tmp_path / "awq"
     code, _, err = run_tool("tinyvila.tools.quantize", src, "--out", out, "--group-size", "16", "--calib-samples", "4",
