@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyvila.errors import CheckpointError
+from tinyvila.quant.smoothquant import act_input, norm_input
 
 # --------------------------------------------------------------------------- config
 
@@ -332,11 +333,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = FusedLinear(hidden, [intermediate, intermediate], bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act = activation(act)
+        self.act_name, self.act = act, activation(act)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(act_input(self.act_name, self.act, self.gate_up_proj(x), self.down_proj, gated=True))
 
     def fused(self, x):
         """The GPU path: SiLU and the product in one Triton kernel."""
@@ -481,9 +481,10 @@ class ViTAttention(nn.Module):
         self.qkv_proj = FusedLinear(C, [C, C, C], bias=True)
         self.out_proj = nn.Linear(C, C)
 
-    def forward(self, x):  # x [N, T, C]: N independent crops or frames
-        N, T, C = x.shape
-        q, k, v = self.qkv_proj(x).view(N, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x):  # x [N, T, C]: N independent crops or frames (or their int8 form)
+        qkv = self.qkv_proj(x)
+        N, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(N, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
 
@@ -498,13 +499,16 @@ class ViTLayer(nn.Module):
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(C, cfg.intermediate_size)
         self.mlp.fc2 = nn.Linear(cfg.intermediate_size, C)
-        self.act = activation(cfg.hidden_act)
+        self.act_name, self.act = cfg.hidden_act, activation(cfg.hidden_act)
 
     def forward(self, x):
         # PyTorch's LayerNorm and GELU are single fused kernels already: measured faster here than
-        # the Triton ones (kernels/layernorm.py, gelu.py), which the W8A8 path fuses with quantization.
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+        # the Triton ones (kernels/layernorm.py, gelu.py). With W8A8 linears (quant/smoothquant.py)
+        # the norms and the activation are fused with the int8 quantization of their outputs.
+        mlp = self.mlp
+        x = x + self.self_attn(norm_input(self.layer_norm1, x, self.self_attn.qkv_proj))
+        h = mlp.fc1(norm_input(self.layer_norm2, x, mlp.fc1))
+        return x + mlp.fc2(act_input(self.act_name, self.act, h, mlp.fc2))
 
 
 class ViTEmbeddings(nn.Module):

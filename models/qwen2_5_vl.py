@@ -26,6 +26,7 @@ from PIL import Image
 from tinyvila.errors import CheckpointError, MediaError
 from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
+from tinyvila.quant.smoothquant import norm_input  # fused with int8 quantization under W8A8
 from .layers import MLP, DecoderLM, RMSNorm, TextConfig, rename_key
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
@@ -433,8 +434,9 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x, cos, sin, groups):
-        N, C = x.shape
-        q, k, v = self.qkv(x).view(N, 3, self.n_heads, C // self.n_heads).unbind(1)  # [N, H, D] each
+        qkv = self.qkv(x)
+        N, C = qkv.shape[0], qkv.shape[1] // 3
+        q, k, v = qkv.view(N, 3, self.n_heads, C // self.n_heads).unbind(1)  # [N, H, D] each
         q, k = rope_fp32(q, cos, sin), rope_fp32(k, cos, sin)
         return self.proj(segment_attention(q, k, v, groups).reshape(N, C))
 
@@ -456,8 +458,8 @@ class VisionBlock(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True)
 
     def forward(self, x, cos, sin, groups):
-        x = x + self.attn(self.norm1(x), cos, sin, groups)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(norm_input(self.norm1, x, self.attn.qkv), cos, sin, groups)
+        return x + self.mlp(norm_input(self.norm2, x, self.mlp.gate_up_proj))
 
 
 class PatchMerger(nn.Module):

@@ -89,11 +89,13 @@ class Engine:
         from tinyvila.models import family_for
         from tinyvila.models.layers import checkpoint_entries, load_checkpoint
         from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
+        from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
         path = loader.resolve(model)
         config = loader.read_json(path / "config.json")
         family = family_for(config)
         family_options = {k: options.pop(k) for k in getattr(family, "load_options", ()) if k in options}
+        vision_w8a8 = options.pop("vision_w8a8", True)  # False: keep the 16-bit encoder of a W8A8 checkpoint
         family_cfg = family.config_from_dir(path, config, **family_options)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device, config)
@@ -112,6 +114,8 @@ class Engine:
             net = net.to_empty(device=device)
             load_checkpoint(net, path)
             finalize_w4(net, dtype)
+            if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
+                load_w8a8(net, path / W8A8_FILE)
         except torch.cuda.OutOfMemoryError:
             raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
                                 f"on {device}; try a smaller model or a quantized checkpoint")

@@ -16,6 +16,10 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"
                 "*/*.safetensors", "*/tokenizer.model", "*/*.txt", "*/*.jinja"]
 
 
+# tinyvila's own files beside a checkpoint's weights (quant/smoothquant.py): not checkpoint shards.
+SIDE_FILES = {"vision_w8a8.safetensors"}
+
+
 def resolve(model) -> Path:
     """A local checkpoint directory for `model` (a path or a hub id such as org/name)."""
     path = Path(os.path.expanduser(str(model)))
@@ -69,7 +73,7 @@ def weight_files(folder: Path) -> list[Path]:
             if not f.is_file():
                 raise CheckpointError(f"shard '{f.name}' listed in {index.name} is missing from '{folder}'")
         return files
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name not in SIDE_FILES)
     if files:
         return files
     pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]

@@ -81,8 +81,12 @@ def build(arch: str, device, dtype, quant: str | None = None):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    if quant == "w4a16":
+    if "w4a16" in (quant or ""):
         random_w4(model.language_model)
+    if "w8a8" in (quant or ""):
+        from tinyvila.quant.smoothquant import quantize_encoder
+
+        quantize_encoder(model)
     if family == "longvila":  # what bind_tokenizer sets from a real tokenizer
         model.newline_ids = [198]
         if not old:  # VILA's loader adds its media tokens after the vocabulary
@@ -335,7 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--quant", choices=["w4a16"], help="--arch only: AWQ W4A16 LLM (random packed weights); "
+    p.add_argument("--quant", choices=["w4a16", "w8a8", "w4a16,w8a8"],
+                   help="--arch only: AWQ W4A16 LLM (random packed weights) and/or W8A8 vision encoder; "
                    "a --model checkpoint runs as it is stored")
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")

@@ -45,7 +45,7 @@ def check_widths(lm, group_size: int, quantize_lm_head: bool) -> None:
 
 def quantize(model, out, group_size=128, w_bit=4, calib_samples=64, calib_seqlen=1024, calib_images=None,
              calib_prompts=None, search=True, quantize_lm_head=False, device=None, dtype=None, seed=0,
-             progress=True, log=print):
+             w8a8_vision=False, w8a8_alpha=0.5, progress=True, log=print):
     """Quantize `model` (folder or hub id) into the folder `out`; returns out's path."""
     import tinyvila
     from tinyvila.calibration import builtin_samples, user_samples
@@ -55,6 +55,8 @@ def quantize(model, out, group_size=128, w_bit=4, calib_samples=64, calib_seqlen
 
     if w_bit != 4:
         raise TinyVilaError("only --w-bit 4 is supported")
+    if not 0 <= w8a8_alpha <= 1:
+        raise TinyVilaError("--w8a8-alpha must be in [0, 1]")
     if calib_samples < 1 or calib_seqlen < 1:
         raise TinyVilaError("--calib-samples and --calib-seqlen must be positive")
     t0 = time.perf_counter()
@@ -85,6 +87,19 @@ def quantize(model, out, group_size=128, w_bit=4, calib_samples=64, calib_seqlen
     packed = {"language_model." + name: parts for name, parts in packed.items()}
     write_awq_checkpoint(net, engine.path, out, packed, group_size, getattr(net, "quant_skip", []))
     log(f"wrote {out} ({len(packed)} 4-bit layers, group size {group_size}) in {time.perf_counter() - t0:.1f} s")
+    if w8a8_vision:  # after the checkpoint is written: its vision tensors stay the original ones
+        from tinyvila.quant import smoothquant as sq
+
+        images = [image for image, _, _ in samples]
+
+        def encode_all():
+            for i in range(0, len(images), 8):
+                net.encode([net.prepare_image(im) for im in images[i:i + 8]])
+
+        sq.smooth(net, sq.activation_maxima(net, encode_all), w8a8_alpha)
+        names = sq.quantize_encoder(net)
+        path = sq.save_w8a8(net, out, w8a8_alpha)
+        log(f"wrote {path.name} ({len(names)} int8 vision linears, alpha {w8a8_alpha})")
     return out
 
 
@@ -103,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-search", action="store_true", help="plain round-to-nearest, no AWQ scale/clip search")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also quantize the output layer (tinyvila runs it; vLLM and transformers do not load it)")
+    p.add_argument("--w8a8-vision", action="store_true",
+                   help="also write a SmoothQuant W8A8 vision encoder (vision_w8a8.safetensors)")
+    p.add_argument("--w8a8-alpha", type=float, default=0.5, help="SmoothQuant migration strength (0.5)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="compute dtype (default: the checkpoint's 16-bit type on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +130,7 @@ def main(argv=None) -> int:
         try:
             quantize(args.model, args.out, args.group_size, args.w_bit, args.calib_samples, args.calib_seqlen,
                      args.calib_images, args.calib_prompts, not args.no_search, args.quantize_lm_head, args.device,
-                     args.dtype, args.seed, log=lambda m: print(m, file=sys.stderr))
+                     args.dtype, args.seed, args.w8a8_vision, args.w8a8_alpha, log=lambda m: print(m, file=sys.stderr))
         except torch.cuda.OutOfMemoryError:
             raise TinyVilaError("out of GPU memory; try fewer --calib-samples, a shorter --calib-seqlen or --device cpu")
     except TinyVilaError as e:

@@ -1,0 +1,446 @@
+"""W4A16 linear: 4-bit weights with group-wise asymmetric scales and zeros, fp16 / bf16 activations.
+
+y[m, n] = sum_k x[m, k] * (q[k, n] - z[k // G, n]) * s[k // G, n]  (+ bias[n]),  x [M, K], y [M, N].
+
+Layout made by `repack_awq` (once, at load) from the AutoAWQ "GEMM" tensors of quant/pack.py:
+  qweight  int32 [K/8, N]: word (r, n) holds q[8r + j, n] in nibble j (bits 4j..4j+3). Packed along
+           K, not N as AWQ does: a row of words is contiguous along N, so loads are 16 bytes a thread
+           and coalesced, and one word is 8 consecutive K of one column, so a thread's 8 nibbles are
+           8 consecutive rows of the GEMM's B tile (stored to shared memory 16 bytes at a time) and
+           no nibble order is left to get wrong.
+  scales   [K/G, N] as the checkpoint stores them (fp16; casting them to bf16 would round them).
+  zeros    uint8 [K/G, N], unpacked (3 bytes a group column with the scale, against 64 of weights
+           at G=128).
+  counters int32 [ceil(N/8)], zero between calls: split-K semaphores. The last program of an output
+           tile (counted on its semaphore) adds the partial sums in a fixed order and puts the counter
+           back to 0, so split-K is one launch and a CUDA graph can replay it.
+No int -> float conversions: f = bitcast((q << 19) | 0x3F800000) = 1 + q/16 exactly, so
+  (q - z) * s = f * 16s - s*(16 + z)      (exact in fp32: one FMA; the GEMM and dequantize paths)
+and the GEMV factors it per K tile (the tiles never straddle a group):
+  sum_k (q - z) s x = 16s * sum_k f x - s*(16 + z) * sum_k x      (shift, LOP3, FMA a weight).
+
+Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on data):
+  M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
+  M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU.
+  otherwise             dequantize into a scratch W [K, N] of the activation dtype, then cuBLAS.
+The thresholds were measured on an H100 (python -m tinyvila.tools.kernel_bench).
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tinyvila.quant.pack import AWQ_ORDER
+
+GEMV_MAX_M = 4
+CUBLAS_MIN_M = 192
+# GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM)
+GEMV_CONFIG = {1: (4, 4, 64, 4), 2: (2, 4, 32, 4), 4: (2, 4, 16, 4)}
+# fused GEMM: (largest M, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step, programs per SM)
+GEMM_CONFIG = [(16, 16, 64, 4, 3, 128, 2), (32, 32, 64, 4, 4, 64, 2), (64, 64, 64, 4, 4, 64, 2),
+               (128, 128, 64, 4, 4, 64, 1), (1 << 62, 128, 128, 8, 3, 128, 1)]
+SM_COUNT_DEFAULT = 132
+ONE_BITS = 0x3F800000  # 1.0f
+
+
+def _k_tile(group_size: int, cap: int) -> int:
+    """Rows of K a kernel takes per step: a power of two dividing the group size (so a step never
+    straddles two groups), at most `cap`, at least 16 (tl.dot's minimum)."""
+    kt = min(cap, group_size & -group_size)
+    assert kt >= 16, f"group size {group_size} must be a multiple of 16"
+    return kt
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout: repack and the reference
+
+
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C/8] in AWQ nibble order -> uint8 [R, C] with the columns in natural order."""
+    R, C8 = packed.shape
+    out = torch.empty(R, C8, 8, dtype=torch.uint8, device=packed.device)
+    for nibble, col in enumerate(AWQ_ORDER):
+        out[:, :, col] = ((packed >> (4 * nibble)) & 0xF).to(torch.uint8)
+    return out.view(R, C8 * 8)
+
+
+def repack_awq(qweight, qzeros, scales, dtype):
+    """AutoAWQ GEMM tensors (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales [K/G, N]) ->
+    this module's layout (module docstring), on the input's device. `dtype` is the activation dtype
+    the layer runs in (float16 / bfloat16 / float32); the kernels convert the scales themselves, so
+    it is only checked."""
+    assert dtype in (torch.float16, torch.bfloat16, torch.float32), dtype
+    assert qweight.dtype == torch.int32 and qzeros.dtype == torch.int32, (qweight.dtype, qzeros.dtype)
+    K, N8 = qweight.shape
+    N = N8 * 8
+    assert scales.shape[1] == N and qzeros.shape == (scales.shape[0], N8), (qweight.shape, qzeros.shape, scales.shape)
+    assert K % scales.shape[0] == 0 and K % 8 == 0, (K, scales.shape)
+    _k_tile(K // scales.shape[0], 64)  # the group size must suit the kernels
+    q = _unpack_awq(qweight).view(K // 8, 8, N)  # [r, j, n] = q[8r + j, n]
+    words = torch.zeros(K // 8, N, dtype=torch.int64, device=qweight.device)
+    for j in range(8):
+        words |= q[:, j].to(torch.int64) << (4 * j)
+    words = (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+    return {
+        "qweight": words,
+        "scales": scales.contiguous(),
+        "zeros": _unpack_awq(qzeros).contiguous(),
+        "counters": torch.zeros(triton.cdiv(N, 8), dtype=torch.int32, device=qweight.device),
+        "workspace": torch.zeros(4, N, dtype=torch.float32, device=qweight.device),
+    }
+
+
+def dequantize_w4(packed, group_size):
+    """The fp32 weight W [N, K] the packed tensors stand for (plain PyTorch, any device)."""
+    qw = packed["qweight"]
+    K8, N = qw.shape
+    shifts = torch.arange(0, 32, 4, device=qw.device, dtype=torch.int32)
+    q = ((qw[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(8 * K8, N).float()  # row 8r + j
+    z = packed["zeros"].float().repeat_interleave(group_size, 0)
+    s = packed["scales"].float().repeat_interleave(group_size, 0)
+    assert z.shape == q.shape, f"group size {group_size} does not match the packed shapes"
+    return ((q - z) * s).t().contiguous()
+
+
+def w4a16_linear_ref(x, packed, group_size, bias=None):
+    """Plain PyTorch reference: dequantize, then an fp32 linear, cast to x.dtype."""
+    w = dequantize_w4(packed, group_size).to(x.device)
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _plane(words, j: tl.constexpr, one):
+    """Nibble j of each int32 word as the fp32 1 + q/16: the nibble moved into the top mantissa bits
+    of `one` (0x3F800000, the bits of 1.0f, passed as an argument so that it sits in a register and
+    the mask-and-or is a single LOP3)."""
+    if 4 * j <= 19:
+        b = (words << (19 - 4 * j)) & 0x780000
+    else:
+        b = (words >> (4 * j - 19)) & 0x780000
+    return (b | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_scales(S, Z, g, N, cols, cmask):
+    """16 s and s (16 + z) of group g for the columns `cols` (the two terms of the dequantization)."""
+    s = tl.load(S + tl.cast(g, tl.int64) * N + cols, mask=cmask, other=0.0).to(tl.float32)
+    z = tl.load(Z + tl.cast(g, tl.int64) * N + cols, mask=cmask, other=0).to(tl.float32)
+    return s * 16.0, s * (16.0 + z)
+
+
+@triton.jit
+def _finish(acc, rows, cols, M, N, Y, Bias, HAS_BIAS: tl.constexpr):
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, tile, split, splits,
+                     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write the output tile, or with split-K publish this program's partial sum; the last program
+    of the tile (counted on a semaphore) adds the partials in a fixed order and writes the output."""
+    if not SPLIT_K:
+        _finish(acc, rows, cols, M, N, Y, Bias, HAS_BIAS)
+    else:
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        mn = tl.cast(M, tl.int64) * N
+        tl.store(Part + split * mn + offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the (release) atomic
+        done = tl.atomic_add(Counters + tile, 1)  # acq_rel, gpu scope
+        if done == splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(splits):
+                total += tl.load(Part + s * mn + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            _finish(total, rows, cols, M, N, Y, Bias, HAS_BIAS)
+            tl.atomic_xchg(Counters + tile, 0)  # ready for the next call (or graph replay)
+
+
+@triton.jit
+def _gemv_row(f, d, xs, Xt, row, M, k, MASKED: tl.constexpr):
+    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of rows k = 8r + j of the
+    step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term)."""
+    if MASKED:
+        x = tl.load(Xt + k, mask=(k * 0 + row) < M, other=0.0).to(tl.float32)  # [KT8]
+    else:
+        x = tl.load(Xt + k).to(tl.float32)
+    return d + f * x[:, None], xs + x
+
+
+@triton.jit
+def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
+                 KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
+    Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
+    adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
+    step's words are loaded before this step's arithmetic (register double buffering). Split-K:
+    fp32 atomic adds into the layer's zeroed workspace; the last program of a column block (its
+    semaphore) reads the sums, writes y and zeroes the workspace again."""
+    KT: tl.constexpr = 8 * KT8
+    N = N8 * 8  # N is passed as N / 8 so that row starts are known to be 16-byte aligned
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N  # masked lanes load nothing (no `other`): those columns are never stored
+    r = tl.arange(0, KT8)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, K // KT)  # t0 < t1: the host makes every split non-empty
+    w_offs = r[:, None] * N + cols[None, :]  # [KT8, BLOCK_N]
+    words = tl.load(Q + tl.cast(t0 * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
+    gs = tl.cast((t0 * KT) // GROUP, tl.int64) * N + cols
+    s = tl.load(S + gs, mask=cmask)
+    z = tl.load(Z + gs, mask=cmask)
+    acc0 = tl.zeros([BLOCK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_N], tl.float32)
+    for t in range(t0, t1):
+        tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
+        words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
+        gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
+        s_n = tl.load(S + gs, mask=cmask)
+        z_n = tl.load(Z + gs, mask=cmask)
+        d0 = tl.zeros([KT8, BLOCK_N], tl.float32)
+        d1 = tl.zeros([KT8, BLOCK_N], tl.float32)
+        d2 = tl.zeros([KT8, BLOCK_N], tl.float32)
+        d3 = tl.zeros([KT8, BLOCK_N], tl.float32)
+        x0 = tl.zeros([KT8], tl.float32)
+        x1 = tl.zeros([KT8], tl.float32)
+        x2 = tl.zeros([KT8], tl.float32)
+        x3 = tl.zeros([KT8], tl.float32)
+        Xt = X + t * KT
+        for j in tl.static_range(8):
+            f = _plane(words, j, one)
+            k = 8 * r + j
+            d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, False)  # M >= 1: row 0 always exists
+            if BLOCK_M > 1:
+                d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, True)
+            if BLOCK_M > 2:
+                d2, x2 = _gemv_row(f, d2, x2, Xt + 2 * stride_xm, 2, M, k, True)
+                d3, x3 = _gemv_row(f, d3, x3, Xt + 3 * stride_xm, 3, M, k, True)
+        sf = s.to(tl.float32)
+        s16 = sf * 16.0
+        c = sf * (16.0 + z.to(tl.float32))
+        acc0 += s16 * tl.sum(d0, axis=0) - c * tl.sum(x0, axis=0)
+        if BLOCK_M > 1:
+            acc1 += s16 * tl.sum(d1, axis=0) - c * tl.sum(x1, axis=0)
+        if BLOCK_M > 2:
+            acc2 += s16 * tl.sum(d2, axis=0) - c * tl.sum(x2, axis=0)
+            acc3 += s16 * tl.sum(d3, axis=0) - c * tl.sum(x3, axis=0)
+        words = words_n
+        s = s_n
+        z = z_n
+    rows = tl.arange(0, BLOCK_M)
+    acc = tl.where(rows[:, None] == 0, acc0[None, :], 0.0)
+    if BLOCK_M > 1:
+        acc = tl.where(rows[:, None] == 1, acc1[None, :], acc)
+    if BLOCK_M > 2:
+        acc = tl.where(rows[:, None] == 2, acc2[None, :], acc)
+        acc = tl.where(rows[:, None] == 3, acc3[None, :], acc)
+    if SPLIT_K:
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        tl.atomic_add(Acc + offs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the (release) semaphore
+        done = tl.atomic_add(Counters + pid_n, 1)  # acq_rel, gpu scope
+        if done == splits - 1:
+            total = tl.load(Acc + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(Acc + offs, tl.zeros_like(total), mask=mask)
+            _finish(total, rows, cols, M, N, Y, Bias, HAS_BIAS)
+            tl.atomic_xchg(Counters + pid_n, 0)  # ready for the next call (or graph replay)
+    else:
+        _finish(acc, rows, cols, M, N, Y, Bias, HAS_BIAS)
+
+
+@triton.jit
+def _dequant_tile(words, s16, c, one, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[KT/8, BLOCK_N] words -> the [KT, BLOCK_N] weight tile in `dtype`: the 8 nibble planes joined
+    as a minor dimension, so row 8r + j is register j of the thread holding word r (no data moves)."""
+    p0 = (_plane(words, 0, one) * s16 - c).to(dtype)
+    p1 = (_plane(words, 1, one) * s16 - c).to(dtype)
+    p2 = (_plane(words, 2, one) * s16 - c).to(dtype)
+    p3 = (_plane(words, 3, one) * s16 - c).to(dtype)
+    p4 = (_plane(words, 4, one) * s16 - c).to(dtype)
+    p5 = (_plane(words, 5, one) * s16 - c).to(dtype)
+    p6 = (_plane(words, 6, one) * s16 - c).to(dtype)
+    p7 = (_plane(words, 7, one) * s16 - c).to(dtype)
+    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    # w[r, n, a, b, e] is plane a*4 + b*2 + e: the last join index is the lowest bit of j
+    w = tl.permute(w, 0, 2, 3, 4, 1)  # [r, a, b, e, n]: row ((r*2 + a)*2 + b)*2 + e = 8r + j
+    return tl.reshape(w, [KT, BLOCK_N])
+
+
+@triton.jit
+def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
+                 KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Fused-dequant GEMM: a [BLOCK_M, BLOCK_N] output tile, K step by step (one group each)."""
+    KT: tl.constexpr = 8 * KT8
+    N = N8 * 8
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # grouped order: programs running together share weight tiles in L2
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    k = tl.arange(0, KT)
+    r = tl.arange(0, KT8)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, K // KT)
+    x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
+    w_offs = r[:, None] * N + cols[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for t in range(t0, t1):
+        a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
+        words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
+        s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
+        b = _dequant_tile(words, s16[None, :], c[None, :], one, a.dtype, KT, BLOCK_N)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, pid_m * grid_n + pid_n, split, splits,
+                     SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W [K, N] (row-major, the activation dtype) from the packed words; a program: KT rows x BLOCK_N."""
+    KT: tl.constexpr = 8 * KT8
+    N = N8 * 8
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    r = tl.arange(0, KT8)
+    words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + r[:, None] * N + cols[None, :], mask=cmask[None, :],
+                    other=0)
+    s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
+    for j in tl.static_range(8):
+        w = _plane(words, j, one) * s16[None, :] - c[None, :]
+        offs = (t * KT + 8 * r + j).to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(W + offs, w.to(W.dtype.element_ty), mask=cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers (decisions on shapes only: CUDA-graph capturable)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM_COUNT_DEFAULT
+
+
+def _splits(n_out_tiles: int, k_tiles: int, target: int, max_tiles: int, split=None):
+    """(splits, K steps per split): enough programs to reach `target`, every split non-empty."""
+    if split is None:
+        split = 1 if n_out_tiles > max_tiles else max(1, min(k_tiles, -(-target // n_out_tiles)))
+    assert split == 1 or n_out_tiles <= max_tiles, "more output tiles than split-K semaphores"
+    per = -(-k_tiles // split)
+    return -(-k_tiles // per), per
+
+
+def _check(x, packed, group_size, bias):
+    qw = packed["qweight"]
+    K8, N = qw.shape
+    K = x.shape[-1]
+    assert x.dim() == 2 and K == 8 * K8, f"x {tuple(x.shape)} against a packed weight of {8 * K8} rows"
+    assert K % group_size == 0 and packed["scales"].shape == (K // group_size, N), (
+        f"group size {group_size} does not match scales {tuple(packed['scales'].shape)} for K={K}")
+    assert packed["zeros"].shape == packed["scales"].shape and packed["zeros"].dtype == torch.uint8
+    assert packed["workspace"].shape == (4, N) and packed["workspace"].dtype == torch.float32
+    assert bias is None or bias.shape == (N,), (None if bias is None else bias.shape, N)
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
+    assert x.stride(-1) == 1, x.stride()
+    return x.shape[0], K, N
+
+
+def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
+         split=None):
+    """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG."""
+    M, K, N = _check(x, packed, group_size, bias)
+    assert 1 <= M <= 4, M
+    nw, cpt, kt, wv = GEMV_CONFIG[triton.next_power_of_2(M)]
+    num_warps, cpt, waves = num_warps or nw, cols_per_thread or cpt, waves or wv
+    kt = _k_tile(group_size, k_tile or kt)
+    block_n = cpt * 32 * num_warps  # every thread holds all KT/8 word rows of cpt columns
+    counters = packed["counters"]
+    n_tiles = triton.cdiv(N, block_n)
+    split, per = _splits(n_tiles, K // kt, waves * _sm_count(x.device), counters.numel(), split)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    _gemv_kernel[(n_tiles, split)](
+        x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
+        packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
+        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
+        num_warps=num_warps)
+    return y
+
+
+def gemm(x, packed, group_size, bias=None, block_m=None, block_n=None, num_warps=None, num_stages=None,
+         k_tile=None, waves=None, split=None):
+    """The fused-dequant tensor-core path: x [M, K] -> y [M, N]. Unset options come from GEMM_CONFIG."""
+    M, K, N = _check(x, packed, group_size, bias)
+    cfg = next(c for c in GEMM_CONFIG if M <= c[0])[1:]
+    block_m, block_n, num_warps, num_stages, kt, waves = (a or b for a, b in zip(
+        (block_m, block_n, num_warps, num_stages, k_tile, waves), cfg))
+    kt = _k_tile(group_size, kt)
+    counters = packed["counters"]
+    n_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split, per = _splits(n_tiles, K // kt, waves * _sm_count(x.device), counters.numel(), split)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    part = torch.empty(split if split > 1 else 1, M, N, device=x.device, dtype=torch.float32)
+    _gemm_kernel[(n_tiles, split)](
+        x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y, part, counters,
+        M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP_M=8, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def dequantize(packed, group_size, dtype, block_n=256, num_warps=8, k_tile=128):
+    """Triton dequantization into W [K, N] (row-major) of `dtype`: the cuBLAS path's operand."""
+    qw = packed["qweight"]
+    K8, N = qw.shape
+    kt = _k_tile(group_size, k_tile)
+    w = torch.empty(8 * K8, N, device=qw.device, dtype=dtype)
+    _dequant_kernel[(8 * K8 // kt, triton.cdiv(N, block_n))](
+        qw, packed["scales"], packed["zeros"], w, N // 8, ONE_BITS, KT8=kt // 8, GROUP=group_size, BLOCK_N=block_n,
+        num_warps=num_warps)
+    return w
+
+
+def dequant_matmul(x, packed, group_size, bias=None):
+    """The large-M path: dequantize to the activation dtype, then cuBLAS (bias in its epilogue)."""
+    _check(x, packed, group_size, bias)
+    w = dequantize(packed, group_size, x.dtype)
+    return torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
+
+
+def w4a16_linear(x, packed, group_size, bias=None):
+    """y = x @ W.T (+ bias) for x [..., K] in fp16 / bf16 (fp32 too: the interpreter); y in x.dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        y = torch.empty(0, packed["qweight"].shape[1], device=x.device, dtype=x.dtype)
+    elif M <= GEMV_MAX_M:
+        y = gemv(x2, packed, group_size, bias)
+    elif M < CUBLAS_MIN_M:
+        y = gemm(x2, packed, group_size, bias)
+    else:
+        y = dequant_matmul(x2, packed, group_size, bias)
+    return y.view(*lead, y.shape[-1])

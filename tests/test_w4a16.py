@@ -1,0 +1,172 @@
+"""W4A16 linear: the repacked layout against quant/pack.py, every Triton path (GEMV, fused GEMM,
+dequantize + matmul, split-K) against the PyTorch reference; tiny shapes on the CPU through the
+Triton interpreter, real shapes on the GPU (`pytest -m gpu`)."""
+import pytest
+import torch
+
+from tinyvila.kernels import w4a16
+from tinyvila.kernels.w4a16 import dequantize_w4, repack_awq, w4a16_linear, w4a16_linear_ref
+from tinyvila.quant import pack
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(n, k, group, seed=0, device=DEVICE, dtype=torch.float32):
+    """Random AWQ-quantized weights (scales of a real layer's size), repacked."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qweight, qzeros, scales = pack.quantize(w, group)
+    packed = repack_awq(qweight.to(device), qzeros.to(device), scales.to(device), dtype)
+    return packed, (qweight, qzeros, scales)
+
+
+def _inputs(m, k, n, dtype, seed=1, bias=False, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) + 0.3).to(device, dtype)  # a mean: the zero-point term matters
+    b = (torch.randn(n, generator=g) * 0.1).to(device, dtype) if bias else None
+    return x, b
+
+
+def _rel_err(ours, ref):
+    ours, ref = ours.double(), ref.double()
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def _check_all_written(ours):
+    assert torch.isfinite(ours).all(), "an output element was never written (or is not finite)"
+
+
+@pytest.mark.parametrize("n, k, group", [(40, 64, 16), (72, 128, 32), (16, 256, 128), (24, 192, 64)])
+def test_repack_and_dequantize_match_pack(n, k, group):
+    packed, (qw, qz, sc) = _layer(n, k, group, device="cpu")
+    assert torch.equal(dequantize_w4(packed, group), pack.dequantize(qw, qz, sc))
+    assert packed["qweight"].shape == (k // 8, n) and packed["qweight"].dtype == torch.int32
+    assert packed["zeros"].dtype == torch.uint8 and packed["zeros"].shape == sc.shape
+    assert not packed["counters"].any()
+
+
+def test_repack_nibble_order_known_answer():
+    """One known weight: column c, row r has value (r + 3c) % 16; zero 8, scale 1."""
+    K, N, G = 64, 16, 16
+    q = torch.tensor([[(r + 3 * c) % 16 for c in range(N)] for r in range(K)], dtype=torch.int32)
+    packed = repack_awq(pack.pack(q), pack.pack(torch.full((K // G, N), 8, dtype=torch.int32)),
+                        torch.ones(K // G, N, dtype=torch.float16), torch.float32)
+    assert torch.equal(dequantize_w4(packed, G), (q - 8).float().t())
+    # layout: word (r, n) holds q[8r + j, n] in nibble j
+    word = int(packed["qweight"][3, 5]) & 0xFFFFFFFF
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == [(24 + j + 15) % 16 for j in range(8)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("n", [40, 72])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w4a16_linear_tiny(m, n, bias):
+    packed, _ = _layer(n, 64, 16, seed=m + n)
+    x, b = _inputs(m, 64, n, torch.float32, seed=m, bias=bias)
+    ours = w4a16_linear(x, packed, 16, b)
+    ref = w4a16_linear_ref(x, packed, 16, b)
+    assert ours.shape == (m, n) and ours.dtype == x.dtype
+    _check_all_written(ours)
+    assert _rel_err(ours, ref) < 1e-5
+    assert not packed["counters"].any(), "split-K semaphores must be back at zero"
+    assert not packed["workspace"].any(), "the split-K workspace must be back at zero"
+
+
+@pytest.mark.parametrize("path, split", [("gemv", 1), ("gemv", 3), ("gemm", 1), ("gemm", 3), ("dequant_matmul", 1)])
+def test_each_path_and_split_k(path, split):
+    """Every path forced, with and without split-K, at a group size larger than the K tile."""
+    n, k, group = 72, 256, 128  # K tile 64: 4 tiles, 2 groups
+    packed, _ = _layer(n, k, group, seed=3)
+    x, b = _inputs(3 if path == "gemv" else 20, k, n, torch.float32, bias=True)
+    if path == "gemv":
+        ours = w4a16.gemv(x, packed, group, b, cols_per_thread=1, num_warps=1, split=split)
+    elif path == "gemm":
+        ours = w4a16.gemm(x, packed, group, b, block_m=16, block_n=32, split=split)
+    else:
+        ours = w4a16.dequant_matmul(x, packed, group, b)
+    _check_all_written(ours)
+    assert _rel_err(ours, w4a16_linear_ref(x, packed, group, b)) < 1e-5
+    assert not packed["counters"].any() and not packed["workspace"].any()
+
+
+def test_fp16_activations_and_leading_dims():
+    packed, _ = _layer(40, 64, 16, seed=5)
+    x, b = _inputs(6, 64, 40, torch.float16, bias=True)
+    ours = w4a16_linear(x.view(2, 3, 64), packed, 16, b)
+    assert ours.shape == (2, 3, 40) and ours.dtype == torch.float16
+    ref = w4a16_linear_ref(x, packed, 16, b)
+    assert _rel_err(ours.view(6, 40), ref) < 2e-3
+    ours1 = w4a16_linear(x[:1], packed, 16)
+    assert _rel_err(ours1, w4a16_linear_ref(x[:1], packed, 16)) < 2e-3
+
+
+def test_wrong_nibble_order_is_caught():
+    """The tolerance above is far below what one swapped pair of columns in a word gives."""
+    packed, (qw, qz, sc) = _layer(40, 64, 16, seed=7, device="cpu")
+    q = pack.unpack(qw)
+    swapped = q.clone()
+    swapped[:, [0, 1]] = q[:, [1, 0]]
+    bad = repack_awq(pack.pack(swapped), qz, sc, torch.float32)
+    x, _ = _inputs(1, 64, 40, torch.float32, device="cpu")
+    assert _rel_err(w4a16_linear_ref(x, bad, 16), w4a16_linear_ref(x, packed, 16)) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _gpu_case(m, k, n, group, dtype, bias, seed=0):
+    packed, _ = _layer(n, k, group, seed=seed, device="cuda")
+    x, b = _inputs(m, k, n, dtype, seed=seed + 1, bias=bias, device="cuda")
+    ref = w4a16_linear_ref(x, packed, group, b)
+    return packed, x, b, ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 8, 100, 2048])
+@pytest.mark.parametrize("k, n, group", [(4096, 12288, 128), (11008, 4104, 128), (3584, 4608, 64), (512, 136, 32)])
+def test_w4a16_linear_real_shapes(dtype, m, k, n, group):
+    packed, x, b, ref = _gpu_case(m, k, n, group, dtype, bias=(m % 3 != 2), seed=m)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    out.copy_(w4a16_linear(x, packed, group, b))
+    _check_all_written(out)
+    # fp16 / bf16 output rounding (and bf16 weights in the tensor-core paths)
+    assert _rel_err(out, ref) < (2e-3 if dtype == torch.float16 else 8e-3)
+    assert not packed["counters"].any() and not packed["workspace"].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 64])
+def test_gemv_and_gemm_forced_at_small_m(m):
+    packed, x, b, ref = _gpu_case(m, 4096, 4096, 128, torch.float16, bias=True, seed=10 + m)
+    for out in ([w4a16.gemv(x, packed, 128, b)] if m <= 4 else []) + [w4a16.gemm(x, packed, 128, b),
+                                                                       w4a16.dequant_matmul(x, packed, 128, b)]:
+        _check_all_written(out)
+        assert _rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay():
+    """Captured once, replayed with new inputs: the split-K semaphores must reset themselves."""
+    packed, x, b, _ = _gpu_case(1, 4096, 4096, 128, torch.float16, bias=True)
+    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.float16) for m in (1, 6, 64)]
+    w4a16_linear(xs[0], packed, 128, b)  # compile outside the capture
+    for x in xs:
+        w4a16_linear(x, packed, 128, b)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs, outs = [], []
+    with torch.cuda.stream(stream):
+        for x in xs:
+            gph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gph, stream=stream):
+                outs.append(w4a16_linear(x, packed, 128, b))
+            graphs.append(gph)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        for x, gph, out in zip(xs, graphs, outs):
+            x.normal_()
+            gph.replay()
+            torch.cuda.synchronize()
+            assert _rel_err(out, w4a16_linear_ref(x, packed, 128, b)) < 2e-3
+    assert not packed["counters"].any() and not packed["workspace"].any()

@@ -1,0 +1,256 @@
+"""`python -m tinyvila.tools.int8_bench`: the W8A8 kernels at the vision encoders' shapes, on a GPU.
+
+    python -m tinyvila.tools.int8_bench                 # markdown tables
+    python -m tinyvila.tools.int8_bench --sweep         # also time every candidate tile config
+    python -m tinyvila.tools.int8_bench --only clip     # shapes whose name starts with "clip"
+
+Table 1, linears: int8_linear (int8 activations and weights, per-token x per-channel scales, fp16
+bias and output) against cuBLAS fp16 (torch.nn.functional.linear on fp16 inputs of the same shape),
+both timed as CUDA-graph replays of `--reps` back-to-back calls (median of `--iters` replays), on
+random data; TOP/s counts 2*M*N*K. Each int8 result is checked against int8_linear_ref on some rows.
+Table 2, the per-token quantization kernels: time and GB/s (bytes read + bytes written, once each).
+Table 3, an activation fused into the fc1 epilogue + quantize_per_token against fc1 + act_quant.
+Shapes: CLIP-L/336 (LLaVA-NeXT) 5 tiles of 577 tokens; SigLIP-so400m (LongVILA) a 32-frame chunk of
+729 tokens; Qwen2.5-VL's ViT on a 1344x1344 image (9216 patches of 14x14, before the 2x2 merge).
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+# name, M, K, N
+LINEARS = [
+    ("clip qkv", 2885, 1024, 3072), ("clip o", 2885, 1024, 1024),
+    ("clip fc1", 2885, 1024, 4096), ("clip fc2", 2885, 4096, 1024),
+    ("siglip qkv", 23328, 1152, 3456), ("siglip o", 23328, 1152, 1152),
+    ("siglip fc1", 23328, 1152, 4304), ("siglip fc2", 23328, 4304, 1152),
+    ("qwen qkv", 9216, 1280, 3840), ("qwen o", 9216, 1280, 1280),
+    ("qwen gate_up", 9216, 1280, 6840), ("qwen down", 9216, 3420, 1280),
+]
+# name, op, M, K (K: the quantized width; silu_mul reads 2K)
+QUANTS = [
+    ("clip layernorm", "layernorm", 2885, 1024), ("clip quick_gelu", "quick_gelu", 2885, 4096),
+    ("siglip layernorm", "layernorm", 23328, 1152), ("siglip gelu_tanh", "gelu_pytorch_tanh", 23328, 4304),
+    ("qwen rmsnorm", "rmsnorm", 9216, 1280), ("qwen silu_mul", "silu_mul", 9216, 3420),
+    ("per_token", "per_token", 23328, 4304), ("gelu (erf)", "gelu", 9216, 4096),
+]
+# name, M, K, N, act
+FUSED = [("clip fc1 + quick_gelu", 2885, 1024, 4096, "quick_gelu"),
+         ("siglip fc1 + gelu_tanh", 23328, 1152, 4304, "gelu_pytorch_tanh")]
+
+
+def sweep_configs():
+    from tinyvila.kernels.int8_gemm import Int8Config as C
+
+    out = [C(kind="tma", BM=bm, BN=bn, num_warps=w, num_stages=st)
+           for bm, bn, w, st in [(128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 4),
+                                 (128, 128, 4, 4), (64, 256, 4, 4), (128, 64, 4, 5), (64, 128, 4, 5)]]
+    out += [C(kind="tma", BM=128, BN=256, num_warps=8, num_stages=3, flatten=True),
+            C(kind="tma", BM=128, BN=128, num_warps=8, num_stages=4, flatten=True),
+            C(kind="tma", BM=128, BN=256, num_warps=8, num_stages=3, warp_spec=True)]
+    out += [C(kind="ptr", BM=bm, BN=bn, num_warps=w, num_stages=st)
+            for bm, bn, w, st in [(128, 256, 8, 3), (128, 128, 8, 4), (64, 128, 4, 5)]]
+    return out
+
+
+def cfg_name(c):
+    extra = ("+flat" if c.flatten else "") + ("+ws" if c.warp_spec else "")
+    return f"{c.kind} {c.BM}x{c.BN}x{c.BK} w{c.num_warps} s{c.num_stages}{extra}"
+
+
+def graph_time(fn, reps, iters):
+    """Median ms per call of `fn`, from CUDA-graph replays of `reps` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / reps)
+    del g
+    return statistics.median(times)
+
+
+def _linear_case(M, K, N, seed=0):
+    from tinyvila.kernels.int8_gemm import prepare_int8_weight
+    from tinyvila.kernels.quantize_int8 import quantize_per_token, quantize_weight_per_channel
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g)
+    w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    bias = torch.randn(N, device="cuda", dtype=torch.float16, generator=g) * 0.1
+    xq, xs = quantize_per_token(x)
+    wq, ws = quantize_weight_per_channel(w)
+    return x, w, bias, xq, xs, wq, prepare_int8_weight(wq), ws
+
+
+def _check(y, xq, xs, wq, ws, bias, act=None):
+    from tinyvila.kernels.int8_gemm import int8_linear_ref
+
+    rows = torch.cat([torch.arange(0, 64), torch.arange(xq.shape[0] - 64, xq.shape[0])]).cuda()
+    ref = int8_linear_ref(xq[rows], xs[rows], wq, ws, bias, torch.float32, act=act)
+    err = ((y[rows].float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-3, f"int8_linear differs from its reference: rel err {err:.2e}"
+    return err
+
+
+def bench_linears(args, out):
+    from tinyvila.kernels.int8_gemm import int8_linear, pick_config
+
+    rows = []
+    for name, M, K, N in LINEARS:
+        if args.only and not name.startswith(args.only):
+            continue
+        x, w, bias, xq, xs, wq, wp, ws = _linear_case(M, K, N)
+        cfg = pick_config(M, N, K, xq.device)
+        best = None
+        if args.sweep:
+            res = []
+            for c in sweep_configs():
+                try:
+                    y = int8_linear(xq, xs, wp, ws, bias, config=c)
+                    _check(y, xq, xs, wq, ws, bias)
+                    t = graph_time(lambda: int8_linear(xq, xs, wp, ws, bias, config=c), args.reps, args.iters)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile or fit)
+                    print(f"  {name}: {cfg_name(c)} failed: {str(e).splitlines()[0][:150]}", file=sys.stderr)
+                    continue
+                res.append((t, c))
+                out["sweep"].append(dict(shape=name, M=M, K=K, N=N, config=cfg_name(c), ms=t))
+            res.sort(key=lambda r: r[0])
+            print(f"{name} M={M} K={K} N={N}: " + ", ".join(f"{cfg_name(c)} {t * 1e3:.1f}us" for t, c in res[:4]),
+                  file=sys.stderr)
+            best = res[0]
+        y = int8_linear(xq, xs, wp, ws, bias)
+        err = _check(y, xq, xs, wq, ws, bias)
+        t8 = graph_time(lambda: int8_linear(xq, xs, wp, ws, bias), args.reps, args.iters)
+        t16 = graph_time(lambda: F.linear(x, w, bias), args.reps, args.iters)
+        flop = 2 * M * N * K
+        r = dict(shape=name, M=M, K=K, N=N, config=cfg_name(cfg), int8_ms=t8, fp16_ms=t16, speedup=t16 / t8,
+                 int8_tops=flop / t8 / 1e9, fp16_tflops=flop / t16 / 1e9, rel_err=err)
+        if best:
+            r.update(best_ms=best[0], best_config=cfg_name(best[1]))
+        rows.append(r)
+        del x, w, xq, wq, wp
+        torch.cuda.empty_cache()
+    out["linears"] = rows
+    print("\n| shape | M | K | N | int8 us | int8 TOP/s | fp16 cuBLAS us | fp16 TFLOP/s | speedup | config |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {r['int8_ms'] * 1e3:.1f} | {r['int8_tops']:.0f} | "
+              f"{r['fp16_ms'] * 1e3:.1f} | {r['fp16_tflops']:.0f} | **{r['speedup']:.2f}x** | {r['config']} |")
+    if rows:
+        gm = statistics.geometric_mean([r["speedup"] for r in rows])
+        print(f"\ngeometric-mean speedup over cuBLAS fp16: {gm:.2f}x")
+
+
+def _quant_fn(op, x, M, K):
+    from tinyvila.kernels import quantize_int8 as q
+
+    if op == "layernorm":
+        w, b = torch.randn(K, device="cuda", dtype=x.dtype), torch.randn(K, device="cuda", dtype=x.dtype)
+        return lambda: q.layernorm_quant(x, w, b, 1e-6), lambda: q.layernorm_quant_ref(x, w, b, 1e-6), 4 * K
+    if op == "rmsnorm":
+        w = torch.randn(K, device="cuda", dtype=x.dtype)
+        return lambda: q.rmsnorm_quant(x, w, 1e-6), lambda: q.rmsnorm_quant_ref(x, w, 1e-6), 2 * K
+    if op == "per_token":
+        return lambda: q.quantize_per_token(x), lambda: q.quantize_per_token_ref(x), 0
+    return lambda: q.act_quant(x, op), lambda: q.act_quant_ref(x, op), 0
+
+
+def bench_quants(args, out):
+    from tinyvila.kernels.quantize_int8 import padded_k
+
+    rows = []
+    for name, op, M, K in QUANTS:
+        if args.only and not name.startswith(args.only):
+            continue
+        width = 2 * K if op == "silu_mul" else K
+        x = torch.randn(M, width, device="cuda", dtype=torch.float16) * 2
+        fn, ref, extra = _quant_fn(op, x, M, K)
+        (xq, xs), (rq, rs) = fn(), ref()
+        lsb = (xq.int() - rq.int()).abs().max().item()
+        assert lsb <= 1 and torch.allclose(xs, rs, rtol=8e-3), (name, lsb)
+        t = graph_time(fn, args.reps, args.iters)
+        nbytes = M * width * 2 + M * padded_k(K) + 4 * M + extra
+        rows.append(dict(kernel=name, op=op, M=M, K=K, ms=t, gbs=nbytes / t / 1e6, max_lsb=lsb))
+        del x
+    out["quants"] = rows
+    print("\n| quant kernel | M | in width | out width | us | GB/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        w = 2 * r["K"] if r["op"] == "silu_mul" else r["K"]
+        print(f"| {r['kernel']} | {r['M']} | {w} | {r['K']} | {r['ms'] * 1e3:.1f} | {r['gbs']:.0f} |")
+
+
+def bench_fused(args, out):
+    from tinyvila.kernels.int8_gemm import int8_linear
+    from tinyvila.kernels.quantize_int8 import act_quant, quantize_per_token
+
+    rows = []
+    for name, M, K, N, act in FUSED:
+        if args.only and not name.startswith(args.only):
+            continue
+        x, w, bias, xq, xs, wq, wp, ws = _linear_case(M, K, N)
+        y = int8_linear(xq, xs, wp, ws, bias, act=act)
+        _check(y, xq, xs, wq, ws, bias, act=act)
+        fused = graph_time(lambda: quantize_per_token(int8_linear(xq, xs, wp, ws, bias, act=act)), args.reps, args.iters)
+        apart = graph_time(lambda: act_quant(int8_linear(xq, xs, wp, ws, bias), act), args.reps, args.iters)
+        rows.append(dict(path=name, M=M, K=K, N=N, epilogue_ms=fused, separate_ms=apart))
+        del x, w, xq, wq, wp
+    out["fused"] = rows
+    print("\n| fc1 then quantize for fc2 | act in the GEMM epilogue + quantize_per_token us | GEMM + act_quant us |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} (M={r['M']}) | {r['epilogue_ms'] * 1e3:.1f} | {r['separate_ms'] * 1e3:.1f} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tinyvila.tools.int8_bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="run the shapes whose name starts with this")
+    ap.add_argument("--sweep", action="store_true", help="time every candidate tile config too (slow)")
+    ap.add_argument("--reps", type=int, default=20, help="calls per CUDA-graph replay")
+    ap.add_argument("--iters", type=int, default=7, help="timed replays (median)")
+    ap.add_argument("--skip", default="", help="comma list of tables to skip: linears,quants,fused")
+    ap.add_argument("--json", default=None, help="write all numbers to this file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: int8_bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    print(f"{dev}, torch {torch.__version__}, triton {triton.__version__}; CUDA-graph replays of {args.reps} calls, "
+          f"median of {args.iters}")
+    out = dict(device=dev, torch=torch.__version__, triton=triton.__version__, sweep=[])
+    skip = set(args.skip.split(","))
+    if "linears" not in skip:
+        bench_linears(args, out)
+    if "quants" not in skip:
+        bench_quants(args, out)
+    if "fused" not in skip:
+        bench_fused(args, out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

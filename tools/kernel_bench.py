@@ -1,0 +1,186 @@
+"""`python -m tinyvila.tools.kernel_bench`: time the W4A16 linear kernels on the GPU.
+
+    python -m tinyvila.tools.kernel_bench                    # the default tables (H100: ~1 min)
+    python -m tinyvila.tools.kernel_bench --dtype bfloat16 --gemv-m 1,2,4,8 --gemm-m 16,128,512,2048
+
+Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, bytes moved (packed
+weights + scales + zeros + x read, y written) over the time, and that rate as a fraction of the
+device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth). Prefill (GEMM) table: w4a16_linear
+against cuBLAS on the same product with fp16/bf16 weights (F.linear), and each of our two large-M
+paths (fused-dequant Triton GEMM; Triton dequantize + cuBLAS) so the switch point can be read off.
+
+Every time is the median over several replays of a CUDA graph holding `--reps` back-to-back calls
+(launch overhead does not count), and the calls cycle through enough copies of the weights to
+exceed the L2 cache, as a model's layers do. Weights are random packed words (speed does not depend
+on their values); --check first compares each path with the PyTorch reference at every shape.
+"""
+import argparse
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from tinyvila.kernels import w4a16
+from tinyvila.tools.bench import copy_bandwidth
+
+# 7B-class shapes (K -> N): LLaMA-2-7B fused QKV, gate|up, down, o_proj; Qwen2-7B gate|up is 2 x
+# 18944, down, fused QKV (3584 + 2 * 512).
+GEMV_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096), (3584, 18944), (18944, 3584),
+               (3584, 4608)]
+GEMM_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096)]
+L2_BYTES = 50 * 2**20
+
+
+def make_layer(K, N, group, device):
+    """A packed layer in w4a16's layout with random contents."""
+    return {
+        "qweight": torch.randint(-2**31, 2**31, (K // 8, N), dtype=torch.int32, device=device),
+        "scales": (torch.rand(K // group, N, device=device) * 0.02 + 0.001).half(),
+        "zeros": torch.randint(0, 16, (K // group, N), dtype=torch.uint8, device=device),
+        "counters": torch.zeros(-(-N // 8), dtype=torch.int32, device=device),
+        "workspace": torch.zeros(4, N, dtype=torch.float32, device=device),
+    }
+
+
+def layer_bytes(K, N, group):
+    return K // 8 * N * 4 + K // group * N * 3
+
+
+def copies_for(nbytes):
+    """How many copies of a weight make the cycle exceed the L2 cache three times."""
+    return max(1, math.ceil(3 * L2_BYTES / nbytes))
+
+
+def time_graph(calls, reps, trials=5):
+    """Median seconds per call of `reps` calls (cycling through `calls`) captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:  # compile and warm up outside the capture
+            fn()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(reps):
+                calls[i % len(calls)]()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    del graph
+    return statistics.median(times)
+
+
+def check(K, N, group, dtype, device, ms=(1, 4, 100)):
+    """Each path against the reference at this shape (relative Frobenius error)."""
+    layer = make_layer(K, N, group, device)
+    worst = 0.0
+    for m in ms:
+        x = torch.randn(m, K, device=device, dtype=dtype)
+        ref = w4a16.w4a16_linear_ref(x, layer, group).double()
+        outs = [w4a16.w4a16_linear(x, layer, group), w4a16.gemm(x, layer, group),
+                w4a16.dequant_matmul(x, layer, group)]
+        if m <= w4a16.GEMV_MAX_M:
+            outs.append(w4a16.gemv(x, layer, group))
+        for out in outs:
+            worst = max(worst, ((out.double() - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def gemv_rows(shapes, ms, group, dtype, device, bw, reps):
+    rows = []
+    for K, N in shapes:
+        lb = layer_bytes(K, N, group)
+        layers = [make_layer(K, N, group, device) for _ in range(copies_for(lb))]
+        for m in ms:
+            xs = [torch.randn(m, K, device=device, dtype=dtype) for _ in layers]
+            t = time_graph([lambda x=x, L=L: w4a16.w4a16_linear(x, L, group) for x, L in zip(xs, layers)], reps)
+            moved = lb + m * (K + N) * xs[0].element_size()
+            rows.append((f"{K}->{N}", m, t * 1e6, moved / t / 1e9, moved / t / bw))
+        del layers
+    return rows
+
+
+def gemm_rows(shapes, ms, group, dtype, device, reps):
+    rows = []
+    for K, N in shapes:
+        lb = layer_bytes(K, N, group)
+        layers = [make_layer(K, N, group, device) for _ in range(copies_for(lb))]
+        dense = [torch.randn(N, K, device=device, dtype=dtype) * 0.02 for _ in range(copies_for(N * K * 2))]
+        for m in ms:
+            x = torch.randn(m, K, device=device, dtype=dtype)
+            r = max(5, min(reps, int(2e6 / (m * K * N / 1e6 + 1))))  # fewer calls per graph for big products
+
+            def timed(fn, ws):
+                return time_graph([lambda w=w: fn(x, w) for w in ws], r)
+
+            t_cublas = timed(F.linear, dense)
+            t_ours = timed(lambda x, L: w4a16.w4a16_linear(x, L, group), layers)
+            t_fused = timed(lambda x, L: w4a16.gemm(x, L, group), layers)
+            t_deq = timed(lambda x, L: w4a16.dequant_matmul(x, L, group), layers)
+            flops = 2 * m * K * N
+            rows.append((f"{K}->{N}", m, t_ours * 1e6, flops / t_ours / 1e12, t_cublas * 1e6, t_cublas / t_ours,
+                         t_fused * 1e6, t_deq * 1e6))
+        del layers, dense
+    return rows
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def _shapes(s):
+    return [tuple(int(v) for v in item.split("x")) for item in s.split(",") if item]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tinyvila.tools.kernel_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--gemv-shapes", type=_shapes, default=GEMV_SHAPES, help="KxN,KxN,... (default: 7B shapes)")
+    ap.add_argument("--gemm-shapes", type=_shapes, default=GEMM_SHAPES)
+    ap.add_argument("--gemv-m", type=_ints, default=[1], help="decode rows (default 1)")
+    ap.add_argument("--gemm-m", type=_ints, default=[16, 128, 512, 2048])
+    ap.add_argument("--reps", type=int, default=100, help="calls per captured graph")
+    ap.add_argument("--check", action="store_true", help="compare every path with the reference first")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: kernel_bench needs a CUDA GPU")
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device)
+    bw = copy_bandwidth(device)
+    print(f"device: {name}; copy bandwidth {bw / 1e12:.2f} TB/s; {args.dtype}; group {args.group}; "
+          f"GEMV_MAX_M {w4a16.GEMV_MAX_M}, CUBLAS_MIN_M {w4a16.CUBLAS_MIN_M}\n")
+    if args.check:
+        for K, N in sorted(set(args.gemv_shapes) | set(args.gemm_shapes)):
+            err = check(K, N, args.group, dtype, device)
+            print(f"check {K}->{N}: max relative error {err:.2e}")
+        print()
+    if args.gemv_shapes and args.gemv_m:
+        print("| shape K->N | M | time (us) | GB/s | fraction of copy bandwidth |")
+        print("|---|---|---|---|---|")
+        for shape, m, t, gbs, frac in gemv_rows(args.gemv_shapes, args.gemv_m, args.group, dtype, device, bw,
+                                                args.reps):
+            print(f"| {shape} | {m} | {t:.2f} | {gbs:.0f} | {frac:.1%} |")
+        print()
+    if args.gemm_shapes and args.gemm_m:
+        print(f"| shape K->N | M | w4a16_linear (us) | TFLOP/s | cuBLAS {args.dtype} weights (us) | cuBLAS time / ours "
+              "| fused GEMM (us) | dequant + cuBLAS (us) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for shape, m, t, tf, tc, ratio, tfu, tdq in gemm_rows(args.gemm_shapes, args.gemm_m, args.group, dtype,
+                                                              device, args.reps):
+            print(f"| {shape} | {m} | {t:.1f} | {tf:.0f} | {tc:.1f} | {ratio:.2f} | {tfu:.1f} | {tdq:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
