@@ -98,21 +98,20 @@ def quantize_weight_per_channel(w):
 
 @triton.jit
 def _round_half_even(y):
-    # |y| <= ~127 here, so y + 0.5 is exact; torch.round rounds ties to even, so do the same
-    r = tl.floor(y + 0.5)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+    # for |y| < 2**22, adding and removing 1.5 * 2**23 rounds y to an integer, ties to even (fp32
+    # round-to-nearest-even on the add), like torch.round: two adds, no libdevice call
+    return (y + 12582912.0) - 12582912.0
 
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
-    """fp32 elementwise activations: 0 gelu (erf), 1 gelu tanh approximation, 2 quick_gelu."""
+    """fp32 elementwise activations: 0 gelu (erf), 1 gelu tanh approximation, 2 quick_gelu.
+    0.5 x (1 + tanh(u)) = x * sigmoid(2u): one exp and one division (exp overflow gives the
+    right limits: x / inf = -0 for very negative x)."""
     if ACT == 0:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 1:
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        e = tl.exp(-2.0 * tl.abs(inner))  # tanh from exp(-2|u|): never overflows
-        y = 0.5 * x * (1.0 + tl.where(inner >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e))
+        y = x / (1.0 + tl.exp(-1.5957691216057308 * (x + 0.044715 * x * x * x)))
     else:
         y = x / (1.0 + tl.exp(-1.702 * x))
     return y
@@ -154,8 +153,10 @@ def _row_quant(X, W, B, Q, S, M, K, stride_x, stride_q, KP, eps,
     y = tl.where(mask, y, 0.0)
     amax = tl.max(tl.abs(y), axis=1)
     scale = tl.math.div_rn(amax, 127.0)
-    safe = tl.where(amax > 0.0, scale, 1.0)
-    q = _round_half_even(tl.math.div_rn(y, safe[:, None]))
+    # one division a row; y * (1 / scale) can differ from y / scale in the last bit, which moves
+    # the rounding only for a y within an ulp of a tie (one LSB, rarely)
+    inv = tl.math.div_rn(1.0, tl.where(amax > 0.0, scale, 1.0))
+    q = _round_half_even(y * inv[:, None])
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     # columns K..KP-1 of the buffer are zeros (the GEMM reads whole padded rows)
     tl.store(Q + rows64[:, None] * stride_q + cols[None, :], q.to(tl.int8),
@@ -164,7 +165,7 @@ def _row_quant(X, W, B, Q, S, M, K, stride_x, stride_q, KP, eps,
 
 
 def _rows_per_program(block):
-    return max(1, min(16, 4096 // block))
+    return 1  # measured on an H100 (tools/int8_bench.py): 2+ rows a program were never faster
 
 
 def _launch(x, width, mode, act=0, weight=None, bias=None, eps=0.0, rows=None, num_warps=None):
@@ -178,8 +179,8 @@ def _launch(x, width, mode, act=0, weight=None, bias=None, eps=0.0, rows=None, n
     xs = torch.empty(M, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(kp)
     rows = rows or _rows_per_program(block)
-    if num_warps is None:
-        num_warps = 8 if block * rows >= 8192 else 4
+    if num_warps is None:  # about 8 columns a thread (measured: K = 1024 .. 4304 on an H100)
+        num_warps = min(16, max(4, block * rows // 256))
     if M:
         _row_quant[(triton.cdiv(M, rows),)](
             x2, weight if weight is not None else x2, bias if bias is not None else x2, buf, xs,

@@ -11,9 +11,12 @@ Layout made by `repack_awq` (once, at load) from the AutoAWQ "GEMM" tensors of q
   scales   [K/G, N] as the checkpoint stores them (fp16; casting them to bf16 would round them).
   zeros    uint8 [K/G, N], unpacked (3 bytes a group column with the scale, against 64 of weights
            at G=128).
-  counters int32 [ceil(N/8)], zero between calls: split-K semaphores. The last program of an output
-           tile (counted on its semaphore) adds the partial sums in a fixed order and puts the counter
-           back to 0, so split-K is one launch and a CUDA graph can replay it.
+  counters int32 [ceil(N/8)] and workspace fp32 [4, N], zero between calls: split-K state, so that
+           split-K is one launch and a CUDA graph can replay it. The last program of an output tile
+           (counted on its semaphore) finishes the tile and puts the counter back to 0. The GEMV adds
+           its partial sums into the workspace with fp32 atomics (the last program reads and zeroes
+           it: a one-load tail); the GEMM, with fewer splits, writes partials to a scratch buffer and
+           the last program adds them in a fixed order.
 No int -> float conversions: f = bitcast((q << 19) | 0x3F800000) = 1 + q/16 exactly, so
   (q - z) * s = f * 16s - s*(16 + z)      (exact in fp32: one FMA; the GEMM and dequantize paths)
 and the GEMV factors it per K tile (the tiles never straddle a group):
@@ -23,7 +26,10 @@ Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on da
   M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
   M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU.
   otherwise             dequantize into a scratch W [K, N] of the activation dtype, then cuBLAS.
-The thresholds were measured on an H100 (python -m tinyvila.tools.kernel_bench).
+Thresholds measured on an H100 (python -m tinyvila.tools.kernel_bench; 4096->12288 and 11008->4096,
+fp16, G=128): the GEMV wins at M=2 (21 vs 23 us) and loses from M=3 (32 vs 23 us: one FMA a
+weight a row on CUDA cores against a tensor-core tile); the fused GEMM beats dequantize + cuBLAS at
+M=128 (73 vs 86 us) and loses at M=256 (109 vs 89 us), so the switch sits between them.
 """
 import torch
 import torch.nn.functional as F
@@ -32,10 +38,10 @@ import triton.language as tl
 
 from tinyvila.quant.pack import AWQ_ORDER
 
-GEMV_MAX_M = 4
+GEMV_MAX_M = 2
 CUBLAS_MIN_M = 192
 # GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM)
-GEMV_CONFIG = {1: (4, 4, 64, 4), 2: (2, 4, 32, 4), 4: (2, 4, 16, 4)}
+GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 # fused GEMM: (largest M, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step, programs per SM)
 GEMM_CONFIG = [(16, 16, 64, 4, 3, 128, 2), (32, 32, 64, 4, 4, 64, 2), (64, 64, 64, 4, 4, 64, 2),
                (128, 128, 64, 4, 4, 64, 1), (1 << 62, 128, 128, 8, 3, 128, 1)]
@@ -252,26 +258,30 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         tl.debug_barrier()  # every thread's adds are issued before the (release) semaphore
         done = tl.atomic_add(Counters + pid_n, 1)  # acq_rel, gpu scope
         if done == splits - 1:
-            total = tl.load(Acc + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(Acc + offs, tl.zeros_like(total), mask=mask)
-            _finish(total, rows, cols, M, N, Y, Bias, HAS_BIAS)
+            # Read and zero in one atomic (a load then a store may fall to different threads of
+            # the program), on the int32 bits: the interpreter exchanges integers only.
+            zero = tl.zeros_like(rows[:, None] + cols[None, :])
+            bits = tl.atomic_xchg(Acc.to(tl.pointer_type(tl.int32)) + offs, zero, mask=mask, sem="relaxed")
+            _finish(bits.to(tl.float32, bitcast=True), rows, cols, M, N, Y, Bias, HAS_BIAS)
             tl.atomic_xchg(Counters + pid_n, 0)  # ready for the next call (or graph replay)
     else:
         _finish(acc, rows, cols, M, N, Y, Bias, HAS_BIAS)
 
 
 @triton.jit
-def _dequant_tile(words, s16, c, one, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_tile(words, s16, c, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr):
     """[KT/8, BLOCK_N] words -> the [KT, BLOCK_N] weight tile in `dtype`: the 8 nibble planes joined
-    as a minor dimension, so row 8r + j is register j of the thread holding word r (no data moves)."""
-    p0 = (_plane(words, 0, one) * s16 - c).to(dtype)
-    p1 = (_plane(words, 1, one) * s16 - c).to(dtype)
-    p2 = (_plane(words, 2, one) * s16 - c).to(dtype)
-    p3 = (_plane(words, 3, one) * s16 - c).to(dtype)
-    p4 = (_plane(words, 4, one) * s16 - c).to(dtype)
-    p5 = (_plane(words, 5, one) * s16 - c).to(dtype)
-    p6 = (_plane(words, 6, one) * s16 - c).to(dtype)
-    p7 = (_plane(words, 7, one) * s16 - c).to(dtype)
+    as a minor dimension, so row 8r + j is register j of the thread holding word r (no data moves).
+    1.0f is a literal here: measured faster in this kernel than the register form the GEMV uses."""
+    ONE: tl.constexpr = 0x3F800000
+    p0 = (_plane(words, 0, ONE) * s16 - c).to(dtype)
+    p1 = (_plane(words, 1, ONE) * s16 - c).to(dtype)
+    p2 = (_plane(words, 2, ONE) * s16 - c).to(dtype)
+    p3 = (_plane(words, 3, ONE) * s16 - c).to(dtype)
+    p4 = (_plane(words, 4, ONE) * s16 - c).to(dtype)
+    p5 = (_plane(words, 5, ONE) * s16 - c).to(dtype)
+    p6 = (_plane(words, 6, ONE) * s16 - c).to(dtype)
+    p7 = (_plane(words, 7, ONE) * s16 - c).to(dtype)
     w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
     # w[r, n, a, b, e] is plane a*4 + b*2 + e: the last join index is the lowest bit of j
     w = tl.permute(w, 0, 2, 3, 4, 1)  # [r, a, b, e, n]: row ((r*2 + a)*2 + b)*2 + e = 8r + j
@@ -279,7 +289,7 @@ def _dequant_tile(words, s16, c, one, dtype, KT: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
+def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits, tiles_per_split,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """Fused-dequant GEMM: a [BLOCK_M, BLOCK_N] output tile, K step by step (one group each)."""
@@ -309,7 +319,7 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
         a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
         words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
         s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
-        b = _dequant_tile(words, s16[None, :], c[None, :], one, a.dtype, KT, BLOCK_N)
+        b = _dequant_tile(words, s16[None, :], c[None, :], a.dtype, KT, BLOCK_N)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, pid_m * grid_n + pid_n, split, splits,
                      SPLIT_K, HAS_BIAS)
@@ -403,7 +413,7 @@ def gemm(x, packed, group_size, bias=None, block_m=None, block_n=None, num_warps
     part = torch.empty(split if split > 1 else 1, M, N, device=x.device, dtype=torch.float32)
     _gemm_kernel[(n_tiles, split)](
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y, part, counters,
-        M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        M, N // 8, K, x.stride(0), split, per, KT8=kt // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         GROUP_M=8, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return y

@@ -185,3 +185,20 @@ def test_quantize_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
     assert code == 2 and err.strip().startswith("error: --group-size 48 does not divide") and "Traceback" not in err
     code, _, err = run_tool("tinyvila.tools.quantize", tmp_path / "missing", "--out", tmp_path / "y", "--device", "cpu")
     assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llava", "qwen", "vila"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_awq_checkpoint_on_the_gpu_matches_the_cpu(tiny_models, tmp_path, family, dtype):
+    """The Triton W4A16 path (prefill GEMM, graph-captured decode GEMV) against the CPU reference."""
+    make_awq_copies(tiny_models[family], tmp_path / "awq", tmp_path / "deq")
+    cpu = tinyvila.load(tmp_path / "deq", device="cpu", dtype="float32")
+    gpu = tinyvila.load(tmp_path / "awq", device="cuda", dtype=dtype)
+    img = draw_image(96, 72, seed=3)
+    a, b = cpu.logits("What is this?", images=[img]), gpu.logits("What is this?", images=[img]).cpu()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+    with gpu.session(images=[img]) as s:
+        first = s.ask("Go.", temperature=0, max_new_tokens=8, ignore_eos=True)
+        second = s.ask("More.", temperature=0, max_new_tokens=8, ignore_eos=True)
+    assert len(first.token_ids) == len(second.token_ids) == 8

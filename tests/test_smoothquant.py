@@ -119,3 +119,21 @@ def test_w8a8_checkpoint_written_beside_an_untouched_original(llava_vicuna, tmp_
     a, b = w8.logits("What?", images=[image_files[0]]), fp.logits("What?", images=[image_files[0]])
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98
     assert not torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [clip_like, lambda: clip_like("gelu_pytorch_tanh", cls_token=False), qwen_like],
+                         ids=["clip", "siglip", "qwen"])
+def test_w8a8_encoder_on_the_gpu_matches_the_cpu_reference(make):
+    """The Triton int8 path (fused norm/activation quantization, int8 GEMM) against the references."""
+    import copy
+
+    model, inputs = make()
+    with torch.no_grad():
+        sq.smooth(model, sq.activation_maxima(model, run_of(model, inputs)), alpha=0.5)
+        sq.quantize_encoder(model)
+        ref = run_of(model, inputs)()
+        gpu = copy.deepcopy(model).cuda()
+        cuda_inputs = (inputs[0].cuda(), inputs[1]) if isinstance(inputs, tuple) else inputs.cuda()
+        out = run_of(gpu, cuda_inputs)().cpu()
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()

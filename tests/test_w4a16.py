@@ -170,3 +170,19 @@ def test_cuda_graph_replay():
             torch.cuda.synchronize()
             assert _rel_err(out, w4a16_linear_ref(x, packed, 128, b)) < 2e-3
     assert not packed["counters"].any() and not packed["workspace"].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", [(4096, 4104), (11008, 4096)])
+def test_gemv_split_k_every_config(k, n):
+    """Many programs per column block and 1..4 rows, several layouts of the partial sums: the
+    split-K tail once read the workspace and zeroed it from different threads (a race)."""
+    packed, _ = _layer(n, k, 128, seed=3, device="cuda")
+    for m in (1, 2, 3, 4):
+        x, b = _inputs(m, k, n, torch.float16, seed=m, bias=True, device="cuda")
+        ref = w4a16_linear_ref(x, packed, 128, b)
+        for nw, cpt, kt in [(4, 4, 64), (4, 8, 32), (2, 4, 16), (8, 4, 32), (2, 8, 32), (1, 4, 64)]:
+            for _ in range(3):
+                out = w4a16.gemv(x, packed, 128, b, num_warps=nw, cols_per_thread=cpt, k_tile=kt, waves=8)
+                assert _rel_err(out, ref) < 2e-3, (m, nw, cpt, kt)
+        assert not packed["counters"].any() and not packed["workspace"].any()

@@ -43,21 +43,24 @@ FUSED = [("clip fc1 + quick_gelu", 2885, 1024, 4096, "quick_gelu"),
 
 
 def sweep_configs():
+    """Candidates for --sweep (the winners and runners-up of the H100 sweeps behind pick_config)."""
     from tinyvila.kernels.int8_gemm import Int8Config as C
 
-    out = [C(kind="tma", BM=bm, BN=bn, num_warps=w, num_stages=st)
-           for bm, bn, w, st in [(128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 4),
-                                 (128, 128, 4, 4), (64, 256, 4, 4), (128, 64, 4, 5), (64, 128, 4, 5)]]
-    out += [C(kind="tma", BM=128, BN=256, num_warps=8, num_stages=3, flatten=True),
-            C(kind="tma", BM=128, BN=128, num_warps=8, num_stages=4, flatten=True),
-            C(kind="tma", BM=128, BN=256, num_warps=8, num_stages=3, warp_spec=True)]
-    out += [C(kind="ptr", BM=bm, BN=bn, num_warps=w, num_stages=st)
-            for bm, bn, w, st in [(128, 256, 8, 3), (128, 128, 8, 4), (64, 128, 4, 5)]]
-    return out
+    ts = dict(kind="tma", tma_store=True)
+    return [C(BM=128, BN=128, num_warps=4, num_stages=3, epi_split=2, ctas_per_sm=2, **ts),
+            C(kind="tma", BM=128, BN=128, num_warps=4, num_stages=3, ctas_per_sm=2),
+            C(BM=64, BN=128, num_warps=4, num_stages=4, epi_split=2, ctas_per_sm=2, **ts),
+            C(BM=128, BN=64, num_warps=4, num_stages=4, ctas_per_sm=2, **ts),
+            C(BM=256, BN=128, num_warps=8, num_stages=3, epi_split=2, flatten=True, **ts),
+            C(BM=128, BN=256, num_warps=8, num_stages=3, **ts),
+            C(BM=256, BN=128, num_warps=8, num_stages=3, **ts),
+            C(kind="ptr", BM=128, BN=128, num_warps=8, num_stages=3)]
 
 
 def cfg_name(c):
     extra = ("+flat" if c.flatten else "") + ("+ws" if c.warp_spec else "")
+    extra += (f" tmastore/{c.epi_split}" if c.tma_store and c.kind == "tma" else "")
+    extra += (f" {c.ctas_per_sm}/SM" if c.kind == "tma" and c.ctas_per_sm > 1 else "")
     return f"{c.kind} {c.BM}x{c.BN}x{c.BK} w{c.num_warps} s{c.num_stages}{extra}"
 
 

@@ -7,7 +7,8 @@ Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, b
 weights + scales + zeros + x read, y written) over the time, and that rate as a fraction of the
 device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth). Prefill (GEMM) table: w4a16_linear
 against cuBLAS on the same product with fp16/bf16 weights (F.linear), and each of our two large-M
-paths (fused-dequant Triton GEMM; Triton dequantize + cuBLAS) so the switch point can be read off.
+paths (fused-dequant Triton GEMM; Triton dequantize + cuBLAS), and the GEMV for M <= 4, so the
+switch points can be read off.
 
 Every time is the median over several replays of a CUDA graph holding `--reps` back-to-back calls
 (launch overhead does not count), and the calls cycle through enough copies of the weights to
@@ -126,9 +127,10 @@ def gemm_rows(shapes, ms, group, dtype, device, reps):
             t_ours = timed(lambda x, L: w4a16.w4a16_linear(x, L, group), layers)
             t_fused = timed(lambda x, L: w4a16.gemm(x, L, group), layers)
             t_deq = timed(lambda x, L: w4a16.dequant_matmul(x, L, group), layers)
+            t_gemv = timed(lambda x, L: w4a16.gemv(x, L, group), layers) if m <= 4 else float("nan")
             flops = 2 * m * K * N
             rows.append((f"{K}->{N}", m, t_ours * 1e6, flops / t_ours / 1e12, t_cublas * 1e6, t_cublas / t_ours,
-                         t_fused * 1e6, t_deq * 1e6))
+                         t_fused * 1e6, t_deq * 1e6, t_gemv * 1e6))
         del layers, dense
     return rows
 
@@ -175,11 +177,12 @@ def main(argv=None):
         print()
     if args.gemm_shapes and args.gemm_m:
         print(f"| shape K->N | M | w4a16_linear (us) | TFLOP/s | cuBLAS {args.dtype} weights (us) | cuBLAS time / ours "
-              "| fused GEMM (us) | dequant + cuBLAS (us) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for shape, m, t, tf, tc, ratio, tfu, tdq in gemm_rows(args.gemm_shapes, args.gemm_m, args.group, dtype,
-                                                              device, args.reps):
-            print(f"| {shape} | {m} | {t:.1f} | {tf:.0f} | {tc:.1f} | {ratio:.2f} | {tfu:.1f} | {tdq:.1f} |")
+              "| fused GEMM (us) | dequant + cuBLAS (us) | GEMV (us) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for shape, m, t, tf, tc, ratio, tfu, tdq, tgv in gemm_rows(args.gemm_shapes, args.gemm_m, args.group, dtype,
+                                                                   device, args.reps):
+            gv = "-" if tgv != tgv else f"{tgv:.1f}"
+            print(f"| {shape} | {m} | {t:.1f} | {tf:.0f} | {tc:.1f} | {ratio:.2f} | {tfu:.1f} | {tdq:.1f} | {gv} |")
 
 
 if __name__ == "__main__":
