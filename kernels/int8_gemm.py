@@ -3,7 +3,9 @@ per-output-channel scales, int32 accumulation on the tensor cores (wgmma s8 on H
 
   y[m, n] = (sum_k xq[m, k] * wq[n, k]) * xs[m] * ws[n]  (+ bias[n])   ->  out_dtype
   optionally followed by an elementwise activation (gelu / gelu_pytorch_tanh / quick_gelu) in the
-  epilogue, in fp32 before the one rounding to out_dtype.
+  epilogue, in fp32 before the one rounding to out_dtype. (Measured on an H100: fc1 with the
+  activation in the epilogue + quantize_per_token is no faster than fc1 + act_quant, both move the
+  same bytes, so the model code can use either.)
 
 Weight layout (`prepare_int8_weight`, once at load): int8 [N, Kp], K contiguous, zero-padded from K
 to Kp = padded_k(K) (a multiple of 128). K-major is what the 8-bit tensor-core instructions take
@@ -11,13 +13,21 @@ for both operands, and with both operands padded to Kp (the activations by quant
 kernels, see there) the main loop runs over whole 128-byte K tiles without masks. A weight whose K
 is already a multiple of 128 is its own prepared form.
 
-Two kernels (`int8_linear` picks one and its tiles from M, N, K; `config=` overrides):
-  "tma"  persistent: one program per SM walks the output tiles (grouped along M for L2 reuse), the
-         tiles come in through the tensor memory accelerator (host descriptors; rows past M read
-         as zeros). Hopper and newer.
+Two kernels (`int8_linear` picks one and its tiles with `pick_config`; `config=` overrides):
+  "tma"  persistent: `ctas_per_sm` programs per SM walk the output tiles (grouped along M for L2
+         reuse); the operand tiles come in through the tensor memory accelerator (host
+         descriptors; rows past M read as zeros) and, with `tma_store`, the output tile leaves the
+         same way through shared memory. Hopper and newer.
   "ptr"  one program per output tile, pointer loads (rows past M and columns past N wrap around
          inside the tensors and are masked at the store). Any GPU Triton supports, and the
          interpreter.
+
+What limits it (H100, Triton 3.6): Triton keeps a wgmma asynchronous across K steps only for fp32
+accumulators (WGMMAPipeline.cpp, "rule 2.1"), so an int32-accumulating dot waits for its MMAs
+after every K tile; two 1-warpgroup programs per SM hide part of that (one computes while the
+other drains). Storing the tile with tl.store straight from the MMA register layout saturated L2
+(ncu: L2 79 %, SM 17 %) and cost 2x at K ~ 1k; the TMA store fixed that. The default reaches
+0.64-1.17 POP/s int8 at the encoders' shapes (tools/int8_bench.py).
 """
 from dataclasses import dataclass, replace
 

@@ -104,7 +104,10 @@ def test_quantize_leading_dims_and_weights():
 # int8_linear (interpreter on the CPU)
 
 TINY = {"ptr": Int8Config(kind="ptr", BM=16, BN=16, BK=32, GROUP_M=2, num_warps=4, num_stages=1),
-        "tma": Int8Config(kind="tma", BM=16, BN=16, BK=64, GROUP_M=2, num_warps=4, num_stages=1)}
+        "tma": Int8Config(kind="tma", BM=16, BN=16, BK=64, GROUP_M=2, num_warps=4, num_stages=1),
+        # the H100 default's shape: TMA store in two column slices, 2 programs per SM
+        "tma_store": Int8Config(kind="tma", BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1,
+                                ctas_per_sm=2, tma_store=True, epi_split=2)}
 
 
 def _linear_inputs(M, K, N, seed=0, dtype=torch.float32):
@@ -115,7 +118,7 @@ def _linear_inputs(M, K, N, seed=0, dtype=torch.float32):
     return x, w, wq, ws, bias
 
 
-@pytest.mark.parametrize("kind", ["ptr", "tma"])
+@pytest.mark.parametrize("kind", list(TINY))
 @pytest.mark.parametrize("M, K, N", SHAPES)
 def test_int8_linear(kind, M, K, N):
     x, w, wq, ws, bias = _linear_inputs(M, K, N, seed=M + K)

@@ -150,7 +150,6 @@ def bench_linears(args, out):
         if best:
             r.update(best_ms=best[0], best_config=cfg_name(best[1]))
         rows.append(r)
-        del x, w, xq, wq, wp
         torch.cuda.empty_cache()
     out["linears"] = rows
     print("\n| shape | M | K | N | int8 us | int8 TOP/s | fp16 cuBLAS us | fp16 TFLOP/s | speedup | config |")
@@ -193,7 +192,6 @@ def bench_quants(args, out):
         t = graph_time(fn, args.reps, args.iters)
         nbytes = M * width * 2 + M * padded_k(K) + 4 * M + extra
         rows.append(dict(kernel=name, op=op, M=M, K=K, ms=t, gbs=nbytes / t / 1e6, max_lsb=lsb))
-        del x
     out["quants"] = rows
     print("\n| quant kernel | M | in width | out width | us | GB/s |")
     print("|---|---|---|---|---|---|")
@@ -213,10 +211,10 @@ def bench_fused(args, out):
         x, w, bias, xq, xs, wq, wp, ws = _linear_case(M, K, N)
         y = int8_linear(xq, xs, wp, ws, bias, act=act)
         _check(y, xq, xs, wq, ws, bias, act=act)
-        fused = graph_time(lambda: quantize_per_token(int8_linear(xq, xs, wp, ws, bias, act=act)), args.reps, args.iters)
+        fused = graph_time(lambda: quantize_per_token(int8_linear(xq, xs, wp, ws, bias, act=act)),
+                           args.reps, args.iters)
         apart = graph_time(lambda: act_quant(int8_linear(xq, xs, wp, ws, bias), act), args.reps, args.iters)
         rows.append(dict(path=name, M=M, K=K, N=N, epilogue_ms=fused, separate_ms=apart))
-        del x, w, xq, wq, wp
     out["fused"] = rows
     print("\n| fc1 then quantize for fc2 | act in the GEMM epilogue + quantize_per_token us | GEMM + act_quant us |")
     print("|---|---|---|")
