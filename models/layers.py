@@ -543,8 +543,41 @@ class ViTEncoder(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(max(self.feature_layers)))
 
+    graphed = False  # the engine turns it on with CUDA graphs: each input shape captured once
+    MAX_GRAPHS = 4
+
     def forward(self, pixels):
         """pixels [N, 3, S, S] -> features [N, T, C * len(feature_layers)]."""
+        if self.graphed and pixels.is_cuda and not torch.is_grad_enabled():
+            return self._replay(pixels)
+        return self._forward(pixels)
+
+    def _replay(self, pixels):
+        """The encoder as a CUDA graph per input shape: its ~10 kernels a layer (more under W8A8)
+        launch as one, so the host no longer sets the pace. A few shapes are kept (anyres crop
+        counts, video chunks), the least recently used dropped."""
+        graphs = self.__dict__.setdefault("_graphs", {})
+        key = (tuple(pixels.shape), pixels.dtype, pixels.device)
+        if key not in graphs:
+            if len(graphs) >= self.MAX_GRAPHS:
+                graphs.pop(next(iter(graphs)))
+            static_in = pixels.clone()
+            side = torch.cuda.Stream(pixels.device)
+            side.wait_stream(torch.cuda.current_stream(pixels.device))
+            with torch.cuda.stream(side):
+                self._forward(static_in)  # warm-up: kernels compiled, weights prepared
+            torch.cuda.current_stream(pixels.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward(static_in)
+            graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = graphs.pop(key)
+        graphs[key] = (graph, static_in, static_out)  # most recently used last
+        static_in.copy_(pixels)
+        graph.replay()
+        return static_out.clone()
+
+    def _forward(self, pixels):
         x = self.embeddings(pixels)
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)

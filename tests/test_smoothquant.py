@@ -137,3 +137,22 @@ def test_w8a8_encoder_on_the_gpu_matches_the_cpu_reference(make):
         cuda_inputs = (inputs[0].cuda(), inputs[1]) if isinstance(inputs, tuple) else inputs.cuda()
         out = run_of(gpu, cuda_inputs)().cpu()
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w8a8", [False, True])
+def test_graphed_encoder_replays_exactly_the_eager_one(w8a8):
+    """The vision encoder captured as a CUDA graph per input shape gives the eager outputs, for
+    several shapes in turn and again after they were captured."""
+    model, pixels = clip_like()
+    model = model.cuda().half()
+    if w8a8:
+        sq.quantize_encoder(model)
+    inputs = [torch.randn(n, 3, 56, 56, device="cuda") for n in (2, 3, 2, 1)]
+    with torch.no_grad():
+        eager = [model(x) for x in inputs]
+        model.graphed = True
+        graphed = [model(x) for x in inputs] + [model(inputs[0])]
+    assert len(model._graphs) == 3
+    for a, b in zip(eager + [eager[0]], graphed):
+        assert torch.equal(a, b)

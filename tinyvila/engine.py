@@ -119,6 +119,9 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
                                 f"on {device}; try a smaller model or a quantized checkpoint")
+        for m in net.modules():  # vision encoders captured as CUDA graphs per input shape
+            if hasattr(m, "graphed"):
+                m.graphed = device.type == "cuda" and options.get("cuda_graphs", True)
         stop_ids = stop_token_ids(text_dir, config, tokenizer) | extra_stops
         return cls(net.eval(), tokenizer, template, path, config, device, dtype, stop_ids, dict(options))
 

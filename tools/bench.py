@@ -301,6 +301,9 @@ def run(args) -> list:
         model = engine.model
     else:
         model = build(args.arch, device, dtype, args.quant)
+        for m in model.modules():  # as the engine does: vision encoders as CUDA graphs
+            if hasattr(m, "graphed"):
+                m.graphed = device.type == "cuda" and not args.no_graphs
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
                                  banned=None, stop_ids=set(), capture_stream=lambda: stream)
