@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from .errors import TinyVilaError
+from .errors import TinyVilaError, run_cli
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 HELP = """commands:
@@ -161,29 +161,19 @@ class Chat:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        import torch
 
+    def body():
         from . import load
 
-        try:
-            media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
-            engine = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
-            chat = Chat(engine, args)
-            if args.prompt is not None:
-                chat.answer(args.prompt)
-            else:
-                chat.loop()
-        except torch.cuda.OutOfMemoryError:
-            raise TinyVilaError("out of GPU memory; try a smaller image, --max-seq-len, or a smaller model")
-    except TinyVilaError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
+        engine = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
+        chat = Chat(engine, args)
+        if args.prompt is not None:
+            chat.answer(args.prompt)
+        else:
+            chat.loop()
+
+    return run_cli(body, args.debug, "try a smaller image, --max-seq-len, or a smaller model")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,26 @@ class CheckpointError(TinyVilaError):
 
 class ContextError(TinyVilaError):
     """A prompt or conversation that does not fit in the context window."""
+
+
+def run_cli(body, debug: bool, out_of_memory: str) -> int:
+    """Run a command line's body: a user error prints one `error:` line and gives status 2 (a
+    traceback only with --debug), running out of GPU memory is such an error (with a hint), and
+    Ctrl+C gives 130."""
+    import sys
+
+    import torch
+
+    try:
+        try:
+            body()
+        except torch.cuda.OutOfMemoryError:
+            raise TinyVilaError(f"out of GPU memory; {out_of_memory}")
+    except TinyVilaError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from tinyvila.errors import TinyVilaError
+from tinyvila.errors import TinyVilaError, run_cli
 
 
 def compare(reference, quantized, samples, max_new_tokens: int = 32) -> dict:
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="also write the per-sample record as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    record = {}
+
+    def body():
         import tinyvila
         from tinyvila.calibration import builtin_samples, user_samples
 
@@ -60,12 +62,11 @@ def main(argv=None) -> int:
             samples = user_samples(args.samples, args.calib_images, args.calib_prompts, seed=1)
         reference = tinyvila.load(args.reference, device=args.device, dtype=args.dtype)
         quantized = tinyvila.load(args.quantized, device=args.device, dtype=args.dtype)
-        record = compare(reference, quantized, samples, args.max_new_tokens)
-    except TinyVilaError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        record.update(compare(reference, quantized, samples, args.max_new_tokens))
+
+    status = run_cli(body, args.debug, "try --device cpu or fewer --samples")
+    if status:
+        return status
     print("| prompt | logits cosine (mean / min) | top-1 agreement | greedy answer | leading tokens agreeing |")
     print("|---|---|---|---|---|")
     for r in record["samples"] + [dict(record["mean"], question="**mean**")]:

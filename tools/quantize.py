@@ -11,9 +11,8 @@ import argparse
 import sys
 import time
 
-import torch
 
-from tinyvila.errors import TinyVilaError
+from tinyvila.errors import TinyVilaError, run_cli
 
 DEFAULTS = dict(group_size=128, w_bit=4, calib_samples=64, calib_seqlen=1024)
 
@@ -126,21 +125,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        try:
-            quantize(args.model, args.out, args.group_size, args.w_bit, args.calib_samples, args.calib_seqlen,
-                     args.calib_images, args.calib_prompts, not args.no_search, args.quantize_lm_head, args.device,
-                     args.dtype, args.seed, args.w8a8_vision, args.w8a8_alpha, log=lambda m: print(m, file=sys.stderr))
-        except torch.cuda.OutOfMemoryError:
-            raise TinyVilaError("out of GPU memory; try fewer --calib-samples, a shorter --calib-seqlen or --device cpu")
-    except TinyVilaError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_cli(lambda: quantize(args.model, args.out, args.group_size, args.w_bit, args.calib_samples,
+                                    args.calib_seqlen, args.calib_images, args.calib_prompts, not args.no_search,
+                                    args.quantize_lm_head, args.device, args.dtype, args.seed, args.w8a8_vision,
+                                    args.w8a8_alpha, log=lambda m: print(m, file=sys.stderr)),
+                   args.debug, "try fewer --calib-samples, a shorter --calib-seqlen or --device cpu")
 
 
 if __name__ == "__main__":
