@@ -226,6 +226,12 @@ def load_checkpoint(model: nn.Module, path) -> None:
     load_weights(model, tensors(), what=str(path))
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at dotted path `name` inside `root` (quantized layers replacing 16-bit ones)."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 def rename_key(name: str, renames) -> str:
     """Map a checkpoint key through (old prefix, new prefix) rules; the first match wins."""
     for old, new in renames:
@@ -511,6 +517,13 @@ class ViTLayer(nn.Module):
         return x + mlp.fc2(act_input(self.act_name, self.act, h, mlp.fc2))
 
 
+def use_encoder_graphs(model: nn.Module, on: bool) -> None:
+    """Turn per-shape CUDA graphs of the vision encoders in `model` on or off."""
+    for m in model.modules():
+        if isinstance(m, ViTEncoder):
+            m.graphed = on
+
+
 class ViTEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig, cls_token: bool, patch_bias: bool):
         super().__init__()
@@ -542,6 +555,7 @@ class ViTEncoder(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if pre_norm else None
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(max(self.feature_layers)))
+        self._graphs = {}  # input key -> (CUDA graph, static input, static output), see _replay
 
     graphed = False  # the engine turns it on with CUDA graphs: each input shape captured once
     MAX_GRAPHS = 4
@@ -556,7 +570,7 @@ class ViTEncoder(nn.Module):
         """The encoder as a CUDA graph per input shape: its ~10 kernels a layer (more under W8A8)
         launch as one, so the host no longer sets the pace. A few shapes are kept (anyres crop
         counts, video chunks), the least recently used dropped."""
-        graphs = self.__dict__.setdefault("_graphs", {})
+        graphs = self._graphs
         key = (tuple(pixels.shape), pixels.dtype, pixels.device)
         if key not in graphs:
             if len(graphs) >= self.MAX_GRAPHS:

@@ -48,9 +48,11 @@ def write_awq_checkpoint(model, src, out, packed: dict, group_size: int, not_con
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
             (out / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, out / f.relative_to(src))
+    from safetensors.torch import save_file
+
     params = dict(model.named_parameters())
     owners = dict(model.named_modules())
-    maps, quantized_folders, written = {}, set(), []
+    maps, sizes, quantized_folders, written = {}, {}, set(), []
     for f in weight_files:
         rel = f.relative_to(src)
         folder = rel.parent.as_posix()
@@ -72,18 +74,14 @@ def write_awq_checkpoint(model, src, out, packed: dict, group_size: int, not_con
                 quantized_folders.add(folder)
             else:
                 tensors[name] = param_view(model, pname, shard, params, owners).to(t.dtype).contiguous().cpu()
-        from safetensors.torch import save_file
-
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / rel), metadata={"format": "pt"})
         written.append(out / rel)
         maps.setdefault(rel.parent, {}).update({n: rel.name for n in tensors})
-        maps[rel.parent]["__bytes__"] = maps[rel.parent].get("__bytes__", 0) + sum(
-            t.numel() * t.element_size() for t in tensors.values())
+        sizes[rel.parent] = sizes.get(rel.parent, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
     for folder, weight_map in maps.items():  # sharded folders keep an index naming the new tensors
         if (src / folder / "model.safetensors.index.json").is_file():
-            size = weight_map.pop("__bytes__")
-            index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {"metadata": {"total_size": sizes[folder]}, "weight_map": dict(sorted(weight_map.items()))}
             (out / folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     qconfig = awq_quantization_config(group_size, not_convert)
     for folder in {"."} | quantized_folders:  # the top config, and the config beside the LLM weights

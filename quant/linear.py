@@ -36,7 +36,24 @@ class W4Linear(nn.Module):
         self.qzeros = nn.Parameter(torch.empty(K // G, N // PACK, dtype=torch.int32), **keep)
         self.scales = nn.Parameter(torch.empty(K // G, N, dtype=torch.float16), **keep)
         self.bias = nn.Parameter(torch.empty(N)) if bias else None
-        self.packed = None  # the kernels' layout, after finalize()
+        self.packed_names = None  # the kernels' layout (buffers "w4_<name>"), after finalize()
+
+    @classmethod
+    def like(cls, linear: nn.Linear, group_size: int) -> "W4Linear":
+        """An empty 4-bit layer in place of `linear` (same widths, bias, fused shards, device)."""
+        with torch.device(linear.weight.device):
+            new = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None,
+                      getattr(linear, "shard_sizes", None))
+            if linear.bias is not None:
+                new.bias = nn.Parameter(torch.empty_like(linear.bias), requires_grad=False)
+        return new
+
+    @property
+    def packed(self) -> dict | None:
+        """The kernels' tensors by name, from the buffers (so they follow the module's device)."""
+        if self.packed_names is None:
+            return None
+        return {name: getattr(self, "w4_" + name) for name in self.packed_names}
 
     def shard(self, tensor: torch.Tensor, index: int, leaf: str) -> torch.Tensor:
         """The rows (output channels) of shard `index`: packed tensors hold 8 of them per int32."""
@@ -50,20 +67,22 @@ class W4Linear(nn.Module):
         """Repack into the kernels' layout once, after loading; the checkpoint layout is freed."""
         from tinyvila.kernels.w4a16 import repack_awq
 
-        self.packed = repack_awq(self.qweight.data, self.qzeros.data, self.scales.data, dtype)
-        for name, t in self.packed.items():
+        packed = repack_awq(self.qweight.data, self.qzeros.data, self.scales.data, dtype)
+        for name, t in packed.items():
             self.register_buffer("w4_" + name, t, persistent=False)
+        self.packed_names = list(packed)
         del self.qweight, self.qzeros, self.scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from tinyvila.kernels.w4a16 import w4a16_linear, w4a16_linear_ref
 
-        if self.packed is None:
+        packed = self.packed
+        if packed is None:
             raise RuntimeError("W4Linear used before finalize()")
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         run = w4a16_linear if x.is_cuda else w4a16_linear_ref  # CPUs take the PyTorch reference
-        y = run(x2, self.packed, self.group_size, self.bias)
+        y = run(x2, packed, self.group_size, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -94,7 +113,7 @@ def convert_to_w4(model: nn.Module, entries) -> int:
     (on whatever device `model` lives, meta included). `entries`: (file, stored name, module name)
     as layers.checkpoint_entries gives them. Returns how many modules were converted."""
     from tinyvila.loader import tensor_shapes
-    from tinyvila.models.layers import fused_target
+    from tinyvila.models.layers import fused_target, replace_module
 
     params = dict(model.named_parameters())
     scales = {}  # module name -> (file, stored name) of one of its scales tensors
@@ -114,17 +133,11 @@ def convert_to_w4(model: nn.Module, entries) -> int:
         groups = shapes[stored][0]
         if groups == 0 or old.in_features % groups:
             raise CheckpointError(f"{stored}: {groups} scale groups do not divide {old.in_features} inputs")
-        with torch.device(old.weight.device):
-            new = W4Linear(old.in_features, old.out_features, old.in_features // groups, old.bias is not None,
-                           getattr(old, "shard_sizes", None))
-            if old.bias is not None:
-                new.bias = nn.Parameter(torch.empty_like(old.bias), requires_grad=False)
-        parent, _, leaf = module_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        replace_module(model, module_name, W4Linear.like(old, old.in_features // groups))
     return len(scales)
 
 
 def finalize_w4(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
-        if isinstance(module, W4Linear) and module.packed is None:
+        if isinstance(module, W4Linear) and module.packed_names is None:
             module.finalize(dtype)

@@ -177,11 +177,12 @@ def smooth(model: nn.Module, maxima: dict, alpha: float = 0.5) -> None:
 
 def quantize_encoder(model: nn.Module) -> list:
     """Swap every encoder-block linear for its W8A8 version; returns the swapped names."""
+    from tinyvila.models.layers import replace_module
+
     names = []
     for prefix, block in encoder_blocks(model):
         for name in block_linears(block):
-            parent, _, leaf = name.rpartition(".")
-            setattr(block.get_submodule(parent), leaf, W8A8Linear.from_float(block.get_submodule(name)))
+            replace_module(block, name, W8A8Linear.from_float(block.get_submodule(name)))
             names.append(f"{prefix}.{name}")
     return names
 
@@ -211,6 +212,7 @@ def load_w8a8(model: nn.Module, path) -> int:
     """Turn the encoder into its W8A8 version from a vision_w8a8.safetensors file; returns the
     number of int8 linears."""
     from tinyvila.loader import iter_tensors
+    from tinyvila.models.layers import replace_module
 
     tensors = dict(iter_tensors([Path(path)]))
     count = 0
@@ -233,8 +235,7 @@ def load_w8a8(model: nn.Module, path) -> int:
             new.weight_scale.copy_(s)
             if old.bias is not None:
                 new.bias.copy_(tensors.pop(key + ".bias"))
-            parent, _, leaf = name.rpartition(".")
-            setattr(block.get_submodule(parent), leaf, new.to(old.weight.device))
+            replace_module(block, name, new.to(old.weight.device))
             count += 1
     if tensors:
         raise CheckpointError(f"{path}: unexpected tensors {sorted(tensors)[:3]}")

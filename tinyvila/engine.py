@@ -87,7 +87,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
         from tinyvila.models import family_for
-        from tinyvila.models.layers import checkpoint_entries, load_checkpoint
+        from tinyvila.models.layers import checkpoint_entries, load_checkpoint, use_encoder_graphs
         from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
         from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
@@ -119,9 +119,7 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
                                 f"on {device}; try a smaller model or a quantized checkpoint")
-        for m in net.modules():  # vision encoders captured as CUDA graphs per input shape
-            if hasattr(m, "graphed"):
-                m.graphed = device.type == "cuda" and options.get("cuda_graphs", True)
+        use_encoder_graphs(net, device.type == "cuda" and options.get("cuda_graphs", True))
         stop_ids = stop_token_ids(text_dir, config, tokenizer) | extra_stops
         return cls(net.eval(), tokenizer, template, path, config, device, dtype, stop_ids, dict(options))
 

@@ -140,6 +140,9 @@ class GraphedDecode:
         splits = split_count(cache.max_len, cfg.num_key_value_heads)
         self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
         self.graph = None
+        # greedy(): where the host reads each token, one slot per step in flight
+        self._pinned = torch.zeros(2, dtype=torch.long, pin_memory=True)
+        self._ready = [torch.cuda.Event(), torch.cuda.Event()]
         if capture_stream is not None:  # warm up on a side stream (writes land in the slot about to be written)
             self._set(token, pos, slot)
             side = capture_stream  # one per engine: libraries keep per-stream workspaces for good
@@ -184,9 +187,6 @@ class GraphedDecode:
         no host time sits between steps. A consumer that stops early leaves one step computed past
         the end (its KV lies beyond the cache length and is overwritten later)."""
         device = self.token.device
-        if not hasattr(self, "_pinned"):
-            self._pinned = torch.zeros(2, dtype=torch.long, pin_memory=True)
-            self._ready = [torch.cuda.Event(), torch.cuda.Event()]
         self._set(token, pos, slot)
 
         def launch(i):

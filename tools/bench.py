@@ -165,23 +165,21 @@ def copy_bandwidth(device, gib: float = 2.0, trials: int = 5) -> float:
 def random_w4(lm, group_size: int = 128) -> None:
     """Swap every decoder-layer linear of `lm` for a W4A16 one with random packed weights (speed
     does not depend on the values; these give weights of about the fp16 ones' size)."""
+    from tinyvila.models.layers import replace_module
     from tinyvila.quant.linear import W4Linear
 
     for layer in lm.layers:
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             old = layer.get_submodule(name)
-            device, dtype = old.weight.device, old.weight.dtype
-            K, N = old.in_features, old.out_features
-            with torch.device(device):
-                new = W4Linear(K, N, group_size, old.bias is not None, getattr(old, "shard_sizes", None))
+            new = W4Linear.like(old, group_size)
+            with torch.no_grad():
                 new.qweight.random_(-2**31, 2**31 - 1)
                 new.qzeros.fill_(0x77777777)  # zero point 7 everywhere
                 new.scales.fill_(0.004)
                 if old.bias is not None:
-                    new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
-            new.finalize(dtype)
-            parent, _, leaf = name.rpartition(".")
-            setattr(layer.get_submodule(parent), leaf, new)
+                    new.bias.copy_(old.bias)
+            new.finalize(old.weight.dtype)
+            replace_module(layer, name, new)
 
 
 def layer_bytes(module) -> int:
@@ -301,9 +299,9 @@ def run(args) -> list:
         model = engine.model
     else:
         model = build(args.arch, device, dtype, args.quant)
-        for m in model.modules():  # as the engine does: vision encoders as CUDA graphs
-            if hasattr(m, "graphed"):
-                m.graphed = device.type == "cuda" and not args.no_graphs
+        from tinyvila.models.layers import use_encoder_graphs
+
+        use_encoder_graphs(model, device.type == "cuda" and not args.no_graphs)  # as the engine does
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
                                  banned=None, stop_ids=set(), capture_stream=lambda: stream)

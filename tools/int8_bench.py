@@ -21,6 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from tinyvila.tools.kernel_bench import time_graph
+
 # name, M, K, N
 LINEARS = [
     ("clip qkv", 2885, 1024, 3072), ("clip o", 2885, 1024, 1024),
@@ -66,29 +68,7 @@ def cfg_name(c):
 
 def graph_time(fn, reps, iters):
     """Median ms per call of `fn`, from CUDA-graph replays of `reps` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / reps)
-    del g
-    return statistics.median(times)
+    return time_graph([fn], reps, iters) * 1e3
 
 
 def _linear_case(M, K, N, seed=0):
