@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 def decode_attention_ref(q, k, v, length, scale=None, window=None):
     """Plain PyTorch reference: q [Hq, D], k/v [Hkv, S, D], length int or 1-element tensor."""
@@ -31,9 +33,12 @@ def decode_attention_ref(q, k, v, length, scale=None, window=None):
 @triton.jit
 def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window, split_size,
              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     # One program per (KV head, split): the GROUP query heads sharing that KV head are scored
     # together with tensor-core dots, so each key and value is read once.
+    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     kv = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a KV head of a long cache is large
     split = tl.program_id(1)
     length = tl.load(Length)
@@ -69,7 +74,10 @@ def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window
 
 
 @triton.jit
-def _merge(Out, Max, Sum, Final, SPLITS: tl.constexpr, D: tl.constexpr):
+def _merge(Out, Max, Sum, Final, SPLITS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     head = tl.program_id(0)
     i = tl.arange(0, SPLITS)
     m = tl.load(Max + head * SPLITS + i)
@@ -108,8 +116,8 @@ def decode_attention(q, k, v, length, scale=None, window=None, splits=None, bloc
     _partial[(Hkv, splits)](q, k, v, length, part, mx, sm, k.stride(0), k.stride(1), scale, window or 0, split_size,
                             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=splits, D=D,
                             BLOCK=block, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                            num_warps=num_warps)
-    _merge[(Hq,)](part, mx, sm, out, SPLITS=splits, D=D)
+                            num_warps=num_warps, **launch_options(q.device, dependent=True))
+    _merge[(Hq,)](part, mx, sm, out, SPLITS=splits, D=D, **launch_options(q.device, dependent=True))
     return out
 
 

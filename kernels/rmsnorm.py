@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 def rmsnorm_ref(x, weight, eps):
     xf = x.float()
@@ -21,7 +23,10 @@ def add_rmsnorm_ref(x, delta, weight, eps):
 
 
 @triton.jit
-def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: long prompts times wide rows
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -41,7 +46,8 @@ def _launch(x, delta, weight, eps):
     y = torch.empty_like(x)
     s = torch.empty_like(x) if delta is not None else y
     _rmsnorm[(x.numel() // n,)](x, delta if delta is not None else x, weight, y, s, n, eps,
-                                HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n))
+                                HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
+                                **launch_options(x.device, dependent=True))
     return y, s
 
 

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
     D = cos.shape[-1]
@@ -27,7 +29,10 @@ def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
 
 @triton.jit
 def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks,
-                 N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+                 N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
     half = HALF
     i = tl.arange(0, HALF)
@@ -62,5 +67,5 @@ def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
     q = torch.empty(n_heads, D, device=qkv.device, dtype=qkv.dtype)
     _rope_append[(n_heads + 2 * n_kv,)](qkv, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
                                        k_cache.stride(0), k_cache.stride(1), N_HEADS=n_heads, N_KV=n_kv, D=D,
-                                       HALF=D // 2)
+                                       HALF=D // 2, **launch_options(qkv.device, dependent=True))
     return q

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 def silu_mul_ref(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
@@ -11,7 +13,10 @@ def silu_mul_ref(gate_up):
 
 
 @triton.jit
-def _silu_mul(GU, Out, inter, BLOCK: tl.constexpr):
+def _silu_mul(GU, Out, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # long prompts: row * 2 * inter passes 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -27,5 +32,5 @@ def silu_mul(gate_up, block=1024):
     inter = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * inter)
     out = torch.empty(*gate_up.shape[:-1], inter, device=gate_up.device, dtype=gate_up.dtype)
-    _silu_mul[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
+    _silu_mul[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, **launch_options(gate_up.device, dependent=True))
     return out

@@ -22,6 +22,10 @@ No int -> float conversions: f = bitcast((q << 19) | 0x3F800000) = 1 + q/16 exac
 and the GEMV factors it per K tile (the tiles never straddle a group):
   sum_k (q - z) s x = 16s * sum_k f x - s*(16 + z) * sum_k x      (shift, LOP3, FMA a weight).
 
+Decode extras of the GEMV: it is launched as a programmatic dependent (kernels/pdl.py), loading its
+first weights while the kernel before it still runs, and for the down projection it reads the
+gate|up output itself and forms silu(gate) * up as it loads x (`swiglu=True`: no SiLU-mul kernel).
+
 Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on data):
   M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
   M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU.
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
 from tinyvila.quant.pack import AWQ_ORDER
 
 GEMV_MAX_M = 2
@@ -170,27 +175,40 @@ def _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, tile, split
 
 
 @triton.jit
-def _gemv_row(f, d, xs, Xt, row, M, k, MASKED: tl.constexpr):
+def _gemv_row(f, d, xs, Xt, row, M, k, K, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
     """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of rows k = 8r + j of the
-    step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term)."""
+    step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term).
+    SWIGLU: the row is a gate|up pair [2K] and x = silu(gate) * up, rounded as kernels/silu_mul.py
+    rounds it (the down projection reads the gate/up output directly)."""
     if MASKED:
-        x = tl.load(Xt + k, mask=(k * 0 + row) < M, other=0.0).to(tl.float32)  # [KT8]
+        x = tl.load(Xt + k, mask=(k * 0 + row) < M, other=0.0)  # [KT8]
+        u = tl.load(Xt + K + k, mask=(k * 0 + row) < M, other=0.0) if SWIGLU else x
     else:
-        x = tl.load(Xt + k).to(tl.float32)
+        x = tl.load(Xt + k)
+        u = tl.load(Xt + K + k) if SWIGLU else x
+    if SWIGLU:
+        g = x.to(tl.float32)
+        x = (g / (1.0 + tl.exp(-g))).to(u.dtype) * u
+    x = x.to(tl.float32)
     return d + f * x[:, None], xs + x
 
 
 @triton.jit
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
     adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
     step's words are loaded before this step's arithmetic (register double buffering). Split-K:
     fp32 atomic adds into the layer's zeroed workspace; the last program of a column block (its
-    semaphore) reads the sums, writes y and zeroes the workspace again."""
+    semaphore) reads the sums, writes y and zeroes the workspace again.
+    PDL (programmatic dependent launch): the programs start while the kernel before is still
+    running and load their first weights (which no kernel writes), then wait for it before reading x
+    or touching y, the workspace or the semaphores."""
     KT: tl.constexpr = 8 * KT8
+    if PDL:
+        gdc_launch_dependents()
     N = N8 * 8  # N is passed as N / 8 so that row starts are known to be 16-byte aligned
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -208,6 +226,8 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     acc1 = tl.zeros([BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_N], tl.float32)
     acc3 = tl.zeros([BLOCK_N], tl.float32)
+    if PDL:
+        gdc_wait()
     for t in range(t0, t1):
         tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
         words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
@@ -226,12 +246,12 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         for j in tl.static_range(8):
             f = _plane(words, j, one)
             k = 8 * r + j
-            d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, False)  # M >= 1: row 0 always exists
+            d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, K, False, SWIGLU)  # M >= 1: row 0 always exists
             if BLOCK_M > 1:
-                d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, True)
+                d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, K, True, SWIGLU)
             if BLOCK_M > 2:
-                d2, x2 = _gemv_row(f, d2, x2, Xt + 2 * stride_xm, 2, M, k, True)
-                d3, x3 = _gemv_row(f, d3, x3, Xt + 3 * stride_xm, 3, M, k, True)
+                d2, x2 = _gemv_row(f, d2, x2, Xt + 2 * stride_xm, 2, M, k, K, True, SWIGLU)
+                d3, x3 = _gemv_row(f, d3, x3, Xt + 3 * stride_xm, 3, M, k, K, True, SWIGLU)
         sf = s.to(tl.float32)
         s16 = sf * 16.0
         c = sf * (16.0 + z.to(tl.float32))
@@ -362,11 +382,11 @@ def _splits(n_out_tiles: int, k_tiles: int, target: int, max_tiles: int, split=N
     return -(-k_tiles // per), per
 
 
-def _check(x, packed, group_size, bias):
+def _check(x, packed, group_size, bias, swiglu=False):
     qw = packed["qweight"]
     K8, N = qw.shape
-    K = x.shape[-1]
-    assert x.dim() == 2 and K == 8 * K8, f"x {tuple(x.shape)} against a packed weight of {8 * K8} rows"
+    K = x.shape[-1] // 2 if swiglu else x.shape[-1]
+    assert x.dim() == 2 and K == 8 * K8 and (not swiglu or x.shape[-1] == 2 * K), f"x {tuple(x.shape)} against a packed weight of {8 * K8} rows"
     assert K % group_size == 0 and packed["scales"].shape == (K // group_size, N), (
         f"group size {group_size} does not match scales {tuple(packed['scales'].shape)} for K={K}")
     assert packed["zeros"].shape == packed["scales"].shape and packed["zeros"].dtype == torch.uint8
@@ -378,9 +398,10 @@ def _check(x, packed, group_size, bias):
 
 
 def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
-         split=None):
-    """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG."""
-    M, K, N = _check(x, packed, group_size, bias)
+         split=None, swiglu=False):
+    """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG.
+    swiglu: x is a gate|up pair [M, 2K] and the input is silu(gate) * up (the down projection)."""
+    M, K, N = _check(x, packed, group_size, bias, swiglu)
     assert 1 <= M <= 4, M
     nw, cpt, kt, wv = GEMV_CONFIG[triton.next_power_of_2(M)]
     num_warps, cpt, waves = num_warps or nw, cols_per_thread or cpt, waves or wv
@@ -394,7 +415,7 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        num_warps=num_warps)
+        SWIGLU=swiglu, num_warps=num_warps, **launch_options(x.device, dependent=True))
     return y
 
 

@@ -377,12 +377,16 @@ class MLP(nn.Module):
         return self.down_proj(act_input(self.act_name, self.act, self.gate_up_proj(x), self.down_proj, gated=True))
 
     def fused(self, x):
-        """The GPU path: SiLU and the product in one Triton kernel."""
+        """The GPU path: SiLU and the product in one Triton kernel, or inside a 4-bit down
+        projection's decode GEMV (W4Linear.swiglu)."""
         if self.act is not F.silu:
             return self.forward(x)
         from tinyvila.kernels.silu_mul import silu_mul
 
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        swiglu = getattr(self.down_proj, "swiglu", None)
+        y = swiglu(gate_up) if swiglu is not None else None
+        return y if y is not None else self.down_proj(silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):

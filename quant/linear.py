@@ -85,6 +85,18 @@ class W4Linear(nn.Module):
         y = run(x2, packed, self.group_size, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """down(silu(gate) * up) for one or two decode rows, the GEMV reading gate|up [.., 2K]
+        itself (no SiLU-mul kernel and round trip in between); None where that path does not apply
+        (the CPU, prefill rows), and the caller runs the two steps."""
+        from tinyvila.kernels.w4a16 import GEMV_MAX_M, gemv
+
+        rows = gate_up.reshape(-1, gate_up.shape[-1])
+        if not gate_up.is_cuda or rows.shape[0] > GEMV_MAX_M or self.packed is None or rows.stride(-1) != 1:
+            return None
+        y = gemv(rows, self.packed, self.group_size, self.bias, swiglu=True)
+        return y.reshape(*gate_up.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"
 

@@ -89,6 +89,24 @@ def test_each_path_and_split_k(path, split):
     assert not packed["counters"].any() and not packed["workspace"].any()
 
 
+@pytest.mark.parametrize("m, split", [(1, 1), (2, 3), (3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_swiglu_input_equals_silu_mul_then_gemv(m, split, dtype):
+    """The down projection's GEMV reading gate|up itself equals silu_mul, then the GEMV: bit for
+    bit at the same split (the fused input is rounded as silu_mul rounds it)."""
+    from tinyvila.kernels.silu_mul import silu_mul, silu_mul_ref
+
+    n, k, group = 40, 128, 32
+    packed, _ = _layer(n, k, group, seed=9)
+    gate_up, b = _inputs(m, 2 * k, n, dtype, seed=m, bias=True)
+    fused = w4a16.gemv(gate_up, packed, group, b, cols_per_thread=1, num_warps=1, split=split, swiglu=True)
+    two_step = w4a16.gemv(silu_mul(gate_up), packed, group, b, cols_per_thread=1, num_warps=1, split=split)
+    assert torch.equal(fused, two_step)
+    assert _rel_err(fused, w4a16_linear_ref(silu_mul_ref(gate_up.float()), packed, group, b)) < (
+        1e-5 if dtype == torch.float32 else 2e-3)
+    assert not packed["counters"].any() and not packed["workspace"].any()
+
+
 def test_fp16_activations_and_leading_dims():
     packed, _ = _layer(40, 64, 16, seed=5)
     x, b = _inputs(6, 64, 40, torch.float16, bias=True)
@@ -186,3 +204,51 @@ def test_gemv_split_k_every_config(k, n):
                 out = w4a16.gemv(x, packed, 128, b, num_warps=nw, cols_per_thread=cpt, k_tile=kt, waves=8)
                 assert _rel_err(out, ref) < 2e-3, (m, nw, cpt, kt)
         assert not packed["counters"].any() and not packed["workspace"].any()
+
+
+def test_pdl_off_on_the_cpu_and_by_environment(monkeypatch):
+    from tinyvila.kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu"), dependent=True) == {"PDL": False}
+    monkeypatch.setenv("TINYVILA_PDL", "0")
+    assert pdl.launch_options(torch.device("cuda", 0), dependent=True) == {"PDL": False}
+
+
+@pytest.mark.gpu
+def test_pdl_chain_in_a_cuda_graph_matches_plain_launches(monkeypatch):
+    """Decode's chain (RMSNorm, gate/up GEMV, SwiGLU-fused down GEMV, residual add + RMSNorm, ...)
+    with programmatic dependent launch, each kernel starting while the one before still runs,
+    replayed in a CUDA graph with new inputs: what plain launches give. A kernel that read its
+    input before the previous one had written it would be off by the whole value, not by the
+    rounding that the split-K atomics' order leaves."""
+    from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
+
+    K, I, G = 2048, 5632, 128
+    up, _ = _layer(2 * I, K, G, seed=1, device="cuda", dtype=torch.float16)
+    down, _ = _layer(K, I, G, seed=2, device="cuda", dtype=torch.float16)
+    weight = torch.rand(K, device="cuda", dtype=torch.float16) + 0.5
+
+    def chain(x):
+        h, n = x, rmsnorm(x, weight, 1e-6)
+        for _ in range(4):
+            delta = w4a16.gemv(w4a16.gemv(n, up, G), down, G, swiglu=True)
+            n, h = add_rmsnorm(h, delta, weight, 1e-6)
+        return n
+
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    chain(x)  # compile outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = chain(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    monkeypatch.setenv("TINYVILA_PDL", "0")
+    for _ in range(50):
+        x.normal_()
+        graph.replay()
+        plain = chain(x)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and _rel_err(out, plain) < 1e-2
+    assert not up["counters"].any() and not down["counters"].any()
