@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.pdl import chain_start, launch_options
 
 
 def decode_attention_ref(q, k, v, length, scale=None, window=None):
@@ -36,9 +36,7 @@ def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window
              BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     # One program per (KV head, split): the GROUP query heads sharing that KV head are scored
     # together with tensor-core dots, so each key and value is read once.
-    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     kv = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a KV head of a long cache is large
     split = tl.program_id(1)
     length = tl.load(Length)
@@ -75,9 +73,7 @@ def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window
 
 @triton.jit
 def _merge(Out, Max, Sum, Final, SPLITS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     head = tl.program_id(0)
     i = tl.arange(0, SPLITS)
     m = tl.load(Max + head * SPLITS + i)

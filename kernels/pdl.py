@@ -17,8 +17,8 @@ import functools
 import os
 
 import torch
-
 import triton
+import triton.language as tl
 
 try:  # re-exported to the kernels, which call them only under their PDL constexpr
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -45,3 +45,12 @@ def launch_options(device: torch.device, dependent: bool = False) -> dict:
     and, for a kernel that waits on its predecessor, launch_pdl."""
     on = enabled(device)
     return {"PDL": on, "launch_pdl": True} if on and dependent else {"PDL": on}
+
+
+@triton.jit
+def chain_start(PDL: tl.constexpr):
+    """The first statement of a chained kernel: let the next kernel launch, then wait for the one
+    before (a no-op unless the launch asked for PDL)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()

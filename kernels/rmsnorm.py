@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.pdl import chain_start, launch_options
 
 
 def rmsnorm_ref(x, weight, eps):
@@ -24,9 +24,7 @@ def add_rmsnorm_ref(x, delta, weight, eps):
 
 @triton.jit
 def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: long prompts times wide rows
     cols = tl.arange(0, BLOCK)
     mask = cols < n

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.pdl import chain_start, launch_options
 
 
 def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
@@ -30,9 +30,7 @@ def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
 @triton.jit
 def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks,
                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
     half = HALF
     i = tl.arange(0, HALF)

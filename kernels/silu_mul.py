@@ -4,7 +4,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.pdl import chain_start, launch_options
 
 
 def silu_mul_ref(gate_up):
@@ -14,9 +14,7 @@ def silu_mul_ref(gate_up):
 
 @triton.jit
 def _silu_mul(GU, Out, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # decode chains its kernels with programmatic dependent launch (kernels/pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)  # long prompts: row * 2 * inter passes 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
