@@ -113,6 +113,7 @@ class Env:
         d = self.root / f"ckpt{Env._copies}"
         shutil.copytree(src or self.llava, d)
         breaker(d)
+        self.last_broken = d  # for `names`: the folder the row's error must name
         return d
 
     # ---- media
@@ -277,6 +278,7 @@ LLAVA = (lambda env: env.llava)
 QWEN = (lambda env: env.qwen)
 VILA = (lambda env: env.vila)
 IMAGE = (lambda env: env.image)
+BROKEN = (lambda env: env.last_broken)
 RUN = ["-p", "What is it?", "-n", "2", "--temperature", "0", "--device", "cpu"]
 
 CASES = [
@@ -379,6 +381,31 @@ CASES = [
                                                                          max_new_tokens=2),
          TinyVilaError, "temperature"),
     Case("option-top-p-zero", lambda env: env.llava_engine.generate("Hi", top_p=0), TinyVilaError, "top_p"),
+    # wrong types: bools are ints in Python, floats are not integers, strings are not numbers
+    Case("option-top-k-float", lambda env: env.llava_engine.generate("Hi", top_k=1.5, max_new_tokens=2),
+         TinyVilaError, r"^top_k must be an integer >= 0, got 1\.5$"),
+    Case("option-top-k-bool-in-session", lambda env: env.llava_engine.session().ask("Hi", top_k=True, max_new_tokens=2),
+         TinyVilaError, "^top_k must be an integer >= 0, got True$"),
+    Case("option-seed-string", lambda env: env.llava_engine.generate("Hi", seed="x", temperature=1.0, max_new_tokens=2),
+         TinyVilaError, "^seed must be a 64-bit integer, got 'x'$"),
+    Case("option-seed-bool", lambda env: env.llava_engine.generate("Hi", seed=True, temperature=1.0, max_new_tokens=2),
+         TinyVilaError, "^seed must be a 64-bit integer, got True$"),
+    Case("option-seed-float-in-stream", lambda env: next(env.llava_engine.session().stream(
+        "Hi", seed=1.5, temperature=1.0, max_new_tokens=2)), TinyVilaError,
+         r"^seed must be a 64-bit integer, got 1\.5$"),
+    Case("option-seed-over-64-bits", lambda env: env.llava_engine.generate(
+        "Hi", seed=2 ** 64, temperature=1.0, max_new_tokens=2), TinyVilaError,
+         f"^seed must be a 64-bit integer, got {2 ** 64}$"),
+    Case("option-max-new-tokens-bool", lambda env: env.llava_engine.generate("Hi", max_new_tokens=True),
+         TinyVilaError, "^max_new_tokens must be a positive integer, got True$"),
+    Case("option-top-p-string", lambda env: env.llava_engine.generate("Hi", top_p="0.5", max_new_tokens=2),
+         TinyVilaError, r"^top_p must be a number in \(0, 1\], got '0\.5'$"),
+    Case("option-temperature-string", lambda env: env.llava_engine.generate("Hi", temperature="1", max_new_tokens=2),
+         TinyVilaError, "^temperature must be a number >= 0, got '1'$"),
+    Case("option-temperature-bool", lambda env: env.llava_engine.generate("Hi", temperature=True, max_new_tokens=2),
+         TinyVilaError, "^temperature must be a number >= 0, got True$"),
+    Case("option-max-seq-len-bool", lambda env: env.llava_engine.session(max_seq_len=True), TinyVilaError,
+         "^max_seq_len must be a positive integer, got True$"),
     Case("option-negative-max-seq-len", lambda env: env.llava_engine.session(max_seq_len=-5), TinyVilaError,
          "max_seq_len"),
     Case("option-unknown-sparsity", lambda env: env.llava_engine.session(sparsity="bogus"), TinyVilaError,
@@ -403,12 +430,12 @@ CASES = [
         lambda d: (d / "config.json").write_text("[1, 2]"))), CheckpointError, "JSON object"),
     Case("ckpt-unknown-architecture", lambda env: tinyvila.load(env.broken(edit_config(
         lambda c: c.update(architectures=["FancyVLM"], model_type="fancy")))), CheckpointError,
-         "unsupported architecture 'FancyVLM'"),
+         "unsupported architecture 'FancyVLM'", names=BROKEN),
     Case("ckpt-unknown-model-type", lambda env: tinyvila.load(env.broken(edit_config(
         lambda c: (c.pop("architectures", None), c.update(model_type="fancy"))))), CheckpointError,
-         "unsupported model_type 'fancy'"),
+         "unsupported model_type 'fancy'", names=BROKEN),
     Case("ckpt-no-safetensors", lambda env: tinyvila.load(env.broken(lambda d: (d / "model.safetensors").unlink())),
-         CheckpointError, "no \\*.safetensors weights"),
+         CheckpointError, "no \\*.safetensors weights", names=BROKEN),
     Case("ckpt-truncated-safetensors", lambda env: tinyvila.load(env.broken(_truncate)), CheckpointError,
          "truncated or corrupt", names=lambda env: "model.safetensors"),
     Case("ckpt-garbage-safetensors", lambda env: tinyvila.load(env.broken(
@@ -432,12 +459,16 @@ CASES = [
     Case("ckpt-bad-chat-template", lambda env: tinyvila.load(env.broken(lambda d: (d / "chat_template.json").write_text(
         json.dumps({"chat_template": "{% for %}"})))), CheckpointError, "chat template"),
     Case("ckpt-gptq-refused", lambda env: tinyvila.load(env.broken(edit_config(
-        lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4})))), CheckpointError, "gptq"),
+        lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4})))), CheckpointError, "gptq",
+         names=BROKEN),
+    Case("ckpt-awq-version-gemv-refused", lambda env: tinyvila.load(env.broken(edit_config(lambda c: c.update(
+        quantization_config={"quant_method": "awq", "version": "gemv", "bits": 4})))), CheckpointError,
+         "'gemv' is not supported", names=BROKEN),
     Case("ckpt-awq-without-qweight", lambda env: tinyvila.load(env.broken(edit_config(lambda c: c.update(
         quantization_config={"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 128})))),
-         CheckpointError, "AWQ"),
+         CheckpointError, "AWQ", names=BROKEN),
     Case("ckpt-config-field-wrong-type", lambda env: tinyvila.load(env.broken(edit_config(
-        lambda c: c["text_config"].update(hidden_size="big")))), CheckpointError, "hidden_size"),
+        lambda c: c["text_config"].update(hidden_size="big")))), CheckpointError, "hidden_size", names=BROKEN),
     Case("ckpt-anyres-pinpoints-not-tile-multiples", lambda env: tinyvila.load(env.broken(edit_config(
         lambda c: c.update(image_grid_pinpoints=[[50, 100]])))).session(images=[env.image]), CheckpointError,
          "pinpoint"),
@@ -445,7 +476,7 @@ CASES = [
         lambda d: shutil.rmtree(d / "llm"), src=env.vila)), CheckpointError, "llm/config.json is missing"),
     Case("ckpt-vila-unknown-projector", lambda env: tinyvila.load(env.broken(lambda d: edit_json(
         d / "mm_projector" / "config.json", lambda c: c.update(mm_projector_type="linear")), src=env.vila)),
-         CheckpointError, "unsupported mm_projector_type 'linear'"),
+         CheckpointError, "unsupported mm_projector_type 'linear'", names=BROKEN),
 
     # ---------------------------------------------------------------- the chat CLI (in-process)
     Case("cli-unknown-flag", cli(LLAVA, "--frobnicate"), match="unrecognized arguments: --frobnicate", cli=True),
@@ -466,6 +497,13 @@ CASES = [
          cli=True),
     Case("cli-top-p-1.5", cli(LLAVA, "--image", IMAGE, *RUN, "--top-p", "1.5"), match="top_p", cli=True),
     Case("cli-top-k-negative", cli(LLAVA, "--image", IMAGE, *RUN, "--top-k", "-1"), match="top_k", cli=True),
+    Case("cli-top-k-not-an-integer", cli(LLAVA, "--image", IMAGE, *RUN, "--top-k", "1.5"),
+         match="--top-k.*'1.5'", cli=True),
+    Case("cli-seed-not-an-integer", cli(LLAVA, "--image", IMAGE, *RUN, "--seed", "x"), match="--seed.*'x'", cli=True),
+    Case("cli-seed-over-64-bits", cli(LLAVA, "--image", IMAGE, *RUN, "--seed", 10 ** 20),
+         match=f"^seed must be a 64-bit integer, got {10 ** 20}$", cli=True),
+    Case("cli-top-p-not-a-number", cli(LLAVA, "--image", IMAGE, *RUN, "--top-p", "half"), match="--top-p.*'half'",
+         cli=True),
     Case("cli-bad-dtype", cli(LLAVA, "--image", IMAGE, *RUN, "--dtype", "int8"), match="int8", cli=True),
     Case("cli-bad-device", cli(LLAVA, "--image", IMAGE, "-p", "Hi", "--device", "tpu"), match="unknown device 'tpu'",
          cli=True),
@@ -482,6 +520,9 @@ CASES = [
     Case("cli-missing-model-dir", cli(lambda env: env.path("no-model"), *RUN), match="does not exist", cli=True),
     Case("cli-malformed-config", cli(lambda env: env.broken(lambda d: (d / "config.json").write_text("{")), *RUN),
          match="not valid JSON", cli=True),
+    Case("cli-unknown-architecture", cli(lambda env: env.broken(edit_config(
+        lambda c: c.update(architectures=["FancyVLM"], model_type="fancy"))), *RUN),
+         match="unsupported architecture 'FancyVLM'", names=BROKEN, cli=True),
     Case("cli-empty-prompt", cli(LLAVA, "--image", IMAGE, "-p", "", "--device", "cpu"), match="the question is empty",
          cli=True),
     Case("cli-too-many-placeholders", cli(LLAVA, "--image", IMAGE, "-p", "<image> <image>", "--device", "cpu"),
@@ -576,6 +617,41 @@ def test_odd_modes_answer_like_their_rgb_conversion(env):
             rgb = np.asarray(im.convert("RGB"))
         assert eng.generate("What?", images=[p], **GREEDY).token_ids == \
             eng.generate("What?", images=[rgb], **GREEDY).token_ids, name
+
+
+def test_chat_set_bad_seed_is_reported_and_the_chat_goes_on(env, capfd, monkeypatch):
+    """In the interactive chat a seed torch cannot take (/set parses any int) is one `error:` line
+    at the next answer, not a traceback; the chat answers the question after it."""
+    from tinyvila.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/set seed {10 ** 20}\nHi\n/set seed 3\nHi\n"))
+    capfd.readouterr()
+    assert main([str(env.llava), "-n", "2", "--temperature", "1", "--device", "cpu", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert err.splitlines() == [f"error: seed must be a 64-bit integer, got {10 ** 20}"], err
+    assert [json.loads(line)["finish_reason"] for line in out.splitlines()] == ["length"]  # the answer after it
+
+
+def test_turn_embeddings_build_no_autograd_graph(env, monkeypatch):
+    """Every forward of a session runs without autograd, the input embeddings included: with an
+    embedding weight that requires grad (as a fine-tuning script's would), a turn builds no graph."""
+    from tinyvila.session import Session
+
+    eng = env.llava_engine
+    monkeypatch.setattr(eng.model.language_model.embed_tokens.weight, "requires_grad", True)
+    embedded, embed = [], Session._embed
+
+    def spy(self, *args):
+        embedded.append(embed(self, *args))
+        return embedded[-1]
+
+    monkeypatch.setattr(Session, "_embed", spy)
+    with eng.session(images=[env.image]) as s:
+        s.ask("What is it?", **GREEDY)
+        s.ask("And the colours?", **GREEDY)  # a follow-up embeds only its new suffix
+    assert len(embedded) == 2
+    for h in embedded:
+        assert not h.requires_grad and h.grad_fn is None
 
 
 # ============================================================================ 200 turns, history="evict"

@@ -12,7 +12,7 @@ import torch
 
 from . import loader
 from .errors import CheckpointError, TinyVilaError
-from .generate import GenerationResult, SamplingParams
+from .generate import GenerationResult, SamplingParams, is_number
 from .media import load_image
 from .session import Session
 from .sparsity import OPTIONS as SPARSITY_OPTIONS, Sparsity, visual_slots
@@ -97,36 +97,37 @@ class Engine:
         from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
         path = loader.resolve(model)
-        config = loader.read_json(path / "config.json")
-        family = family_for(config)
-        family_options = {k: options.pop(k) for k in getattr(family, "load_options", ()) if k in options}
-        vision_w8a8 = options.pop("vision_w8a8", True)  # False: keep the 16-bit encoder of a W8A8 checkpoint
-        family_cfg = family.config_from_dir(path, config, **family_options)
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device, config)
-        text_dir = family.tokenizer_path(path) if hasattr(family, "tokenizer_path") else path
-        tokenizer = Tokenizer.from_dir(text_dir)
-        with torch.device("meta"):
-            net = family(family_cfg)
-        extra_stops = net.bind_tokenizer(tokenizer) if hasattr(net, "bind_tokenizer") else set()
-        template = ChatTemplate.from_dir(text_dir, default=net.default_template,
-                                         special_tokens=tokenizer.special_tokens_map)
-        try:
-            net = net.to(dtype)
-            w4 = awq_config(config, loader.read_json(text_dir / "config.json", required=False))
-            if w4 and not convert_to_w4(net, checkpoint_entries(net, path)):
-                raise CheckpointError(f"'{model}' says it is AWQ-quantized but stores no qweight tensors")
-            net = net.to_empty(device=device)
-            load_checkpoint(net, path)
-            finalize_w4(net, dtype)
-            if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
-                load_w8a8(net, path / W8A8_FILE)
-        except torch.cuda.OutOfMemoryError:
-            raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
-                                f"on {device}; try a smaller model or a quantized checkpoint")
-        use_encoder_graphs(net, device.type == "cuda" and options.get("cuda_graphs", True))
-        stop_ids = stop_token_ids(text_dir, config, tokenizer) | extra_stops
-        return cls(net.eval(), tokenizer, template, path, config, device, dtype, stop_ids, dict(options))
+        with loader.naming(path):  # one place for all the checks that do not know the folder
+            config = loader.read_json(path / "config.json")
+            family = family_for(config)
+            family_options = {k: options.pop(k) for k in getattr(family, "load_options", ()) if k in options}
+            vision_w8a8 = options.pop("vision_w8a8", True)  # False: keep the 16-bit encoder of a W8A8 checkpoint
+            family_cfg = family.config_from_dir(path, config, **family_options)
+            device = resolve_device(device)
+            dtype = resolve_dtype(dtype, device, config)
+            text_dir = family.tokenizer_path(path) if hasattr(family, "tokenizer_path") else path
+            tokenizer = Tokenizer.from_dir(text_dir)
+            with torch.device("meta"):
+                net = family(family_cfg)
+            extra_stops = net.bind_tokenizer(tokenizer) if hasattr(net, "bind_tokenizer") else set()
+            template = ChatTemplate.from_dir(text_dir, default=net.default_template,
+                                             special_tokens=tokenizer.special_tokens_map)
+            try:
+                net = net.to(dtype)
+                w4 = awq_config(config, loader.read_json(text_dir / "config.json", required=False))
+                if w4 and not convert_to_w4(net, checkpoint_entries(net, path)):
+                    raise CheckpointError("config.json says it is AWQ-quantized but it stores no qweight tensors")
+                net = net.to_empty(device=device)
+                load_checkpoint(net, path)
+                finalize_w4(net, dtype)
+                if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
+                    load_w8a8(net, path / W8A8_FILE)
+            except torch.cuda.OutOfMemoryError:
+                raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
+                                    f"on {device}; try a smaller model or a quantized checkpoint")
+            use_encoder_graphs(net, device.type == "cuda" and options.get("cuda_graphs", True))
+            stop_ids = stop_token_ids(text_dir, config, tokenizer) | extra_stops
+            return cls(net.eval(), tokenizer, template, path, config, device, dtype, stop_ids, dict(options))
 
     def capture_stream(self):
         """The side stream this engine's sessions warm up and capture decode graphs on (None: no
@@ -264,6 +265,5 @@ class Engine:
 
 def _check_positive(name: str, value, integer: bool = False) -> None:
     """An option that must be a positive (integer) number: one clear line otherwise."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+    if not is_number(value, integer) or not 0 < value < float("inf"):
         raise TinyVilaError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")

@@ -11,6 +11,11 @@ import torch
 from .errors import TinyVilaError
 
 
+def is_number(value, integer: bool = False) -> bool:
+    """An int (or, unless `integer`, an int or a float); bools are ints in Python but not here."""
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 512
@@ -21,14 +26,18 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating through stop tokens (benchmarks, parity tests)
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        # Types first: a float top_k or a string seed would otherwise fail deep inside torch.
+        if not is_number(self.max_new_tokens, integer=True) or self.max_new_tokens < 1:
             raise TinyVilaError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+        if not is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise TinyVilaError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise TinyVilaError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is None or self.top_k < 0:
-            raise TinyVilaError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise TinyVilaError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not is_number(self.top_k, integer=True) or self.top_k < 0:
+            raise TinyVilaError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        seed = self.seed  # torch.Generator.manual_seed takes 64 bits, signed or unsigned
+        if seed is not None and (not is_number(seed, integer=True) or not -2 ** 63 <= seed < 2 ** 64):
+            raise TinyVilaError(f"seed must be a 64-bit integer, got {self.seed!r}")
 
     @classmethod
     def from_options(cls, defaults: "SamplingParams | None" = None, **options) -> "SamplingParams":

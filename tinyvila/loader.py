@@ -5,6 +5,7 @@ the local hub cache, then a download (with a progress bar) when the network allo
 read from safetensors only (never pickles): memory-mapped, one tensor at a time, so the host never
 holds a full copy of the model.
 """
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -43,6 +44,18 @@ def resolve(model) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"model '{model}' is not in the local hub cache and could not be "
                               f"downloaded ({reason[:160]}); pass a local checkpoint with --model PATH")
+
+
+@contextlib.contextmanager
+def naming(folder: Path):
+    """CheckpointErrors raised inside name the checkpoint `folder`: config checks (an unsupported
+    architecture or quantization, a wrongly typed field) see only the parsed config, not its folder."""
+    try:
+        yield
+    except CheckpointError as e:
+        if str(folder) in str(e):  # already names it (or a file in it)
+            raise
+        raise type(e)(f"{folder}: {e}") from e
 
 
 def read_json(path: Path, required: bool = True) -> dict:

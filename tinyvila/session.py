@@ -467,6 +467,7 @@ class Session:
             self._capture_s += time.perf_counter() - t0
         return self._decoders[id(cache)]
 
+    @torch.no_grad()  # as every forward here: no autograd graph, even for weights that require grad
     def _embed(self, keys: list, spans: list, start: int) -> torch.Tensor:
         """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""
         lm, device = self.engine.model.language_model, self.engine.device
