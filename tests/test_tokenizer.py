@@ -212,6 +212,26 @@ def test_stream_decoder_holds_partial_characters(tok_root):
     assert "".join(pieces) + stream.flush() == "a \U0001F600 b"
 
 
+def test_stream_decoder_is_linear_in_a_long_byte_run(tok_root):
+    """A model emitting thousands of byte pieces in a row: the decoder must not re-decode the
+    growing run at every token (it did: quadratic), yet still give the run's text at its end."""
+    _, dirs = tok_root
+    tok = Tokenizer.from_dir(dirs[("llama", "vicuna", "json", "llava_next")].path)
+    run = [tok.token_to_id("<0x41>")] * 3000  # "A" as a byte piece
+    ids = run + tok.encode(" end", add_special_tokens=False)
+    decoded, real_decode = [0], tok.decode
+
+    def counting_decode(part, **kw):
+        decoded[0] += len(part)
+        return real_decode(part, **kw)
+
+    tok.decode = counting_decode
+    stream = tok.stream_decoder()
+    text = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert text == real_decode(ids)
+    assert decoded[0] < 10 * len(ids), decoded[0]  # quadratic would be ~ len(run)**2 / 2 = 4.5M
+
+
 def test_errors(tmp_path, tok_root):
     _, dirs = tok_root
     with pytest.raises(CheckpointError, match="not a directory"):

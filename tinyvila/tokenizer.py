@@ -547,9 +547,11 @@ class StreamDecoder:
 
     def push(self, token_id):
         self._ids.append(int(token_id))
+        if self._in_byte_run():  # checked before decoding: a long run then costs one decode, at its end
+            return ""
         before = self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])
-        if len(text) <= len(before) or text.endswith("\ufffd") or self._in_byte_run():
+        if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(before):]
