@@ -30,5 +30,6 @@ def silu_mul(gate_up, block=1024):
     inter = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * inter)
     out = torch.empty(*gate_up.shape[:-1], inter, device=gate_up.device, dtype=gate_up.dtype)
-    _silu_mul[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, **launch_options(gate_up.device, dependent=True))
+    _silu_mul[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block,
+                                                 **launch_options(gate_up.device, dependent=True))
     return out

@@ -181,8 +181,9 @@ def _gemv_row(f, d, xs, Xt, row, M, k, K, MASKED: tl.constexpr, SWIGLU: tl.const
     SWIGLU: the row is a gate|up pair [2K] and x = silu(gate) * up, rounded as kernels/silu_mul.py
     rounds it (the down projection reads the gate/up output directly)."""
     if MASKED:
-        x = tl.load(Xt + k, mask=(k * 0 + row) < M, other=0.0)  # [KT8]
-        u = tl.load(Xt + K + k, mask=(k * 0 + row) < M, other=0.0) if SWIGLU else x
+        mask = (k * 0 + row) < M
+        x = tl.load(Xt + k, mask=mask, other=0.0)  # [KT8]
+        u = tl.load(Xt + K + k, mask=mask, other=0.0) if SWIGLU else x
     else:
         x = tl.load(Xt + k)
         u = tl.load(Xt + K + k) if SWIGLU else x
@@ -386,7 +387,8 @@ def _check(x, packed, group_size, bias, swiglu=False):
     qw = packed["qweight"]
     K8, N = qw.shape
     K = x.shape[-1] // 2 if swiglu else x.shape[-1]
-    assert x.dim() == 2 and K == 8 * K8 and (not swiglu or x.shape[-1] == 2 * K), f"x {tuple(x.shape)} against a packed weight of {8 * K8} rows"
+    assert x.dim() == 2 and K == 8 * K8 and (not swiglu or x.shape[-1] == 2 * K), (
+        f"x {tuple(x.shape)} against a packed weight of {8 * K8} rows")
     assert K % group_size == 0 and packed["scales"].shape == (K // group_size, N), (
         f"group size {group_size} does not match scales {tuple(packed['scales'].shape)} for K={K}")
     assert packed["zeros"].shape == packed["scales"].shape and packed["zeros"].dtype == torch.uint8

@@ -33,6 +33,13 @@ GEMM_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096)]
 L2_BYTES = 50 * 2**20
 
 
+def cuda_device(prog: str) -> torch.device:
+    """The GPU the kernel benchmarks time on; without one, a one-line error and exit."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: {prog} needs a CUDA GPU")
+    return torch.device("cuda")
+
+
 def make_layer(K, N, group, device):
     """A packed layer in w4a16's layout with random contents."""
     return {
@@ -154,9 +161,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=100, help="calls per captured graph")
     ap.add_argument("--check", action="store_true", help="compare every path with the reference first")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: kernel_bench needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = cuda_device("kernel_bench")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device)

@@ -29,7 +29,7 @@ from tinyvila.kernels import retrieval
 from tinyvila.kernels.compact_kv import gather_kv
 from tinyvila.kernels.retrieval import retrieval_attention
 from tinyvila.tools.bench import copy_bandwidth
-from tinyvila.tools.kernel_bench import time_graph
+from tinyvila.tools.kernel_bench import cuda_device, time_graph
 
 L2_BYTES = 50 * 2**20
 # name, H, H_kv, D, visual tokens, text tokens (before, after the visual ones), T
@@ -138,9 +138,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="calls per captured graph")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of both kernels")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: retrieval_bench needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = cuda_device("retrieval_bench")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     bw = copy_bandwidth(device)

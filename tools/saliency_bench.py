@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyvila.kernels import saliency as sal
-from tinyvila.tools.kernel_bench import time_graph
+from tinyvila.tools.kernel_bench import cuda_device, time_graph
 
 # (name, segments, tokens per segment, heads, head dim, summary)
 SHAPES = [
@@ -143,9 +143,7 @@ def main(argv=None):
                     help="time block-shape candidates per stage first; the table then uses the fastest")
     ap.add_argument("--only", default="", help="comma-separated shape indices (default: all)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("error: saliency_bench needs a CUDA GPU")
-    device = torch.device("cuda")
+    device = cuda_device("saliency_bench")
     dtype = getattr(torch, args.dtype)
     shapes = [SHAPES[int(i)] for i in args.only.split(",")] if args.only else SHAPES
     fc = _flash_colsum()
