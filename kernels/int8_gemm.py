@@ -27,7 +27,12 @@ accumulators (WGMMAPipeline.cpp, "rule 2.1"), so an int32-accumulating dot waits
 after every K tile; two 1-warpgroup programs per SM hide part of that (one computes while the
 other drains). Storing the tile with tl.store straight from the MMA register layout saturated L2
 (ncu: L2 79 %, SM 17 %) and cost 2x at K ~ 1k; the TMA store fixed that. The default reaches
-0.64-1.17 POP/s int8 at the encoders' shapes (tools/int8_bench.py).
+0.64-1.17 POP/s int8 at the encoders' shapes (tools/int8_bench.py). That per-step wait is not what
+bounds these shapes, though: a Gluon kernel (Triton 3.6) that keeps the int32 wgmma in flight across
+K steps (one outstanding, a 3-stage TMA ring, 128x256 or 128x128 tiles, TMA store) measured the same,
+1.58x against this kernel's 1.57x cuBLAS fp16 (geometric mean of the twelve shapes, its best tile
+per shape). What is left is CUTLASS's structure: a TMA producer warp, two consumer warpgroups taking
+turns, the epilogue of one tile under the next tile's main loop.
 """
 from dataclasses import dataclass, replace
 
@@ -35,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.gpu import sm_count
 from tinyvila.kernels.quantize_int8 import K_ALIGN, _act, padded_k
 
 EPILOGUE_ACTS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")
@@ -199,15 +205,6 @@ def _int8_mm_ptr(A, B, XS, WS, Bias, C, M, N, KP, stride_am, stride_bn, stride_c
 # ----------------------------------------------------------------------------------------------
 # Host side
 
-_SM_COUNT = {}
-
-
-def _sm_count(device):
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
 def _has_tma(device):
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -266,7 +263,7 @@ def int8_linear(xq, xs, wq, ws, bias=None, out_dtype=torch.float16, act=None, co
         a_desc = TensorDescriptor(a, [M, kp], [a.stride(0), 1], [cfg.BM, cfg.BK])
         b_desc = TensorDescriptor(wq, [N, kp], [kp, 1], [cfg.BN, cfg.BK])
         tiles = triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN)
-        progs = min(tiles, cfg.ctas_per_sm * _sm_count(xq.device) if xq.is_cuda else 4)
+        progs = min(tiles, cfg.ctas_per_sm * sm_count(xq.device, cpu=4))
         tma_store = cfg.tma_store and (N * y.element_size()) % 16 == 0
         c = TensorDescriptor(y, [M, N], [N, 1], [cfg.BM, cfg.BN // cfg.epi_split]) if tma_store else y
         _int8_mm_tma[(progs,)](a_desc, b_desc, xs, ws, b_arg, c, M, N, kp, y.stride(0), progs,

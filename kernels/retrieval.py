@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.gpu import SM_COUNT_DEFAULT, sm_count
+
 LOG2E = 1.4426950408889634
 
 
@@ -200,12 +202,6 @@ def _visual_scores(Q, K, Lse, Vis, Part, stride_qt, stride_qh, stride_kh, stride
         tl.store(part + j, tl.sum(p, axis=1) * inv_rows, mask=in_vis)
 
 
-def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so the tests cross split edges
-
-
 def plan(T: int, H: int, Hkv: int, D: int, start: int, window=None, device=None, block_m=None, block_n=None,
          splits=None):
     """Launch parameters of kernel 1: (BLOCK_M, BLOCK_N, row blocks, splits, split_size, warps).
@@ -219,7 +215,7 @@ def plan(T: int, H: int, Hkv: int, D: int, start: int, window=None, device=None,
     span = start + T
     if window:
         span = min(span, window + block_m // (H // Hkv) + 1)
-    sm = _sm_count(device) if device is not None else 132
+    sm = sm_count(device, cpu=4) if device is not None else SM_COUNT_DEFAULT  # cpu: the tests cross split edges
     if splits is None:  # one wave: about one program per multiprocessor (timed on an H100 against two)
         splits = max(1, min(sm // (n_rb * Hkv), triton.cdiv(span, 256)))
     span += block_n if window else 0  # a windowed block's range starts at a block boundary below it
@@ -270,7 +266,7 @@ def retrieval_attention(q, k_cache, v_cache, start: int, vis_slots, scale=None, 
     if n_vis:
         bv = block_v or 128
         # Chunks of visual slots: about two programs per multiprocessor, whole blocks of BLOCK_V each.
-        chunks = max(1, min(triton.cdiv(2 * _sm_count(dev), n_rb * Hkv), triton.cdiv(n_vis, bv)))
+        chunks = max(1, min(triton.cdiv(2 * sm_count(dev, cpu=4), n_rb * Hkv), triton.cdiv(n_vis, bv)))
         chunk = triton.cdiv(triton.cdiv(n_vis, chunks), bv) * bv
         # Several row blocks: each writes its own column sums, added below in a fixed order.
         part = r if n_rb == 1 else torch.empty(n_rb, Hkv, n_vis, device=dev, dtype=torch.float32)

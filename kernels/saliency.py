@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.gpu import SM_COUNT_DEFAULT, sm_count
+
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -53,7 +55,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FORWARD_CONFIG = {64: (64, 64, 4, 3), 72: (128, 64, 8, 3), 80: (128, 64, 8, 3), "default": (128, 64, 8, 3)}
 COLSUM_CONFIG = {64: (64, 64, 4, 3), 72: (128, 32, 4, 3), 80: (64, 128, 4, 3), "default": (128, 32, 4, 3)}
 INTERPRET_CONFIG = ((16, 16, 4, 1), (16, 16, 4, 1))  # the interpreter: small blocks run fastest
-SM_COUNT_DEFAULT = 132
 
 
 def split_head_dim(D: int):
@@ -226,10 +227,10 @@ def _config(table, D):
     return table.get(D, table["default"])
 
 
-def heads_per_program(H: int, programs_per_head: int, sm_count: int = SM_COUNT_DEFAULT) -> int:
+def heads_per_program(H: int, programs_per_head: int, sms: int = SM_COUNT_DEFAULT) -> int:
     """All heads in one program (one write, no reduction) when the key blocks alone fill the GPU
     a few times over; otherwise one head a program, so a long single segment still spreads."""
-    return H if programs_per_head >= 4 * sm_count else 1
+    return H if programs_per_head >= 4 * sms else 1
 
 
 def saliency_attention(q, k, v, cu_seqlens, max_seqlen: int, summary: int = 0, scale: float | None = None,
@@ -294,7 +295,7 @@ def _run_colsum(q, k, lse, cu_seqlens, max_seqlen, summary, qk_scale, config, he
         bm = min(bm, max(16, triton.next_power_of_2(summary)))
     nkb = triton.cdiv(max(max_seqlen, 1), bn)
     if heads is None:
-        heads = H if summary > 0 else heads_per_program(H, nkb * B)
+        heads = H if summary > 0 else heads_per_program(H, nkb * B, sm_count(q.device))
     assert H % heads == 0, (H, heads)
     groups = H // heads
     partial = torch.empty(groups, total, dtype=torch.float32, device=q.device)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tinyvila.kernels.gpu import sm_count
 from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
 from tinyvila.quant.pack import AWQ_ORDER
 
@@ -50,7 +51,6 @@ GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 # fused GEMM: (largest M, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step, programs per SM)
 GEMM_CONFIG = [(16, 16, 64, 4, 3, 128, 2), (32, 32, 64, 4, 4, 64, 2), (64, 64, 64, 4, 4, 64, 2),
                (128, 128, 64, 4, 4, 64, 1), (1 << 62, 128, 128, 8, 3, 128, 1)]
-SM_COUNT_DEFAULT = 132
 ONE_BITS = 0x3F800000  # 1.0f
 
 
@@ -368,12 +368,6 @@ def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr,
 # Host wrappers (decisions on shapes only: CUDA-graph capturable)
 
 
-def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return SM_COUNT_DEFAULT
-
-
 def _splits(n_out_tiles: int, k_tiles: int, target: int, max_tiles: int, split=None):
     """(splits, K steps per split): enough programs to reach `target`, every split non-empty."""
     if split is None:
@@ -411,7 +405,7 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
     block_n = cpt * 32 * num_warps  # every thread holds all KT/8 word rows of cpt columns
     counters = packed["counters"]
     n_tiles = triton.cdiv(N, block_n)
-    split, per = _splits(n_tiles, K // kt, waves * _sm_count(x.device), counters.numel(), split)
+    split, per = _splits(n_tiles, K // kt, waves * sm_count(x.device), counters.numel(), split)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _gemv_kernel[(n_tiles, split)](
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
@@ -431,7 +425,7 @@ def gemm(x, packed, group_size, bias=None, block_m=None, block_n=None, num_warps
     kt = _k_tile(group_size, kt)
     counters = packed["counters"]
     n_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    split, per = _splits(n_tiles, K // kt, waves * _sm_count(x.device), counters.numel(), split)
+    split, per = _splits(n_tiles, K // kt, waves * sm_count(x.device), counters.numel(), split)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     part = torch.empty(split if split > 1 else 1, M, N, device=x.device, dtype=torch.float32)
     _gemm_kernel[(n_tiles, split)](

@@ -43,6 +43,21 @@ def test_decode_attention_length_is_read_on_the_device():
     assert torch.allclose(b, decode_attention_ref(q, k, v, 30), atol=1e-5)
 
 
+def test_decode_attention_reuses_one_workspace():
+    """One workspace serves call after call (as in a replayed graph), its split count taken from
+    it, at lengths shorter than, equal to and longer than the split count, GQA too."""
+    from tinyvila.kernels.decode_attention import decode_workspace
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(6, 16, generator=g), torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
+    ws = decode_workspace(6, 8, 16, "cpu")
+    n = torch.zeros(1, dtype=torch.int32)
+    for length in (3, 8, 40, 1, 27):
+        n.fill_(length)
+        out = decode_attention(q, k, v, n, workspace=ws, block=16)
+        assert torch.allclose(out, decode_attention_ref(q, k, v, length), atol=1e-5), length
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hq, hkv, length", [(32, 32, 2979), (28, 4, 2363), (32, 8, 8191), (28, 4, 1)])

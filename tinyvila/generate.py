@@ -141,6 +141,7 @@ class GraphedDecode:
     def __init__(self, lm, cache, positions_dims: int, banned, token: int, pos: int, slot: int,
                  capture_stream=None):
         from tinyvila.kernels.decode_attention import decode_workspace, split_count
+        from tinyvila.kernels.gpu import sm_count
 
         device = cache.k.device
         cfg = lm.cfg
@@ -149,7 +150,7 @@ class GraphedDecode:
         self.pos = torch.zeros((3, 1) if positions_dims == 2 else (1,), dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.length = torch.ones(1, dtype=torch.int32, device=device)
-        splits = split_count(cache.max_len, cfg.num_key_value_heads)
+        splits = split_count(cache.max_len, cfg.num_key_value_heads, sm_count(device))
         self.workspace = decode_workspace(cfg.num_attention_heads, splits, cfg.head_dim, device)
         self.graph = None
         # greedy(): where the host reads each token, one slot per step in flight

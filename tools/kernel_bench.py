@@ -1,4 +1,4 @@
-"""`python -m tinyvila.tools.kernel_bench`: time the W4A16 linear kernels on the GPU.
+"""`python -m tinyvila.tools.kernel_bench`: time the decode kernels (W4A16 linears, attention) on the GPU.
 
     python -m tinyvila.tools.kernel_bench                    # the default tables (H100: ~1 min)
     python -m tinyvila.tools.kernel_bench --dtype bfloat16 --gemv-m 1,2,4,8 --gemm-m 16,128,512,2048
@@ -8,7 +8,9 @@ weights + scales + zeros + x read, y written) over the time, and that rate as a 
 device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth). Prefill (GEMM) table: w4a16_linear
 against cuBLAS on the same product with fp16/bf16 weights (F.linear), and each of our two large-M
 paths (fused-dequant Triton GEMM; Triton dequantize + cuBLAS), and the GEMV for M <= 4, so the
-switch points can be read off.
+switch points can be read off. Decode attention table: one token's attention over a KV cache of
+the 7B models' head layouts (query heads / KV heads, head dim 128) at the split count decode uses,
+time per call and the K/V bytes read over the time against the copy bandwidth.
 
 Every time is the median over several replays of a CUDA graph holding `--reps` back-to-back calls
 (launch overhead does not count), and the calls cycle through enough copies of the weights to
@@ -22,7 +24,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from tinyvila.kernels import w4a16
+from tinyvila.kernels import decode_attention, w4a16
+from tinyvila.kernels.gpu import sm_count
 from tinyvila.tools.bench import copy_bandwidth
 
 # 7B-class shapes (K -> N): LLaMA-2-7B fused QKV, gate|up, down, o_proj; Qwen2-7B gate|up is 2 x
@@ -30,6 +33,9 @@ from tinyvila.tools.bench import copy_bandwidth
 GEMV_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096), (3584, 18944), (18944, 3584),
                (3584, 4608)]
 GEMM_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096)]
+# decode attention (query heads, KV heads, keys): LLaVA-NeXT-7B after a 672x672 image, Qwen2.5-VL-7B
+# after a 1344x1344 one, LongVILA-7B after 256 frames
+ATTENTION_SHAPES = [(32, 32, 3000), (28, 4, 2400), (28, 4, 65900)]
 L2_BYTES = 50 * 2**20
 
 
@@ -142,12 +148,33 @@ def gemm_rows(shapes, ms, group, dtype, device, reps):
     return rows
 
 
+def attention_rows(shapes, dtype, device, bw, reps, head_dim=128):
+    rows = []
+    for hq, hkv, keys in shapes:
+        moved = 2 * hkv * keys * head_dim * torch.finfo(dtype).bits // 8
+        caches = [(torch.randn(hkv, keys, head_dim, device=device, dtype=dtype),
+                   torch.randn(hkv, keys, head_dim, device=device, dtype=dtype)) for _ in range(copies_for(moved))]
+        q = torch.randn(hq, head_dim, device=device, dtype=dtype)
+        length = torch.tensor([keys], dtype=torch.int32, device=device)
+        splits = decode_attention.split_count(keys, hkv, sm_count(device))
+        ws = decode_attention.decode_workspace(hq, splits, head_dim, device)
+        t = time_graph([lambda k=k, v=v: decode_attention.decode_attention(q, k, v, length, workspace=ws)
+                        for k, v in caches], reps)
+        rows.append((f"{hq}/{hkv}", keys, splits, t * 1e6, moved / t / 1e9, moved / t / bw))
+        del caches
+    return rows
+
+
 def _ints(s):
     return [int(v) for v in s.split(",") if v]
 
 
 def _shapes(s):
     return [tuple(int(v) for v in item.split("x")) for item in s.split(",") if item]
+
+
+def _attention_shapes(s):
+    return [tuple(int(v) for v in item.split("/")) for item in s.split(",") if item]
 
 
 def main(argv=None):
@@ -158,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--gemm-shapes", type=_shapes, default=GEMM_SHAPES)
     ap.add_argument("--gemv-m", type=_ints, default=[1], help="decode rows (default 1)")
     ap.add_argument("--gemm-m", type=_ints, default=[16, 128, 512, 2048])
+    ap.add_argument("--attention", type=_attention_shapes, default=ATTENTION_SHAPES,
+                    help="decode attention shapes HQ/HKV/KEYS,... (default: the 7B models after an image or video)")
     ap.add_argument("--reps", type=int, default=100, help="calls per captured graph")
     ap.add_argument("--check", action="store_true", help="compare every path with the reference first")
     args = ap.parse_args(argv)
@@ -188,6 +217,12 @@ def main(argv=None):
                                                                    device, args.reps):
             gv = "-" if tgv != tgv else f"{tgv:.1f}"
             print(f"| {shape} | {m} | {t:.1f} | {tf:.0f} | {tc:.1f} | {ratio:.2f} | {tfu:.1f} | {tdq:.1f} | {gv} |")
+        print()
+    if args.attention:
+        print("| decode attention, heads q/kv | keys | splits | time (us) | GB/s | fraction of copy bandwidth |")
+        print("|---|---|---|---|---|---|")
+        for heads, keys, splits, t, gbs, frac in attention_rows(args.attention, dtype, device, bw, args.reps):
+            print(f"| {heads} | {keys} | {splits} | {t:.2f} | {gbs:.0f} | {frac:.1%} |")
 
 
 if __name__ == "__main__":
