@@ -108,6 +108,7 @@ def decode_attention(q, k, v, length, scale=None, window=None, splits=None, bloc
     assert k.stride(2) == 1 and v.stride() == k.stride() and q.is_contiguous()
     assert length.numel() == 1 and length.dtype == torch.int32 and length.device == q.device
     if workspace is not None:  # sized for its split count (decode_workspace)
+        assert splits in (None, workspace[1].numel() // Hq), f"splits={splits} against a workspace for another count"
         splits = workspace[1].numel() // Hq
     splits = splits or split_count(S, Hkv, sm_count(q.device))
     split_size = math.ceil(S / splits / block) * block
