@@ -117,6 +117,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32, cast back, then scale: the order transformers uses.
+        if x.is_cuda and x.dtype == self.weight.dtype:  # one Triton kernel instead of six
+            from tinyvila.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x.contiguous(), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -579,19 +583,23 @@ class ViTAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
 
 
-def attention_with_saliency(q, k, v, bounds, summary: int):
+def attention_with_saliency(q, k, v, bounds, summary: int, cu_seqlens=None):
     """Non-causal attention inside the segments `bounds` [(start, end), ...] (contiguous, in order)
     of q, k, v [n, H, D], and each token's saliency (spec stage 1): the attention it receives,
     averaged over heads and over its segment's queries (summary = 0) or over the segment's first
     `summary` tokens (CLIP's CLS: 1). Returns (out [n, H, D], saliency fp32 [n]).
 
     On a GPU one streaming Triton kernel sequence (kernels/saliency.py); on a CPU the rows are
-    scored a chunk at a time, so neither builds the whole attention matrix."""
+    scored a chunk at a time, so neither builds the whole attention matrix. `cu_seqlens`: the
+    bounds as an int32 device tensor made beforehand (inside a CUDA graph capture no host data
+    can be copied)."""
     if q.is_cuda:
         from tinyvila.kernels.saliency import saliency_attention
 
         lengths = {e - s for s, e in bounds}
-        if len(lengths) == 1:  # crops or frames of one size: built on the device (graph capture copies nothing)
+        if cu_seqlens is not None:
+            cu = cu_seqlens
+        elif len(lengths) == 1:  # crops or frames of one size: built on the device (graph capture copies nothing)
             cu = torch.arange(bounds[0][0], bounds[-1][1] + 1, lengths.pop(), dtype=torch.int32, device=q.device)
         else:
             cu = torch.tensor([bounds[0][0]] + [e for _, e in bounds], dtype=torch.int32, device=q.device)
@@ -638,11 +646,78 @@ class ViTLayer(nn.Module):
         return x if summary is None else (x, saliency)
 
 
+class PaddedLinear(nn.Linear):
+    """An nn.Linear whose weight is a view into storage zero-padded to a multiple of 8 columns
+    (align_rows). An input as wide as that storage (zero-padded, e.g. silu_mul(..., width=)) is
+    multiplied by the padded weight, so cuBLAS sees K a multiple of 8; any other input as usual."""
+
+    @property
+    def padded_width(self) -> int:
+        return self.weight.stride(0)
+
+    def forward(self, x):
+        w = self.weight
+        if x.shape[-1] == self.padded_width != w.shape[1]:
+            w = w.as_strided((w.shape[0], self.padded_width), (self.padded_width, 1))
+        return F.linear(x, w, self.bias)
+
+
+def align_rows(model: nn.Module) -> None:
+    """16-bit nn.Linear layers on a GPU whose input width is not a multiple of 8 become
+    PaddedLinear: same parameters and values, the weight moved into zero-padded storage. cuBLAS
+    takes its fast Hopper kernels only for K a multiple of 8: Qwen2.5-VL's ViT down projection
+    (3420 inputs) took 383 us a call at 9216 x 3420 -> 1280 on an H100, a third of the encoder's
+    GEMM time."""
+    for m in model.modules():
+        w = m.weight if type(m) is nn.Linear else None
+        if w is not None and w.is_cuda and w.element_size() == 2 and w.shape[1] % 8:
+            padded = torch.zeros(w.shape[0], -(-w.shape[1] // 8) * 8, dtype=w.dtype, device=w.device)
+            padded[:, :w.shape[1]] = w.data
+            w.data = padded[:, :w.shape[1]]
+            m.__class__ = PaddedLinear  # in place: the parent module and any hooks keep it
+
+
 def use_encoder_graphs(model: nn.Module, on: bool) -> None:
     """Turn per-shape CUDA graphs of the vision encoders in `model` on or off."""
     for m in model.modules():
-        if isinstance(m, ViTEncoder):
+        if isinstance(getattr(m, "_graphs", None), GraphCache):
             m.graphed = on
+
+
+class GraphCache:
+    """A vision encoder as one CUDA graph per input key (shape, options): its ~10 kernels a layer
+    (more under W8A8) launch as one, so the host no longer sets the pace. A few keys are kept
+    (anyres crop counts, video chunks, image sizes), the least recently used dropped."""
+
+    def __init__(self, limit: int = 4):
+        self.limit = limit
+        self.entries = {}  # key -> (graph, static input, static output, the captured function)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def run(self, key, build, x):
+        """fn(x) replayed from the graph captured for `key`, fn = build() (called only to capture,
+        so per-key host work such as index tables happens once); outputs are fresh tensors."""
+        if key not in self.entries:
+            if len(self.entries) >= self.limit:
+                self.entries.pop(next(iter(self.entries)))
+            fn, static_in = build(), x.clone()
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                fn(static_in)  # warm-up: kernels compiled, weights prepared
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn(static_in)
+            self.entries[key] = (graph, static_in, static_out, fn)  # fn holds what the graph reads
+        entry = self.entries.pop(key)
+        self.entries[key] = entry  # most recently used last
+        graph, static_in, static_out, _ = entry
+        static_in.copy_(x)
+        graph.replay()
+        return tuple(t.clone() for t in static_out) if isinstance(static_out, tuple) else static_out.clone()
 
 
 class ViTEmbeddings(nn.Module):
@@ -658,7 +733,11 @@ class ViTEmbeddings(nn.Module):
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
-        return x + self.position_embedding.weight
+        # Written contiguous: `x + pos` would keep the conv's channels-first layout, and so would
+        # every residual add after it (SigLIP has no pre-norm to undo it): measured on an H100, the
+        # strided adds and the copies inside each LayerNorm took a third of SigLIP's time.
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.add(x, self.position_embedding.weight, out=out)
 
 
 class ViTEncoder(nn.Module):
@@ -676,43 +755,18 @@ class ViTEncoder(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if pre_norm else None
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(max(self.feature_layers)))
-        self._graphs = {}  # input key -> (CUDA graph, static input, static output), see _replay
+        self._graphs = GraphCache()
 
     graphed = False  # the engine turns it on with CUDA graphs: each input shape captured once
-    MAX_GRAPHS = 4
 
     def forward(self, pixels, saliency: bool = False):
         """pixels [N, 3, S, S] -> features [N, T, C * len(feature_layers)]; with `saliency`, also
         each token's saliency [N, T] at the deepest layer the projector reads (spec stage 1: the
         attention it gets from the CLS token, or from all tokens of its crop when there is none)."""
         if self.graphed and pixels.is_cuda and not torch.is_grad_enabled():
-            return self._replay(pixels, saliency)
+            key = (tuple(pixels.shape), pixels.dtype, pixels.device, saliency)
+            return self._graphs.run(key, lambda: (lambda p: self._forward(p, saliency)), pixels)
         return self._forward(pixels, saliency)
-
-    def _replay(self, pixels, saliency):
-        """The encoder as a CUDA graph per input shape: its ~10 kernels a layer (more under W8A8)
-        launch as one, so the host no longer sets the pace. A few shapes are kept (anyres crop
-        counts, video chunks), the least recently used dropped."""
-        graphs = self._graphs
-        key = (tuple(pixels.shape), pixels.dtype, pixels.device, saliency)
-        if key not in graphs:
-            if len(graphs) >= self.MAX_GRAPHS:
-                graphs.pop(next(iter(graphs)))
-            static_in = pixels.clone()
-            side = torch.cuda.Stream(pixels.device)
-            side.wait_stream(torch.cuda.current_stream(pixels.device))
-            with torch.cuda.stream(side):
-                self._forward(static_in, saliency)  # warm-up: kernels compiled, weights prepared
-            torch.cuda.current_stream(pixels.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._forward(static_in, saliency)
-            graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = graphs.pop(key)
-        graphs[key] = (graph, static_in, static_out)  # most recently used last
-        static_in.copy_(pixels)
-        graph.replay()
-        return tuple(t.clone() for t in static_out) if saliency else static_out.clone()
 
     def _forward(self, pixels, saliency=False):
         x = self.embeddings(pixels)

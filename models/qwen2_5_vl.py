@@ -29,7 +29,7 @@ from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_te
 from tinyvila.quant.smoothquant import norm_input  # fused with int8 quantization under W8A8
 from tinyvila.sparsity import compact_grid
 
-from .layers import MLP, DecoderLM, RMSNorm, TextConfig, attention_with_saliency, rename_key
+from .layers import MLP, DecoderLM, GraphCache, RMSNorm, TextConfig, attention_with_saliency, rename_key
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
            ("lm_head.", "language_model.lm_head."), ("visual.", "visual."), ("model.", "language_model.")]
@@ -410,22 +410,35 @@ def preprocess_video(frames, fps_sampled=FPS, min_pixels=VIDEO_MIN_PIXELS, max_p
 # --------------------------------------------------------------------------- vision encoder
 
 def segment_attention(q, k, v, groups):
-    """Non-causal attention inside segments. q, k, v: [N, H, D]; groups: index tensors [n, L],
-    each row one segment of length L (segments of equal length are batched together)."""
+    """Non-causal attention inside segments. q, k, v: [N, H, D]; groups: segment_groups' output
+    (segments of equal length are batched together)."""
     out = torch.empty_like(q)
-    for idx in groups:
-        qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [n, H, L, D]
-        out[idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+    for start, count, length, idx in groups:
+        if idx is None:  # back to back: a view of the rows, nothing gathered
+            rows = slice(start, start + count * length)
+            qs, ks, vs = (t[rows].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+            out[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1)
+        else:
+            qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [n, H, L, D]
+            out[idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
     return out
 
 
 def segment_groups(bounds, device):
-    """[(start, end), ...] -> index tensors, one per distinct segment length."""
+    """[(start, end), ...] -> (first start, count, length, index) per distinct segment length.
+    `index` [count, length] gathers the segments' rows; it is None when they lie back to back
+    (an image's full attention, the windows of an image whose sides are whole windows), where a
+    view serves and the gather and scatter copies are saved."""
     by_len = defaultdict(list)
     for s, e in bounds:
         if e > s:
             by_len[e - s].append(s)
-    return [(torch.tensor(starts)[:, None] + torch.arange(n)[None, :]).to(device) for n, starts in by_len.items()]
+    groups = []
+    for n, starts in by_len.items():
+        back_to_back = all(b - a == n for a, b in zip(starts, starts[1:]))
+        idx = None if back_to_back else (torch.tensor(starts)[:, None] + torch.arange(n)[None, :]).to(device)
+        groups.append((starts[0], len(starts), n, idx))
+    return groups
 
 
 class VisionAttention(nn.Module):
@@ -436,20 +449,27 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x, cos, sin, groups, saliency_bounds=None):
-        """With `saliency_bounds` (the full-attention segments as (start, end) ranges; `groups`
-        is then unused): also each patch's saliency [N], the column mean of its segment's attention."""
+        """With `saliency_bounds` (the full-attention segments as (start, end) ranges and as the
+        int32 device tensor of their boundaries; `groups` is then unused): also each patch's
+        saliency [N], the column mean of its segment's attention."""
         qkv = self.qkv(x)
         N, C = qkv.shape[0], qkv.shape[1] // 3
         q, k, v = qkv.view(N, 3, self.n_heads, C // self.n_heads).unbind(1)  # [N, H, D] each
         q, k = rope_fp32(q, cos, sin), rope_fp32(k, cos, sin)
         if saliency_bounds is not None:
-            out, saliency = attention_with_saliency(q, k, v, saliency_bounds, 0)
+            bounds, cu = saliency_bounds
+            out, saliency = attention_with_saliency(q, k, v, bounds, 0, cu_seqlens=cu)
             return self.proj(out.reshape(N, C)), saliency
         return self.proj(segment_attention(q, k, v, groups).reshape(N, C))
 
 
 def rope_fp32(x, cos, sin):
-    """Rotate-half RoPE computed in fp32 (as the reference does for the ViT), cast back."""
+    """Rotate-half RoPE computed in fp32 (as the reference does for the ViT), cast back. On a GPU
+    in place, in one Triton kernel (x may be a view into the fused qkv)."""
+    if x.is_cuda:
+        from tinyvila.kernels.rope import rope_
+
+        return rope_(x, cos, sin)
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
@@ -498,20 +518,33 @@ class VisionTransformer(nn.Module):
         head_dim = cfg.hidden_size // cfg.num_heads
         steps = torch.arange(0, head_dim // 2, 2, dtype=torch.float, device="cpu")
         self._inv_freq = 1.0 / (10000.0 ** (steps / (head_dim // 2)))  # 2-D RoPE: theta 10000
+        self._graphs = GraphCache()
+
+    graphed = False  # the engine turns it on with CUDA graphs (layers.use_encoder_graphs)
 
     def forward(self, pixels: torch.Tensor, grids: list, saliency: bool = False) -> torch.Tensor:
         """pixels [N, C*T*P*P] for all items; grids [(t, h, w)] in patches -> merged tokens [N/4, out];
         with `saliency`, also each merged token's saliency [N/4] (fp32, CPU): the column mean of
         the last full-attention block's attention over its image or frame pair, averaged over the
         token's merge group."""
-        cfg, device = self.cfg, pixels.device
+        if saliency and not self.cfg.fullatt_block_indexes:
+            raise TinyVilaError("prefill sparsity needs a full-attention block in the vision encoder")
+        if self.graphed and pixels.is_cuda and not torch.is_grad_enabled():
+            key = (tuple(pixels.shape), pixels.dtype, tuple(map(tuple, grids)), saliency)
+            out = self._graphs.run(key, lambda: self._bind(grids, pixels.device, saliency), pixels)
+        else:
+            out = self._bind(grids, pixels.device, saliency)(pixels)
+        return (out[0], out[1].cpu()) if saliency else out
+
+    def _bind(self, grids, device, saliency):
+        """The encoder for one set of grids as a function of the pixels alone: the window order,
+        rotary tables and segment tables are made here, once (on the host, then copied), so the
+        function itself copies nothing from the host and can be captured as a CUDA graph."""
+        cfg = self.cfg
         unit = cfg.spatial_merge_size ** 2
-        w = self.patch_embed.proj.weight
-        x = F.linear(pixels.to(w.dtype), w.reshape(w.shape[0], -1))
         window_index, window_bounds = window_order(grids, cfg)
         window_index = window_index.to(device)
-        N, C = x.shape
-        x = x.view(N // unit, unit, C)[window_index].view(N, C)
+        N = int(window_index.numel()) * unit
         pos = patch_positions(grids, cfg.spatial_merge_size).to(device)  # [N, 2] (row, column)
         freqs = (pos.float()[..., None] * self._inv_freq.to(device)).flatten(1)  # [N, head_dim/2]
         freqs = freqs.view(N // unit, unit, -1)[window_index].view(N, -1)
@@ -519,19 +552,27 @@ class VisionTransformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         full = segment_groups(full_bounds(grids), device)
         windows = segment_groups(window_bounds, device)
-        if saliency and not cfg.fullatt_block_indexes:
-            raise TinyVilaError("prefill sparsity needs a full-attention block in the vision encoder")
-        source = max(cfg.fullatt_block_indexes, default=-1)  # window blocks only rank inside a window
-        for i, block in enumerate(self.blocks):
-            if saliency and i == source:
-                x, scores = block(x, cos, sin, None, full_bounds(grids))
-            else:
-                x = block(x, cos, sin, full if i in cfg.fullatt_block_indexes else windows)
+        source = max(cfg.fullatt_block_indexes, default=-1) if saliency else -1  # windows only rank inside one
+        bounds = full_bounds(grids)
+        cu = torch.tensor([0] + [e for _, e in bounds], dtype=torch.int32).to(device) if source >= 0 else None
         unwindow = torch.argsort(window_index)
-        merged = self.merger(x)[unwindow]
-        if not saliency:
-            return merged
-        return merged, scores.float().view(N // unit, unit).mean(-1)[unwindow].cpu()
+
+        def run(pixels):
+            w = self.patch_embed.proj.weight
+            x = F.linear(pixels.to(w.dtype), w.reshape(w.shape[0], -1))
+            C = x.shape[1]
+            x = x.view(N // unit, unit, C)[window_index].view(N, C)
+            for i, block in enumerate(self.blocks):
+                if i == source:
+                    x, scores = block(x, cos, sin, None, (bounds, cu))
+                else:
+                    x = block(x, cos, sin, full if i in cfg.fullatt_block_indexes else windows)
+            merged = self.merger(x)[unwindow]
+            if source < 0:
+                return merged
+            return merged, scores.float().view(N // unit, unit).mean(-1)[unwindow]
+
+        return run
 
 
 def patch_positions(grids, merge: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tinyvila.errors import CheckpointError
 
@@ -104,6 +105,10 @@ def act_input(act_name: str, act, h: torch.Tensor, consumer: nn.Module, gated: b
     """The MLP activation of h (silu(gate) * up when `gated`), fused with quantization when the
     linear reading it is W8A8."""
     if not isinstance(consumer, W8A8Linear):
+        if gated and h.is_cuda and act is F.silu:  # one Triton kernel, reading gate/up once
+            from tinyvila.kernels.silu_mul import silu_mul
+
+            return silu_mul(h.contiguous(), width=getattr(consumer, "padded_width", None))
         if gated:
             gate, up = h.chunk(2, dim=-1)
             return act(gate) * up

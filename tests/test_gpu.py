@@ -56,6 +56,50 @@ def test_qwen_cuda_matches_cpu_and_runs_video_in_bf16(tmp_path):
     assert len(r.token_ids) == len(r2.token_ids) == 12 and r2.stats.vision_s == 0
 
 
+def test_qwen_graphed_encoder_equals_eager(tmp_path):
+    """Qwen2.5-VL's ViT replayed as a CUDA graph per image size gives the eager features and
+    saliency, for sizes in turn and again after capture."""
+    from fixtures_images import draw_image
+    from fixtures_qwen import build_qwen2_5_vl
+
+    build_qwen2_5_vl(tmp_path)
+    graphed = tinyvila.load(tmp_path, device="cuda", dtype="float16")
+    eager = tinyvila.load(tmp_path, device="cuda", dtype="float16", cuda_graphs=False)
+    images = [draw_image(200, 150, seed=1), draw_image(112, 112, seed=2), draw_image(200, 150, seed=3)]
+    for img in images:
+        for saliency in (False, True):
+            a = graphed.model.encode([graphed.model.prepare_image(img)], saliency=saliency)[0]
+            b = eager.model.encode([eager.model.prepare_image(img)], saliency=saliency)[0]
+            for x, y in zip(a, b) if saliency else [(a, b)]:
+                assert torch.equal(x, y)
+    assert graphed.model.visual.graphed and len(graphed.model.visual._graphs) == 4
+    assert not eager.model.visual.graphed
+
+
+def test_align_rows_keeps_values_and_results():
+    """align_rows: 16-bit linears with K not a multiple of 8 get zero-padded weight storage (same
+    parameter values); the padded input silu_mul writes for them gives the unpadded product.
+    Aligned and fp32 linears are left alone."""
+    from tinyvila.kernels.silu_mul import silu_mul
+    from tinyvila.models.layers import PaddedLinear, align_rows
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.Linear(20, 8), torch.nn.Linear(16, 4))
+    net = net.half().cuda()
+    before = [m.weight.detach().clone() for m in net]
+    x = torch.randn(33, 40, device="cuda", dtype=torch.float16)
+    h = silu_mul(x)
+    want = net[1](h)
+    align_rows(net)
+    assert [type(m) for m in net] == [torch.nn.Linear, PaddedLinear, torch.nn.Linear]
+    assert net[1].padded_width == 24 and all(torch.equal(m.weight, b) for m, b in zip(net, before))
+    assert torch.allclose(net[1](silu_mul(x, width=24)), want, atol=1e-3)
+    assert torch.allclose(net[1](h), want, atol=1e-3)  # an unpadded input still works
+    fp32 = torch.nn.Linear(20, 8).cuda()
+    align_rows(fp32)
+    assert type(fp32) is torch.nn.Linear and fp32.weight.stride(0) == 20
+
+
 def test_closing_a_session_frees_its_memory(llava_vicuna, image_files):
     """The KV cache and the captured decode graph go away with the session (after a first session
     has set up the per-process library workspaces)."""

@@ -94,6 +94,8 @@ def test_rmsnorm_and_add_rmsnorm(rows, n):
 def test_silu_mul(rows, inter):
     gu = torch.randn(rows, 2 * inter)
     assert torch.allclose(silu_mul(gu.to(DEVICE), block=32).cpu(), silu_mul_ref(gu), atol=1e-5)
+    wide = silu_mul(gu.to(DEVICE), block=32, width=inter + 12).cpu()  # a padded down projection's input
+    assert torch.allclose(wide[:, :inter], silu_mul_ref(gu), atol=1e-5) and not wide[:, inter:].any()
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 1)])
@@ -148,6 +150,22 @@ def test_rope_in_place_on_a_strided_view():
     rope_(k, cos.to(DEVICE), sin.to(DEVICE), block_h=1)
     assert torch.allclose(k.cpu(), ref, atol=1e-5)
     assert torch.equal(dev[:, :Hq * D].cpu(), qkv[:, :Hq * D])  # nothing else touched
+
+
+def test_rope_with_fp32_tables_rounds_once():
+    """Qwen2.5-VL's ViT rotates in fp32: with fp32 tables the kernel computes in fp32 and rounds to
+    the activation dtype once, as rope_fp32's PyTorch path does."""
+    from tinyvila.models.qwen2_5_vl import rope_fp32
+
+    T, H, D = 6, 3, 40  # half of D not a power of two, like the ViT's 80
+    x = (torch.randn(T, 2, H, D) * 4).to(torch.bfloat16)
+    ang = torch.randn(T, D // 2) * 3
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    ref = rope_fp32(x[:, 1], cos, sin)  # the CPU path
+    dev = x.clone().to(DEVICE)
+    rope_(dev[:, 1], cos.to(DEVICE), sin.to(DEVICE))
+    assert (dev[:, 1].float().cpu() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    assert torch.equal(dev[:, 0].cpu(), x[:, 0])
 
 
 @pytest.mark.parametrize("rows, n", [(3, 40), (2, 128)])

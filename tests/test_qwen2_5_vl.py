@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tinyvila
 from fixtures_qwen import build_qwen2_5_vl
@@ -65,6 +66,20 @@ def hf_greedy(model, inputs, n, banned):
 
 
 IMAGES = [(200, 150), (90, 220), (140, 140)]
+
+
+@pytest.mark.parametrize("bounds", [[(0, 4), (4, 8), (8, 12)], [(0, 4), (4, 7), (7, 11), (11, 12)]])
+def test_segment_attention_views_and_gathers(bounds):
+    """Back-to-back segments of one length are attended through a view, others through a gather;
+    both equal attention computed segment by segment."""
+    from tinyvila.models.qwen2_5_vl import segment_attention, segment_groups
+
+    q, k, v = torch.randn(3, 12, 2, 8).unbind(0)
+    groups = segment_groups(bounds, "cpu")
+    assert (groups[0][3] is None) == (len(bounds) == 3)  # all of length 4 back to back: no index
+    ref = torch.cat([F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+                     for s, e in bounds])
+    assert torch.allclose(segment_attention(q, k, v, groups), ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["untied", "tied"])

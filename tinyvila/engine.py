@@ -92,7 +92,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
         from tinyvila.models import family_for
-        from tinyvila.models.layers import checkpoint_entries, load_checkpoint, use_encoder_graphs
+        from tinyvila.models.layers import align_rows, checkpoint_entries, load_checkpoint, use_encoder_graphs
         from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
         from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
@@ -122,6 +122,7 @@ class Engine:
                 finalize_w4(net, dtype)
                 if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
                     load_w8a8(net, path / W8A8_FILE)
+                align_rows(net)
             except torch.cuda.OutOfMemoryError:
                 raise TinyVilaError(f"out of GPU memory loading '{model}' in {str(dtype).split('.')[-1]} "
                                     f"on {device}; try a smaller model or a quantized checkpoint")

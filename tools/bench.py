@@ -90,6 +90,7 @@ def build(arch: str, device, dtype, quant: str | None = None):
         from tinyvila.quant.smoothquant import quantize_encoder
 
         quantize_encoder(model)
+    layers.align_rows(model)  # as Engine.from_pretrained does
     if family == "longvila":  # what bind_tokenizer sets from a real tokenizer
         model.newline_ids = [198]
         if not old:  # VILA's loader adds its media tokens after the vocabulary
@@ -116,7 +117,9 @@ def media_items(model, args):
 
 class ProjectorTimer:
     """GPU time spent in the projector (LLaVA's multi_modal_projector, VILA's mm_projector, Qwen's
-    patch merger) during a run, from CUDA events around its forward: no host synchronisation."""
+    patch merger) during a run, from CUDA events around its forward: no host synchronisation.
+    Qwen's merger is part of its encoder's CUDA graph: replays run no Python hooks, so with graphs
+    on its time stays in the encoder column and this reads 0."""
 
     def __init__(self, model, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -127,6 +130,8 @@ class ProjectorTimer:
         module.register_forward_hook(lambda *_: self._record())
 
     def _record(self):
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return  # being captured into a graph: an event recorded now can never be timed
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
