@@ -521,6 +521,10 @@ class VisionTransformer(nn.Module):
         self._graphs = GraphCache()
 
     graphed = False  # the engine turns it on with CUDA graphs (layers.use_encoder_graphs)
+    # Inputs up to this many patches replay as a graph (a 1344x1344 image is 9216: its launches
+    # outran the GPU by a quarter). Longer videos are GPU-bound anyway, and a graph would keep
+    # their activations allocated between calls.
+    GRAPH_MAX_PATCHES = 16384
 
     def forward(self, pixels: torch.Tensor, grids: list, saliency: bool = False) -> torch.Tensor:
         """pixels [N, C*T*P*P] for all items; grids [(t, h, w)] in patches -> merged tokens [N/4, out];
@@ -529,7 +533,7 @@ class VisionTransformer(nn.Module):
         token's merge group."""
         if saliency and not self.cfg.fullatt_block_indexes:
             raise TinyVilaError("prefill sparsity needs a full-attention block in the vision encoder")
-        if self.graphed and pixels.is_cuda and not torch.is_grad_enabled():
+        if self.graphed and pixels.is_cuda and not torch.is_grad_enabled() and len(pixels) <= self.GRAPH_MAX_PATCHES:
             key = (tuple(pixels.shape), pixels.dtype, tuple(map(tuple, grids)), saliency)
             out = self._graphs.run(key, lambda: self._bind(grids, pixels.device, saliency), pixels)
         else:

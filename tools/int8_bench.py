@@ -10,6 +10,10 @@ both timed as CUDA-graph replays of `--reps` back-to-back calls (median of `--it
 random data; TOP/s counts 2*M*N*K. Each int8 result is checked against int8_linear_ref on some rows.
 Table 2, the per-token quantization kernels: time and GB/s (bytes read + bytes written, once each).
 Table 3, an activation fused into the fc1 epilogue + quantize_per_token against fc1 + act_quant.
+Table 4 (`--encoders`; builds the 7B models with random weights, a minute or two): each whole vision
+encoder's GPU time (torch.profiler: kernels and the pixel upload) in fp16 and in W8A8, split into
+GEMMs, attention and the rest, and the W8A8 speedup it would reach if every int8 GEMM ran at twice
+the fp16 GEMM time, the int8/fp16 tensor-core peak ratio, with the rest as measured.
 Shapes: CLIP-L/336 (LLaVA-NeXT) 5 tiles of 577 tokens; SigLIP-so400m (LongVILA) a 32-frame chunk of
 729 tokens; Qwen2.5-VL's ViT on a 1344x1344 image (9216 patches of 14x14, before the 2x2 merge).
 """
@@ -156,6 +160,67 @@ def bench_linears(args, out):
               f"dequantization: {gm_lt:.2f}x)")
 
 
+# arch, images, videos (tinyvila-bench's media specs): CLIP-L/336 anyres, Qwen's ViT, a SigLIP chunk
+ENCODERS = [("llava-next-vicuna-7b", ["672x672"], []), ("qwen2.5-vl-7b", ["1344x1344"], []),
+            ("longvila-7b", [], ["32x448x448"])]
+
+
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("flash", "fmha", "attention", "_forward", "_colsum", "sdpa")):
+        return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "sm90_x", "_int8_mm", "xmma")):
+        return "gemm"
+    return "rest"
+
+
+def _encoder_gpu_ms(arch, images, videos, quant, reps=3):
+    """GPU ms of one encode call by kind (eager, so every kernel shows in the profile)."""
+    from types import SimpleNamespace
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinyvila.models.layers import use_encoder_graphs
+    from tinyvila.tools import bench
+
+    dtype = torch.bfloat16 if arch.startswith("qwen") else torch.float16
+    model = bench.build(arch, torch.device("cuda"), dtype, quant)
+    use_encoder_graphs(model, False)
+    items = bench.media_items(model, SimpleNamespace(image=images, video=videos))
+    with torch.no_grad():
+        for _ in range(2):
+            model.encode(items)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                model.encode(items)
+            torch.cuda.synchronize()
+    ms = dict(gemm=0.0, attention=0.0, rest=0.0)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            ms[_kernel_kind(e.name)] += e.device_time_total / reps / 1e3
+    del model
+    torch.cuda.empty_cache()
+    return ms
+
+
+def bench_encoders(args, out):
+    rows = []
+    for arch, images, videos in ENCODERS:
+        f, q = (_encoder_gpu_ms(arch, images, videos, quant) for quant in (None, "w8a8"))
+        tf, tq = sum(f.values()), sum(q.values())
+        rows.append(dict(arch=arch, media=(images + videos)[0], fp16=f, w8a8=q, speedup=tf / tq,
+                         bound=tf / (tq - q["gemm"] + f["gemm"] / 2)))
+    out["encoders"] = rows
+    print("\n| encoder | media | fp16 ms (GEMM / attention / rest) | W8A8 ms (GEMM / attention / rest) | speedup "
+          "| with int8 GEMMs at 2x fp16 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{sum(r[k].values()):.1f} ({r[k]['gemm']:.1f} / {r[k]['attention']:.1f} / {r[k]['rest']:.1f})"
+                 for k in ("fp16", "w8a8")]
+        print(f"| {r['arch']} | {r['media']} | {cells[0]} | {cells[1]} | {r['speedup']:.2f}x | {r['bound']:.2f}x |")
+
+
 def _quant_fn(op, x, M, K):
     from tinyvila.kernels import quantize_int8 as q
 
@@ -223,6 +288,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="calls per CUDA-graph replay")
     ap.add_argument("--iters", type=int, default=7, help="timed replays (median)")
     ap.add_argument("--skip", default="", help="comma list of tables to skip: linears,quants,fused")
+    ap.add_argument("--encoders", action="store_true",
+                    help="also profile the whole vision encoders, fp16 against W8A8 (builds the 7B models)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -241,6 +308,8 @@ def main(argv=None):
         bench_quants(args, out)
     if "fused" not in skip:
         bench_fused(args, out)
+    if args.encoders:
+        bench_encoders(args, out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
