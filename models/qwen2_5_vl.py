@@ -554,10 +554,9 @@ class VisionTransformer(nn.Module):
         freqs = freqs.view(N // unit, unit, -1)[window_index].view(N, -1)
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        full = segment_groups(full_bounds(grids), device)
-        windows = segment_groups(window_bounds, device)
-        source = max(cfg.fullatt_block_indexes, default=-1) if saliency else -1  # windows only rank inside one
         bounds = full_bounds(grids)
+        full, windows = segment_groups(bounds, device), segment_groups(window_bounds, device)
+        source = max(cfg.fullatt_block_indexes, default=-1) if saliency else -1  # windows only rank inside one
         cu = torch.tensor([0] + [e for _, e in bounds], dtype=torch.int32).to(device) if source >= 0 else None
         unwindow = torch.argsort(window_index)
 

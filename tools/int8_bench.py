@@ -5,8 +5,9 @@
     python -m tinyvila.tools.int8_bench --only clip     # shapes whose name starts with "clip"
 
 Table 1, linears: int8_linear (int8 activations and weights, per-token x per-channel scales, fp16
-bias and output) against cuBLAS fp16 (torch.nn.functional.linear on fp16 inputs of the same shape),
-both timed as CUDA-graph replays of `--reps` back-to-back calls (median of `--iters` replays), on
+bias and output) against cuBLAS fp16 (torch.nn.functional.linear on fp16 inputs of the same shape,
+K zero-padded to a multiple of 8 as the fp16 model does) and cuBLAS's own int8 GEMM, all timed as
+CUDA-graph replays of `--reps` back-to-back calls (median of `--iters` replays), on
 random data; TOP/s counts 2*M*N*K. Each int8 result is checked against int8_linear_ref on some rows.
 Table 2, the per-token quantization kernels: time and GB/s (bytes read + bytes written, once each).
 Table 3, an activation fused into the fc1 epilogue + quantize_per_token against fc1 + act_quant.
@@ -135,6 +136,8 @@ def bench_linears(args, out):
         y = int8_linear(xq, xs, wp, ws, bias)
         err = _check(y, xq, xs, wq, ws, bias)
         t8 = graph_time(lambda: int8_linear(xq, xs, wp, ws, bias), args.reps, args.iters)
+        if K % 8:  # as the fp16 model runs it (models/layers.PaddedLinear): K zero-padded to a multiple of 8
+            x, w = F.pad(x, (0, -K % 8)), F.pad(w, (0, -K % 8))
         t16 = graph_time(lambda: F.linear(x, w, bias), args.reps, args.iters)
         t_lt = _cublas_int8_ms(xq, wp, args)
         flop = 2 * M * N * K
