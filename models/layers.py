@@ -378,19 +378,13 @@ class MLP(nn.Module):
         self.act_name, self.act = act, activation(act)
 
     def forward(self, x):
-        return self.down_proj(act_input(self.act_name, self.act, self.gate_up_proj(x), self.down_proj, gated=True))
-
-    def fused(self, x):
-        """The GPU path: SiLU and the product in one Triton kernel, or inside a 4-bit down
-        projection's decode GEMV (W4Linear.swiglu)."""
-        if self.act is not F.silu:
-            return self.forward(x)
-        from tinyvila.kernels.silu_mul import silu_mul
-
+        """On a GPU, SiLU and the product run in one Triton kernel (act_input), or inside a 4-bit
+        down projection's decode GEMV (W4Linear.swiglu; None where that does not apply)."""
         gate_up = self.gate_up_proj(x)
-        swiglu = getattr(self.down_proj, "swiglu", None)
+        swiglu = getattr(self.down_proj, "swiglu", None) if self.act is F.silu else None
         y = swiglu(gate_up) if swiglu is not None else None
-        return y if y is not None else self.down_proj(silu_mul(gate_up))
+        return y if y is not None else self.down_proj(act_input(self.act_name, self.act, gate_up, self.down_proj,
+                                                                gated=True))
 
 
 class DecoderLayer(nn.Module):
@@ -471,7 +465,7 @@ class DecoderLM(nn.Module):
             else:
                 x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
             x, h = add_rmsnorm(h, attend(i, layer, x), layer.post_attention_layernorm.weight, eps)
-            delta = layer.mlp.fused(x)
+            delta = layer.mlp(x)
         return add_rmsnorm(h, delta, self.norm.weight, eps)[0]
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last",
