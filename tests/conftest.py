@@ -4,6 +4,11 @@ import os
 import pytest
 import torch
 
+# First of the project's imports: `python -m pytest` puts the clone's root first on sys.path, and
+# tinyvila moves it behind site-packages, where its kernels/ folder cannot shadow Hugging Face's
+# `kernels` package (which transformers imports).
+import tinyvila  # noqa: F401
+
 if not torch.cuda.is_available():  # CI has no GPU: Triton kernels run in the interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

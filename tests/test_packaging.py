@@ -1,5 +1,8 @@
 """`pip install .` and `pip install -e .` both give tinyvila.{kernels,quant,models,tools} and the
-tinyvila-chat script, with no generic top-level package names in site-packages."""
+tinyvila-chat script, with no generic top-level package names in site-packages; run from the clone's
+root, `python -m tinyvila...` works too, and a package named `kernels` elsewhere (Hugging Face's,
+which transformers imports) is not shadowed by the clone's kernels/ folder."""
+import os
 import subprocess
 import sys
 import venv
@@ -14,11 +17,14 @@ for name in ("tinyvila", "tinyvila.kernels", "tinyvila.quant", "tinyvila.models"
              "tinyvila.models.llava_next", "tinyvila.chat"):
     print(name, importlib.import_module(name).__file__)
 for generic in ("models", "kernels", "quant", "tools"):
-    try:
-        importlib.import_module(generic)
-        sys.exit(f"a top-level '{generic}' package is importable")
-    except ImportError:
-        pass
+    spec = importlib.util.find_spec(generic)  # Hugging Face's `kernels` may be installed: not ours
+    if spec is not None and (spec.origin or "").startswith(tuple(sys.argv[1:])):
+        sys.exit(f"a top-level '{generic}' package of ours is importable: {spec.origin}")
+"""
+# Run from the clone's root with an unrelated `kernels` package on the path: it must stay importable.
+FROM_ROOT = """
+import tinyvila, tinyvila.models, tinyvila.kernels.gpu, kernels
+print(kernels.ORIGIN, tinyvila.models.__file__)
 """
 
 
@@ -35,7 +41,7 @@ def test_pip_install(tmp_path, editable):
     args = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     args += ["-e", str(REPO)] if editable else [str(REPO)]
     subprocess.run(args, check=True, cwd=tmp_path, capture_output=True)
-    out = subprocess.run([str(python), "-c", CHECK], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run([str(python), "-c", CHECK, str(env_dir), str(REPO)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
     files = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     if editable:
@@ -45,3 +51,23 @@ def test_pip_install(tmp_path, editable):
             "tinyvila/models/__init__.py")
     script = subprocess.run([str(env_dir / "bin" / "tinyvila-chat"), "--help"], capture_output=True, text=True)
     assert script.returncode == 0 and "--image" in script.stdout
+
+    unrelated = tmp_path / "elsewhere" / "kernels"
+    unrelated.mkdir(parents=True)
+    (unrelated / "__init__.py").write_text("ORIGIN = 'unrelated'\n")
+    env = dict(os.environ, PYTHONPATH=str(unrelated.parent))
+    for command in (["-c", FROM_ROOT], ["-m", "tinyvila.chat", "--help"]):
+        run = subprocess.run([str(python), *command], cwd=REPO, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr + run.stdout
+    run = subprocess.run([str(python), "-c", FROM_ROOT], cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.stdout.split()[0] == "unrelated"
+    assert run.stdout.split()[1] == str(REPO / "models" / "__init__.py")  # the clone's own code runs
+
+
+def test_tests_keep_the_clone_root_off_the_path():
+    """This very process (`python -m pytest` from the clone's root) must not find the clone's
+    kernels/ folder ahead of site-packages."""
+    root = str(REPO)
+    entries = [os.path.abspath(p or os.curdir) for p in sys.path]
+    packages = [i for i, p in enumerate(entries) if p.endswith("-packages")]
+    assert all(i > max(packages) for i, p in enumerate(entries) if p == root)
