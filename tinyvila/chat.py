@@ -2,19 +2,32 @@
 
 With -p the model answers once and the program exits; without it, an interactive chat with
 streamed answers and slash commands. Bad input prints one `error:` line and exits with status 2
-(in the interactive chat a bad command is reported and the conversation goes on).
+(in the interactive chat a bad command is reported and the conversation goes on). Every path and
+option is checked before the model loads.
+
+The arguments are parsed before torch is imported, so --help, --version and --list-models answer at
+once: `check_before_loading` holds this module's one deferred import of tinyvila's own (torch-using)
+modules; `tinyvila.load` defers the engine's itself.
 """
 import argparse
+import atexit
 import json
 import os
+import shlex
 import sys
+import time
+from pathlib import Path
 
-from .errors import TinyVilaError, run_cli
-from .sparsity import BUDGETS, GRANULARITIES, HISTORIES, POSITION_MODES, Sparsity
+from PIL import Image
+
+from . import __version__, load
+from .errors import TinyVilaError, check_output_file, run_cli
+from .models import ARCHITECTURES, HUB_MODELS, MODEL_TYPES
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+DEFAULT_MODEL_SIZE = "~14 GB"
 HELP = """commands:
-  /image PATH        attach an image to your next message
+  /image PATH        attach an image to your next message (quotes, backslashes and ~ work)
   /video PATH        attach a video to your next message
   /clear             forget the conversation (also /reset)
   /system TEXT       set the system prompt (clears the conversation)
@@ -26,19 +39,39 @@ MEDIA_OPTIONS = ("max_pixels", "min_pixels", "fps", "max_frames")
 SPARSITY_ARGS = ("prefill_sparsity", "prefill_budget", "position_mode", "decode_sparsity", "retrieval_granularity",
                  "history")
 SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_new_tokens": int}
+# Layers that tell how a loaded model is quantized (class name -> what the summary line says).
+QUANTIZED_LAYERS = {"W4Linear": "awq w4a16", "W8A8Linear": "w8a8 vision"}
+HISTORY_LENGTH = 1000
 
 
-def parse_args(argv):
+def positive(kind):
+    """An argparse type: a positive int or float (the message names the flag)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, "
+                                             f"got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser():
     p = argparse.ArgumentParser(prog="tinyvila-chat", description="Chat with a vision-language model.")
     add = p.add_argument
-    add("model_pos", nargs="?", metavar="MODEL", help="hub id or local checkpoint directory")
+    add("model_pos", nargs="*", metavar="MODEL", help="hub id or local checkpoint directory")
     add("-m", "--model", help=f"same as MODEL (default: $TINYVILA_MODEL or {DEFAULT_MODEL})")
-    add("--image", "-i", action="extend", nargs="+", default=[], metavar="PATH", help="image(s), repeatable")
-    add("--video", action="extend", nargs="+", default=[], metavar="PATH", help="video file(s), repeatable")
-    add("--max-pixels", "--max_pixels", dest="max_pixels", type=int, help="pixel budget per image or frame (Qwen2.5-VL)")
-    add("--min-pixels", "--min_pixels", dest="min_pixels", type=int, help="minimum pixels per image or frame (Qwen2.5-VL)")
-    add("--fps", type=float, help="video sampling rate in frames per second (default 2)")
-    add("--max-frames", "--max_frames", dest="max_frames", type=int, help="at most this many video frames")
+    add("--image", "-i", action="append", default=[], metavar="PATH", help="an image; repeat for more (-i a -i b)")
+    add("--video", action="append", default=[], metavar="PATH", help="a video file; repeat for more")
+    add("--max-pixels", "--max_pixels", dest="max_pixels", type=positive(int),
+        help="pixel budget per image or frame (Qwen2.5-VL)")
+    add("--min-pixels", "--min_pixels", dest="min_pixels", type=positive(int),
+        help="minimum pixels per image or frame (Qwen2.5-VL)")
+    add("--fps", type=positive(float), help="video sampling rate in frames per second (default 2)")
+    add("--max-frames", "--max_frames", dest="max_frames", type=positive(int), help="at most this many video frames")
     add("-p", "--prompt", help="answer this prompt once and exit")
     add("-n", "--max-new-tokens", "--max-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
     add("--temperature", "--temp", type=float, default=0.2, help="0 = greedy (default 0.2)")
@@ -49,44 +82,159 @@ def parse_args(argv):
     add("--system", help="system prompt (none unless the chat template adds one)")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--dtype", choices=["float16", "bfloat16", "float32"])
-    add("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int, help="context length to allocate")
+    add("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive(int), help="context length to allocate")
     add("--sparsity", metavar="POLICY", help="image, video or dense (default: image, or video with a video); "
         "also prefill:P, decode:D, fastv[:k=K,r=R], visionzip[:keep=F] (baselines)")
     add("--dense", dest="sparsity", action="store_const", const="dense", help="no visual sparsity (--sparsity dense)")
     add("--prefill-sparsity", "--prefill_sparsity", dest="prefill_sparsity", type=float, metavar="P",
         help="fraction of visual tokens dropped before the LLM (overrides the preset)")
-    add("--prefill-budget", "--prefill_budget", dest="prefill_budget", choices=BUDGETS,
+    # The choices below are checked by Sparsity.from_options (before loading), not by argparse:
+    # sparsity.py imports torch.
+    add("--prefill-budget", "--prefill_budget", dest="prefill_budget", metavar="{group,global}",
         help="top-k per attention group (tile, frame) or over the whole item")
-    add("--position-mode", "--position_mode", dest="position_mode", choices=POSITION_MODES,
+    add("--position-mode", "--position_mode", dest="position_mode", metavar="{compact,original}",
         help="RoPE positions of the kept tokens (default compact)")
     add("--decode-sparsity", "--decode_sparsity", dest="decode_sparsity", type=float, metavar="D",
         help="fraction of the kept visual tokens each answer's decode skips (overrides the preset)")
-    add("--retrieval-granularity", "--retrieval_granularity", dest="retrieval_granularity", choices=GRANULARITIES,
-        help="one decode selection per layer (default) or per KV head")
-    add("--history", choices=HISTORIES, help="keep (default) earlier questions and answers, or evict them "
+    add("--retrieval-granularity", "--retrieval_granularity", dest="retrieval_granularity",
+        metavar="{layer,kv_head}", help="one decode selection per layer (default) or per KV head")
+    add("--history", metavar="{keep,evict}", help="keep (default) earlier questions and answers, or evict them "
         "after each answer (the media stay)")
     add("--save-kept", "--save_kept", dest="save_kept", metavar="FILE.png",
         help="draw the visual tokens prefill pruning kept over the image (or the video's frames)")
     add("--no-stream", "--no_stream", dest="stream", action="store_false", help="print answers when complete")
     add("--json", action="store_true", help="print each answer and its stats as one JSON line")
+    add("-q", "--quiet", action="store_true", help="no load summary line and no stats block")
+    add("--list-models", action="store_true", help="list the supported model families and known hub ids")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
     add("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    if args.model and args.model_pos:
-        p.error("give the model once (MODEL or --model)")
-    args.model = args.model or args.model_pos or os.environ.get("TINYVILA_MODEL") or DEFAULT_MODEL
-    if args.save_kept:  # checked now, not after the answer
-        from PIL import Image
+    return p
 
-        folder = os.path.dirname(os.path.abspath(args.save_kept))
-        if not os.path.isdir(folder):
-            p.exit(2, f"error: --save-kept: no folder '{folder}'\n")
-        if os.path.splitext(args.save_kept)[1].lower() not in Image.registered_extensions():
-            p.exit(2, f"error: --save-kept: '{args.save_kept}' is not an image file name (say kept.png)\n")
-    try:  # a bad policy fails now, not after the model has loaded
-        Sparsity.from_options(**{k: getattr(args, k) for k in ("sparsity",) + SPARSITY_ARGS})
-    except TinyVilaError as e:
-        p.exit(2, f"error: {e}\n")  # one line, as every other user error
+
+def parse_args(argv):
+    """The parsed command line; `args.model` is None when neither MODEL, --model nor $TINYVILA_MODEL
+    gives one (the default hub model is then announced before it downloads)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if len(args.model_pos) > 1:
+        p.error(f"one MODEL only, got {' '.join(args.model_pos)} (for several images repeat -i: -i a.png -i b.png)")
+    positional = args.model_pos[0] if args.model_pos else None
+    if args.model and positional:
+        p.error("give the model once (MODEL or --model)")
+    if positional and os.path.isfile(positional):  # an image given as MODEL: never a checkpoint
+        p.error(f"MODEL '{positional}' is a file, not a checkpoint folder or hub id; give images with -i PATH")
+    args.model = args.model or positional or os.environ.get("TINYVILA_MODEL") or None
     return args
+
+
+def check_before_loading(args) -> None:
+    """Every option, media file and output path, checked before the (slow) model load."""
+    # The one deferred import of tinyvila's own modules (see the module docstring): they import torch.
+    from . import engine, generate, media, sparsity
+
+    generate.SamplingParams(**{k: getattr(args, k) for k in SAMPLING}, ignore_eos=args.ignore_eos)
+    sparsity.Sparsity.from_options(**{k: getattr(args, k) for k in ("sparsity",) + SPARSITY_ARGS})
+    engine.resolve_device(args.device)
+    for path in args.image:
+        media.load_image(path)
+    for path in args.video:
+        media.open_video(path)
+    if args.save_kept:
+        check_output_file(args.save_kept, "--save-kept", suffixes=Image.registered_extensions(),
+                          example="kept.png")
+
+
+def in_hub_cache(repo: str) -> bool:
+    """Whether `repo` is in the local Hugging Face cache (a file lookup, never the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+
+
+def announce_default_model() -> None:
+    if not in_hub_cache(DEFAULT_MODEL):
+        print(f"tinyvila: no model given (MODEL, --model or $TINYVILA_MODEL): downloading the default "
+              f"{DEFAULT_MODEL} ({DEFAULT_MODEL_SIZE}) from the Hugging Face hub; Ctrl+C stops it "
+              f"(tinyvila-chat --list-models lists the others)", file=sys.stderr)
+
+
+def list_models() -> str:
+    """The supported families (the architectures and model types each reads) and known hub ids."""
+    lines = ["families (config.json architectures / model_type -> family):"]
+    for module in dict.fromkeys(module for module, _ in [*ARCHITECTURES.values(), *MODEL_TYPES.values()]):
+        archs = [a for a, (m, _) in ARCHITECTURES.items() if m == module]
+        types = [t for t, (m, _) in MODEL_TYPES.items() if m == module]
+        lines.append(f"  {module}: {', '.join(archs + [f'model_type {t}' for t in types])}")
+    lines.append("known hub ids:")
+    for module, repos in HUB_MODELS.items():
+        lines += [f"  {repo}  ({module}{', the default' if repo == DEFAULT_MODEL else ''})" for repo in repos]
+    return "\n".join(lines)
+
+
+def model_name(engine) -> str:
+    """The hub id of a hub snapshot (.../models--org--name/snapshots/HASH), else the folder."""
+    path = Path(engine.path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name[len("models--"):].replace("--", "/")
+    return str(path)
+
+
+def load_summary(engine, seconds: float) -> str:
+    """One line: what was loaded, how (dtype, quantization, device), its weight memory and load time."""
+    model = engine.model
+    quantized = dict.fromkeys(QUANTIZED_LAYERS[type(m).__name__] for m in model.modules()
+                              if type(m).__name__ in QUANTIZED_LAYERS)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    dtype = str(engine.dtype).removeprefix("torch.")
+    return (f"loaded {model_name(engine)}: {model.name}, {dtype}, quantization {' + '.join(quantized) or 'none'}, "
+            f"{engine.device}, {human_bytes(weights)} of weights, {seconds:.1f} s")
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def history_file() -> Path:
+    """$XDG_STATE_HOME/tinyvila/history when XDG_STATE_HOME is set, else ~/.tinyvila_history."""
+    state = os.environ.get("XDG_STATE_HOME")
+    return Path(state) / "tinyvila" / "history" if state else Path.home() / ".tinyvila_history"
+
+
+def enable_line_editing() -> None:
+    """readline's line editing, and a history kept across sessions (terminals only)."""
+    try:
+        import readline
+    except ImportError:  # not built into every Python (Windows)
+        return
+    path = history_file()
+    try:
+        readline.read_history_file(path)
+    except OSError:  # none yet, or unreadable: start empty
+        pass
+    readline.set_history_length(HISTORY_LENGTH)
+
+    def save():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass  # a read-only home must not spoil the exit
+    atexit.register(save)
+
+
+def media_path(text: str) -> str:
+    """A path as typed or dropped into a terminal: 'quoted', back\\ slashed or ~/relative."""
+    if os.path.exists(os.path.expanduser(text)):  # an unquoted name with spaces or quotes in it
+        return os.path.expanduser(text)
+    try:
+        parts = shlex.split(text)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        parts = [text]
+    if len(parts) != 1:
+        raise TinyVilaError(f"one path please, got {len(parts)}: {text} (quote a path with spaces)")
+    return os.path.expanduser(parts[0])
 
 
 def format_stats(stats) -> str:
@@ -132,7 +280,8 @@ class Chat:
                 out.write(result.text)
             out.write("\n")
             out.flush()
-            print(format_stats(result.stats), file=sys.stderr)
+            if not self.args.quiet:
+                print(format_stats(result.stats), file=sys.stderr)
         if self.args.save_kept and self.session.visual:
             from .visualize import save_kept
 
@@ -150,8 +299,9 @@ class Chat:
         elif name in ("image", "video"):
             if not rest:
                 raise TinyVilaError(f"usage: /{name} PATH")
-            (self.session.add_image if name == "image" else self.session.add_video)(rest)
-            print(f"[{name} {rest} attached to your next message]", file=sys.stderr)
+            path = media_path(rest)
+            (self.session.add_image if name == "image" else self.session.add_video)(path)
+            print(f"[{name} {path} attached to your next message]", file=sys.stderr)
         elif name in ("clear", "reset"):
             self.session.clear()
             print("[conversation cleared]", file=sys.stderr)
@@ -176,8 +326,11 @@ class Chat:
         return True
 
     def loop(self) -> None:
+        if sys.stdin is None:  # started with stdin closed (<&-): nothing to read
+            return
         tty = sys.stdin.isatty()
         if tty:
+            enable_line_editing()
             print(f"tinyvila: {self.engine.model.name} from {self.engine.path} ({self.engine.device}). "
                   f"/help for commands, Ctrl+D to quit.", file=sys.stderr)
         while True:
@@ -203,19 +356,28 @@ class Chat:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list_models:
+        print(list_models())
+        return 0
 
     def body():
-        from . import load
-
+        check_before_loading(args)
+        model = args.model
+        if model is None:
+            model = DEFAULT_MODEL
+            announce_default_model()
         media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
-        engine = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
+        start = time.perf_counter()
+        engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
+        if not args.quiet:
+            print(load_summary(engine, time.perf_counter() - start), file=sys.stderr)
         chat = Chat(engine, args)
         if args.prompt is not None:
             chat.answer(args.prompt)
         else:
             chat.loop()
 
-    return run_cli(body, args.debug, "try a smaller image, --max-seq-len, or a smaller model")
+    return run_cli(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,12 @@ def resolve_device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise TinyVilaError(f"unknown device {device!r} (use cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta...: tinyvila runs on these two
+        raise TinyVilaError(f"device '{device}' is not supported (use cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TinyVilaError("CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TinyVilaError(f"no device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
