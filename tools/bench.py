@@ -13,6 +13,7 @@ must read / step time / copy bandwidth measured in the same run), context and pe
 """
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tinyvila import __version__
+from tinyvila.engine import resolve_device
+from tinyvila.errors import TinyVilaError, check_output_file, run_cli
 from tinyvila.generate import SamplingParams
 from tinyvila.session import Session
-from tinyvila.errors import TinyVilaError
 from tinyvila.sparsity import Sparsity
 
 # The released checkpoints' config.json values (LLM, vision) for each built-in architecture.
@@ -231,7 +234,7 @@ def hf_model(arch, device, dtype):
                                             tokens_per_second=2, in_chans=3, hidden_act="silu"))
         cls = transformers.Qwen2_5_VLForConditionalGeneration
     else:
-        raise SystemExit(f"--compare-hf: transformers has no {arch} model class (VILA layout)")
+        raise TinyVilaError(f"--compare-hf: transformers has no {arch} model class (VILA layout)")
     with torch.device(device):
         model = cls._from_config(cfg, dtype=dtype)
     return model.eval()
@@ -349,8 +352,6 @@ def run(args) -> list:
             session.close()
     hf = None
     if args.compare_hf:
-        if not args.arch:
-            raise SystemExit("--compare-hf needs --arch")
         hf = run_hf(args, items, ids, model.image_token_id)
     return rows, model, hf
 
@@ -379,8 +380,9 @@ def speedups(rows, lm, new_tokens: int) -> None:
     for sparsity in settings[1:]:
         for turn in sorted({t for _, t, _, _ in rows}):
             prefill, ttft, vision = (faster(dense, sparsity, turn, k) for k in ("prefill_s", "ttft_s", "vision_s"))
+            vision = "n/a" if math.isnan(vision) else f"x{vision:.2f}"  # no vision time on follow-up turns
             line = (f"{sparsity.label} turn {turn} vs dense: LLM prefill x{prefill:.2f}, "
-                    f"TTFT x{ttft:.2f}, {decode(dense, sparsity, turn)}, vision x{vision:.2f}, "
+                    f"TTFT x{ttft:.2f}, {decode(dense, sparsity, turn)}, vision {vision}, "
                     f"end to end x{e2e(dense, turn) / e2e(sparsity, turn):.2f}")
             if sparsity.decode:  # retrieval alone: against the same p at d = 0 (dense when p = 0)
                 alone = Sparsity(prefill=sparsity.prefill, history=sparsity.history)
@@ -426,7 +428,7 @@ def breakdown(rows) -> list:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="tinyvila-bench", description=__doc__.split("\n\n")[0])
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--arch", choices=sorted(ARCHS), help="a built-in architecture with random weights")
@@ -451,37 +453,47 @@ def main(argv=None) -> int:
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each setting's latency breakdown (needs matplotlib)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     if args.quant and not args.arch:
         p.error("--quant builds a quantized --arch; a --model checkpoint runs as it is stored")
+    if args.compare_hf and not args.arch:
+        p.error("--compare-hf needs --arch")
     if args.plot:  # checked before the runs, so a long bench does not fail at its end
         check_plot_path(p, args.plot)
     try:
         configs(args)
     except TinyVilaError as e:
         p.error(str(e))
-    rows, model, hf = run(args)
-    cuda = args.device.startswith("cuda")
-    name = torch.cuda.get_device_name() if cuda else "CPU"
-    bandwidth = copy_bandwidth(args.device) if cuda else float("nan")
+    return args
+
+
+def report(args, rows, model, hf) -> None:
+    """The markdown table, the speedups, and the --json / --plot files."""
+    cuda = torch.device(args.device).type == "cuda"
+    name = torch.cuda.get_device_name(args.device) if cuda else "CPU"
+    bandwidth = copy_bandwidth(args.device) if cuda else None  # a GPU's roofline only
     media = " ".join(args.image + args.video)
     label = (args.arch or args.model) + (f" {args.quant}" if args.quant else "")
+    copy = f", copy {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""
     print(f"| arch | media | sparsity | turn | visual tok | kept | selected | encoder ms | projector ms | prefill ms | "
           f"TTFT ms | decode tok/s | GB/step | roofline | context | decode attends | peak GB |  ({name}, "
-          f"{args.dtype}, copy {bandwidth / 1e12:.2f} TB/s)")
+          f"{args.dtype}{copy})")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     records = []
     for sparsity, turn, s, projector_s in rows:
         # the context decode attends to in the middle of the answer stands for the whole decode
         step_bytes = decode_bytes(model.language_model, s.decode_context_tokens - args.new_tokens // 2)
-        roofline = step_bytes * s.decode_tok_s / bandwidth
+        roofline = step_bytes * s.decode_tok_s / bandwidth if bandwidth else None
         records.append(dict(s.to_dict(), projector_s=projector_s, bytes_per_step=step_bytes,
                             copy_bandwidth=bandwidth, roofline=roofline, prefill_sparsity=sparsity.prefill,
                             decode_sparsity=sparsity.decode, turn=turn))
         print(f"| {label} | {media} | {sparsity.label} | {turn} | {s.visual_tokens} | "
               f"{s.visual_tokens_kept} | {s.visual_tokens_selected} | {(s.vision_s - projector_s) * 1e3:.1f} | "
               f"{projector_s * 1e3:.2f} | {s.prefill_s * 1e3:.1f} | "
-              f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {step_bytes / 1e9:.2f} | {roofline:.0%} | "
+              f"{s.ttft_s * 1e3:.1f} | {s.decode_tok_s:.1f} | {step_bytes / 1e9:.2f} | "
+              f"{'n/a' if roofline is None else f'{roofline:.0%}'} | "
               f"{s.context_tokens} | {s.decode_context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
     speedups(rows, model.language_model, args.new_tokens)
     if hf:
@@ -497,7 +509,18 @@ def main(argv=None) -> int:
         from tinyvila.tools import plots
 
         plots.latency_breakdown(breakdown(rows), args.plot, title=f"{label} {media} ({name}, {args.dtype})")
-    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def body():
+        resolve_device(args.device)  # before anything is built: no GPU, or a GPU that is not there
+        if args.json:
+            check_output_file(args.json, "--json")
+        report(args, *run(args))
+
+    return run_cli(body, args.debug, "lower the media size, --new-tokens or --turns, or try --quant")
 
 
 if __name__ == "__main__":

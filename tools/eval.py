@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 
+from tinyvila import __version__
 from tinyvila.errors import TinyVilaError, run_cli
 from tinyvila.sparsity import Sparsity
 
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int)
     p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
     p.add_argument("--progress", action="store_true", help="a line per answered sample")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:

@@ -40,7 +40,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from tinyvila.errors import TinyVilaError, run_cli
+from tinyvila import __version__
+from tinyvila.errors import TinyVilaError, check_output_file, run_cli
 from tinyvila.tools.metrics import METRICS
 
 SAMPLE_KEYS = {"id", "image", "images", "video", "videos", "num_frames", "question", "answers", "metric",
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
     from tinyvila.tools import eval_convert
 
     p = argparse.ArgumentParser(prog="tinyvila-eval-data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = p.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="load a JSONL evaluation file and summarise it")
     check.add_argument("file")
@@ -268,10 +270,11 @@ def main(argv=None) -> int:
             metrics = sorted({t.metric for t in turns})
             print(f"{args.file}: {len(samples)} samples, {len(turns)} questions, metrics: {', '.join(metrics)}")
         else:
+            check_output_file(args.out, "--out", suffixes={".jsonl"}, example="questions.jsonl")
             count = eval_convert.convert(args.format, args.src, args.out, args.media_dir, args.limit)
             print(f"wrote {count} samples to {args.out}", file=sys.stderr)
 
-    return run_cli(body, args.debug, "the data tools do not use the GPU")
+    return run_cli(body, args.debug, "convert fewer questions (--limit)")
 
 
 if __name__ == "__main__":

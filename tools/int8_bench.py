@@ -26,6 +26,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from tinyvila import __version__
+from tinyvila.errors import TinyVilaError, check_output_file, run_cli
 from tinyvila.tools.kernel_bench import time_graph
 
 # name, M, K, N
@@ -284,7 +286,7 @@ def bench_fused(args, out):
         print(f"| {r['path']} (M={r['M']}) | {r['epilogue_ms'] * 1e3:.1f} | {r['separate_ms'] * 1e3:.1f} |")
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyvila.tools.int8_bench", description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="run the shapes whose name starts with this")
     ap.add_argument("--sweep", action="store_true", help="time every candidate tile config too (slow)")
@@ -294,10 +296,17 @@ def main(argv=None):
     ap.add_argument("--encoders", action="store_true",
                     help="also profile the whole vision encoders, fp16 against W8A8 (builds the 7B models)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
+    return run_cli(lambda: run(args), args.debug, "lower --reps, or run fewer shapes (--only, --skip)")
+
+
+def run(args) -> None:
     if not torch.cuda.is_available():
-        print("error: int8_bench needs a CUDA GPU", file=sys.stderr)
-        return 2
+        raise TinyVilaError("int8_bench needs a CUDA GPU")
+    if args.json:
+        check_output_file(args.json, "--json")
     import triton
 
     dev = torch.cuda.get_device_name()
@@ -316,7 +325,6 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,10 +20,13 @@ on their values); --check first compares each path with the PyTorch reference at
 import argparse
 import math
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from tinyvila import __version__
+from tinyvila.errors import TinyVilaError, run_cli
 from tinyvila.kernels import decode_attention, w4a16
 from tinyvila.kernels.gpu import sm_count
 from tinyvila.tools.bench import copy_bandwidth
@@ -42,7 +45,7 @@ L2_BYTES = 50 * 2**20
 def cuda_device(prog: str) -> torch.device:
     """The GPU the kernel benchmarks time on; without one, a one-line error and exit."""
     if not torch.cuda.is_available():
-        raise SystemExit(f"error: {prog} needs a CUDA GPU")
+        raise TinyVilaError(f"{prog} needs a CUDA GPU")
     return torch.device("cuda")
 
 
@@ -177,7 +180,7 @@ def _attention_shapes(s):
     return [tuple(int(v) for v in item.split("/")) for item in s.split(",") if item]
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyvila.tools.kernel_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--group", type=int, default=128)
@@ -189,7 +192,13 @@ def main(argv=None):
                     help="decode attention shapes HQ/HKV/KEYS,... (default: the 7B models after an image or video)")
     ap.add_argument("--reps", type=int, default=100, help="calls per captured graph")
     ap.add_argument("--check", action="store_true", help="compare every path with the reference first")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
+    return run_cli(lambda: run(args), args.debug, "lower --reps or the shapes (--gemv-shapes, --gemm-shapes, --attention)")
+
+
+def run(args) -> None:
     device = cuda_device("kernel_bench")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -226,4 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,10 @@ import sys
 
 import torch
 
-from tinyvila.errors import TinyVilaError, run_cli
+import tinyvila
+from tinyvila import __version__
+from tinyvila.calibration import builtin_samples, user_samples
+from tinyvila.errors import TinyVilaError, check_output_file, run_cli
 
 
 def compare(reference, quantized, samples, max_new_tokens: int = 32) -> dict:
@@ -46,27 +49,25 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="compute dtype (default: the checkpoint's 16-bit type on GPU, float32 on CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the per-sample record as JSON")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    record = {}
+    return run_cli(lambda: check(args), args.debug, "try --device cpu or fewer --samples")
 
-    def body():
-        import tinyvila
-        from tinyvila.calibration import builtin_samples, user_samples
 
-        if args.samples < 1:
-            raise TinyVilaError("--samples must be positive")
-        if args.calib_images is None and args.calib_prompts is None:
-            samples = builtin_samples(args.samples, seed=1)  # not the quantizer's default draws
-        else:
-            samples = user_samples(args.samples, args.calib_images, args.calib_prompts, seed=1)
-        reference = tinyvila.load(args.reference, device=args.device, dtype=args.dtype)
-        quantized = tinyvila.load(args.quantized, device=args.device, dtype=args.dtype)
-        record.update(compare(reference, quantized, samples, args.max_new_tokens))
-
-    status = run_cli(body, args.debug, "try --device cpu or fewer --samples")
-    if status:
-        return status
+def check(args) -> None:
+    """Compare the two checkpoints; print the table (and write the --json record)."""
+    if args.samples < 1:
+        raise TinyVilaError("--samples must be positive")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.calib_images is None and args.calib_prompts is None:
+        samples = builtin_samples(args.samples, seed=1)  # not the quantizer's default draws
+    else:
+        samples = user_samples(args.samples, args.calib_images, args.calib_prompts, seed=1)
+    reference = tinyvila.load(args.reference, device=args.device, dtype=args.dtype)
+    quantized = tinyvila.load(args.quantized, device=args.device, dtype=args.dtype)
+    record = compare(reference, quantized, samples, args.max_new_tokens)
     print("| prompt | logits cosine (mean / min) | top-1 agreement | greedy answer | leading tokens agreeing |")
     print("|---|---|---|---|---|")
     for r in record["samples"] + [dict(record["mean"], question="**mean**")]:
@@ -77,7 +78,6 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(record, reference=args.reference, quantized=args.quantized), f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

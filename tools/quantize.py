@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-
+from tinyvila import __version__
 from tinyvila.errors import TinyVilaError, run_cli
 
 DEFAULTS = dict(group_size=128, w_bit=4, calib_samples=64, calib_seqlen=1024)
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", help="compute dtype (default: the checkpoint's 16-bit type on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: quantize(args.model, args.out, args.group_size, args.w_bit, args.calib_samples,

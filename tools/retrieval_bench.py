@@ -21,10 +21,13 @@ and the calls cycle through enough copies of the cache to exceed the L2 cache, a
 """
 import argparse
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from tinyvila import __version__
+from tinyvila.errors import run_cli
 from tinyvila.kernels import retrieval
 from tinyvila.kernels.compact_kv import gather_kv
 from tinyvila.kernels.retrieval import retrieval_attention
@@ -132,12 +135,18 @@ def gather_rows(dtype, device, bw, reps):
     return rows
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyvila.tools.retrieval_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     ap.add_argument("--reps", type=int, default=20, help="calls per captured graph")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants of both kernels")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
+    return run_cli(lambda: run(args), args.debug, "lower --reps")
+
+
+def run(args) -> None:
     device = cuda_device("retrieval_bench")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -167,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,10 +20,13 @@ several back-to-back calls (tinyvila.tools.kernel_bench.time_graph).
 """
 import argparse
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from tinyvila import __version__
+from tinyvila.errors import run_cli
 from tinyvila.kernels import saliency as sal
 from tinyvila.tools.kernel_bench import cuda_device, time_graph
 
@@ -135,14 +138,20 @@ def _ratio(a, b):
     return "n/a" if math.isnan(a) or math.isnan(b) else f"{a / b:.2f}"
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyvila.tools.saliency_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--check", action="store_true", help="compare ours with the reference first")
     ap.add_argument("--sweep", action="store_true",
                     help="time block-shape candidates per stage first; the table then uses the fastest")
     ap.add_argument("--only", default="", help="comma-separated shape indices (default: all)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
+    return run_cli(lambda: run(args), args.debug, "run fewer shapes (--only)")
+
+
+def run(args) -> None:
     device = cuda_device("saliency_bench")
     dtype = getattr(torch, args.dtype)
     shapes = [SHAPES[int(i)] for i in args.only.split(",")] if args.only else SHAPES
@@ -173,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
