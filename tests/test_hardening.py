@@ -536,6 +536,17 @@ CASES = [
          match="no-such-dir", cli=True),
     Case("cli-negative-max-pixels", cli(QWEN, "--image", IMAGE, *RUN, "--max-pixels", "-5"), match="max.pixels",
          cli=True),
+    Case("cli-two-images-after-one-flag", cli("--image", IMAGE, IMAGE, LLAVA, *RUN), match="-i a.png -i b.png",
+         cli=True),
+    Case("cli-image-given-as-model", cli(IMAGE, *RUN), match="is a file, not a checkpoint folder", cli=True),
+    Case("cli-device-mps", cli(LLAVA, *RUN[:-2], "--device", "mps"), match="device 'mps' is not supported",
+         cli=True),
+    Case("cli-device-cuda-7", cli(LLAVA, *RUN[:-2], "--device", "cuda:7"), match="CUDA is not available|cuda:7",
+         cli=True),
+    Case("cli-save-kept-is-a-folder", cli(LLAVA, "--image", IMAGE, *RUN, "--save-kept", lambda env: env.root),
+         match="is a folder", cli=True),
+    Case("cli-max-seq-len-zero", cli(LLAVA, *RUN, "--max-seq-len", "0"), match="--max-seq-len.*positive", cli=True),
+    Case("cli-bad-prefill-budget", cli(LLAVA, *RUN, "--prefill-budget", "all"), match="prefill_budget", cli=True),
     Case("cli-negative-max-frames", cli(VILA, "--video", lambda env: env.clip, *RUN, "--max-frames", "-3"),
          match="max.frames", cli=True),
 ]
@@ -627,7 +638,7 @@ def test_chat_set_bad_seed_is_reported_and_the_chat_goes_on(env, capfd, monkeypa
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/set seed {10 ** 20}\nHi\n/set seed 3\nHi\n"))
     capfd.readouterr()
-    assert main([str(env.llava), "-n", "2", "--temperature", "1", "--device", "cpu", "--json"]) == 0
+    assert main([str(env.llava), "-n", "2", "--temperature", "1", "--device", "cpu", "--json", "-q"]) == 0
     out, err = capfd.readouterr()
     assert err.splitlines() == [f"error: seed must be a 64-bit integer, got {10 ** 20}"], err
     assert [json.loads(line)["finish_reason"] for line in out.splitlines()] == ["length"]  # the answer after it
