@@ -41,7 +41,7 @@ import sys
 from dataclasses import dataclass, field
 
 from tinyvila import __version__
-from tinyvila.errors import TinyVilaError, check_output_file, run_cli
+from tinyvila.errors import TinyVilaError, run_cli
 from tinyvila.tools.metrics import METRICS
 
 SAMPLE_KEYS = {"id", "image", "images", "video", "videos", "num_frames", "question", "answers", "metric",
@@ -270,7 +270,6 @@ def main(argv=None) -> int:
             metrics = sorted({t.metric for t in turns})
             print(f"{args.file}: {len(samples)} samples, {len(turns)} questions, metrics: {', '.join(metrics)}")
         else:
-            check_output_file(args.out, "--out", suffixes={".jsonl"}, example="questions.jsonl")
             count = eval_convert.convert(args.format, args.src, args.out, args.media_dir, args.limit)
             print(f"wrote {count} samples to {args.out}", file=sys.stderr)
 
