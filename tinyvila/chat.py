@@ -184,8 +184,8 @@ def model_name(engine) -> str:
 def load_summary(engine, seconds: float) -> str:
     """One line: what was loaded, how (dtype, quantization, device), its weight memory and load time."""
     model = engine.model
-    quantized = dict.fromkeys(QUANTIZED_LAYERS[type(m).__name__] for m in model.modules()
-                              if type(m).__name__ in QUANTIZED_LAYERS)
+    layers = {type(m).__name__ for m in model.modules()}
+    quantized = [label for name, label in QUANTIZED_LAYERS.items() if name in layers]
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     dtype = str(engine.dtype).removeprefix("torch.")
     return (f"loaded {model_name(engine)}: {model.name}, {dtype}, quantization {' + '.join(quantized) or 'none'}, "
