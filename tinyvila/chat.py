@@ -6,8 +6,9 @@ streamed answers and slash commands. Bad input prints one `error:` line and exit
 option is checked before the model loads.
 
 The arguments are parsed before torch is imported, so --help, --version and --list-models answer at
-once: `check_before_loading` holds this module's one deferred import of tinyvila's own (torch-using)
-modules; `tinyvila.load` defers the engine's itself.
+once. That is why tinyvila's own torch-using modules are imported late here, and only here:
+`check_before_loading` imports them once the command line is known to need them (`tinyvila.load`
+defers the engine's import itself, `--save-kept` the drawing code's).
 """
 import argparse
 import atexit
@@ -354,30 +355,30 @@ class Chat:
                 print(f"error: {e}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(args) -> None:
     if args.list_models:
         print(list_models())
-        return 0
+        return
+    check_before_loading(args)
+    model = args.model
+    if model is None:
+        model = DEFAULT_MODEL
+        announce_default_model()
+    media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
+    start = time.perf_counter()
+    engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
+    if not args.quiet:
+        print(load_summary(engine, time.perf_counter() - start), file=sys.stderr)
+    chat = Chat(engine, args)
+    if args.prompt is not None:
+        chat.answer(args.prompt)
+    else:
+        chat.loop()
 
-    def body():
-        check_before_loading(args)
-        model = args.model
-        if model is None:
-            model = DEFAULT_MODEL
-            announce_default_model()
-        media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
-        start = time.perf_counter()
-        engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
-        if not args.quiet:
-            print(load_summary(engine, time.perf_counter() - start), file=sys.stderr)
-        chat = Chat(engine, args)
-        if args.prompt is not None:
-            chat.answer(args.prompt)
-        else:
-            chat.loop()
 
-    return run_cli(body, args.debug)
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":
