@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    return run_cli(lambda: run(args), args.debug, "lower --reps or the shapes (--gemv-shapes, --gemm-shapes, --attention)")
+    return run_cli(lambda: run(args), args.debug,
+                   "lower --reps or the shapes (--gemv-shapes, --gemm-shapes, --attention)")
 
 
 def run(args) -> None:
