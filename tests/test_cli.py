@@ -156,8 +156,8 @@ def test_debug_shows_the_traceback(tmp_path):
 # ============================================================================ through the installed scripts
 # The console scripts as a user runs them (`pip install .` puts them next to the interpreter).
 
-SCRIPTS = ("tinyvila-chat", "tinyvila-bench", "tinyvila-quantize", "tinyvila-quant-check", "tinyvila-eval",
-           "tinyvila-eval-data")
+# every console script setup.py declares
+SCRIPTS = re.findall(r'"(tinyvila-[\w-]+) = ', (Path(__file__).resolve().parents[1] / "setup.py").read_text())
 CPU = ["--device", "cpu", "--dtype", "float32", "--temperature", "0"]
 
 
@@ -285,6 +285,10 @@ def test_out_of_memory_conversion():
         torch.empty(2 ** 50, dtype=torch.uint8)
     assert out_of_memory(e.value, "lower X") == "out of CPU memory (tried to allocate 1048576.0 GiB); lower X"
     assert out_of_memory(ValueError("nope")) is None
+
+
+def test_every_script_is_tested():
+    assert len(SCRIPTS) >= 6 and "tinyvila-chat" in SCRIPTS
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
