@@ -20,14 +20,16 @@ MODEL_TYPES = {
     "llava_next": ("llava_next", "LlavaNext"),
     "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VL"),
 }
-# Hub checkpoints known to work, by family module (tinyvila-chat --list-models).
+# Hub checkpoints known to work, by their config.json architectures[0] (tinyvila-chat --list-models).
 HUB_MODELS = {
-    "llava_next": ("llava-hf/llava-v1.6-vicuna-7b-hf", "llava-hf/llava-v1.6-mistral-7b-hf",
-                   "liuhaotian/llava-v1.6-vicuna-7b", "liuhaotian/llava-v1.6-mistral-7b"),
-    "qwen2_5_vl": tuple(f"Qwen/Qwen2.5-VL-{size}-Instruct" for size in ("3B", "7B", "32B", "72B")),
-    "longvila": ("Efficient-Large-Model/qwen2-7b-longvila-256f", "Efficient-Large-Model/qwen2-7b-longvila-1M",
-                 "Efficient-Large-Model/qwen2-1.5b-longvila-256f",
-                 *(f"Efficient-Large-Model/Llama-3-LongVILA-8B-{n}Frames" for n in (128, 256, 512, 1024))),
+    "LlavaNextForConditionalGeneration": ("llava-hf/llava-v1.6-vicuna-7b-hf", "llava-hf/llava-v1.6-mistral-7b-hf"),
+    "LlavaLlamaForCausalLM": ("liuhaotian/llava-v1.6-vicuna-7b",),
+    "LlavaMistralForCausalLM": ("liuhaotian/llava-v1.6-mistral-7b",),
+    "Qwen2_5_VLForConditionalGeneration": tuple(f"Qwen/Qwen2.5-VL-{size}-Instruct"
+                                                for size in ("3B", "7B", "32B", "72B")),
+    "LlavaLlamaModel": ("Efficient-Large-Model/qwen2-7b-longvila-256f", "Efficient-Large-Model/qwen2-7b-longvila-1M",
+                        "Efficient-Large-Model/qwen2-1.5b-longvila-256f",
+                        *(f"Efficient-Large-Model/Llama-3-LongVILA-8B-{n}Frames" for n in (128, 256, 512, 1024))),
 }
 SUPPORTED = ("LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM), "
              "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), LongVILA (VILA layout: LlavaLlamaModel)")

@@ -298,13 +298,16 @@ def test_every_script_has_version(name):
 
 
 def test_list_models_reuses_the_registry():
-    from tinyvila.models import ARCHITECTURES, HUB_MODELS
+    from tinyvila.models import ARCHITECTURES, HUB_MODELS, MODEL_TYPES
 
     code, out, err = run("tinyvila-chat", "--list-models")
     assert code == 0, err
-    assert all(arch in out for arch in ARCHITECTURES)
-    assert all(repo in out for repos in HUB_MODELS.values() for repo in repos)
-    assert "llava-hf/llava-v1.6-vicuna-7b-hf  (llava_next, the default)" in out
+    assert all(arch in out for arch in [*ARCHITECTURES, *MODEL_TYPES])
+    assert set(HUB_MODELS) <= set(ARCHITECTURES)
+    assert all(f"  {repo}" in out.splitlines() or f"  {repo}  (the default)" in out.splitlines()
+               for repos in HUB_MODELS.values() for repo in repos)
+    assert "  llava-hf/llava-v1.6-vicuna-7b-hf  (the default)" in out.splitlines()
+    assert out.startswith("LLaVA-NeXT: architectures LlavaNextForConditionalGeneration")
 
 
 def test_help_imports_no_torch():
@@ -376,7 +379,9 @@ def test_interactive_terminal_keeps_a_readline_history(llava_vicuna, tmp_path):
 def on_terminal(argv, typed: bytes, env) -> bytes:
     """Run argv on a pseudo-terminal, type `typed`, return everything it printed."""
     master, slave = os.openpty()
-    environment = {k: v for k, v in {**os.environ, **env}.items() if k != "XDG_STATE_HOME" or "XDG_STATE_HOME" in env}
+    environment = {**os.environ, **env}
+    if "XDG_STATE_HOME" not in env:  # the history then goes to $HOME, whatever this machine sets
+        environment.pop("XDG_STATE_HOME", None)
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=environment, close_fds=True)
     os.close(slave)
     output, typed_yet = b"", False

@@ -5,10 +5,10 @@ streamed answers and slash commands. Bad input prints one `error:` line and exit
 (in the interactive chat a bad command is reported and the conversation goes on). Every path and
 option is checked before the model loads.
 
-The arguments are parsed before torch is imported, so --help, --version and --list-models answer at
-once. That is why tinyvila's own torch-using modules are imported late here, and only here:
-`check_before_loading` imports them once the command line is known to need them (`tinyvila.load`
-defers the engine's import itself, `--save-kept` the drawing code's).
+The arguments are parsed before torch is imported, so --help and --version answer at once. That is
+why tinyvila's own torch-using modules are imported late here, and only here: `check_before_loading`
+and `list_models` import them once the command line is known to need them (`tinyvila.load` defers
+the engine's import itself, `--save-kept` the drawing code's).
 """
 import argparse
 import atexit
@@ -23,7 +23,6 @@ from PIL import Image
 
 from . import __version__, load
 from .errors import TinyVilaError, check_output_file, run_cli
-from .models import ARCHITECTURES, HUB_MODELS, MODEL_TYPES
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 DEFAULT_MODEL_SIZE = "~14 GB"
@@ -162,15 +161,20 @@ def announce_default_model() -> None:
 
 
 def list_models() -> str:
-    """The supported families (the architectures and model types each reads) and known hub ids."""
-    lines = ["families (config.json architectures / model_type -> family):"]
-    for module in dict.fromkeys(module for module, _ in [*ARCHITECTURES.values(), *MODEL_TYPES.values()]):
-        archs = [a for a, (m, _) in ARCHITECTURES.items() if m == module]
-        types = [t for t, (m, _) in MODEL_TYPES.items() if m == module]
-        lines.append(f"  {module}: {', '.join(archs + [f'model_type {t}' for t in types])}")
-    lines.append("known hub ids:")
-    for module, repos in HUB_MODELS.items():
-        lines += [f"  {repo}  ({module}{', the default' if repo == DEFAULT_MODEL else ''})" for repo in repos]
+    """The supported families (the config.json architectures and model types each reads, from the
+    registry) and the known hub ids of each."""
+    from .models import ARCHITECTURES, HUB_MODELS, MODEL_TYPES, family_for  # torch: see the module docstring
+
+    families = {}
+    for arch in ARCHITECTURES:
+        families.setdefault(family_for({"architectures": [arch]}), []).append(arch)
+    lines = []
+    for family, archs in families.items():
+        types = [t for t in MODEL_TYPES if family_for({"model_type": t}) is family]
+        lines.append(f"{family.name}: architectures {', '.join(archs)}"
+                     + (f"; model_type {', '.join(types)}" if types else ""))
+        lines += [f"  {repo}{'  (the default)' if repo == DEFAULT_MODEL else ''}"
+                  for arch in archs for repo in HUB_MODELS.get(arch, ())]
     return "\n".join(lines)
 
 

@@ -352,6 +352,8 @@ def run(args) -> list:
             session.close()
     hf = None
     if args.compare_hf:
+        if not args.arch:
+            raise SystemExit("--compare-hf needs --arch")
         hf = run_hf(args, items, ids, model.image_token_id)
     return rows, model, hf
 
@@ -458,8 +460,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.quant and not args.arch:
         p.error("--quant builds a quantized --arch; a --model checkpoint runs as it is stored")
-    if args.compare_hf and not args.arch:
-        p.error("--compare-hf needs --arch")
     if args.plot:  # checked before the runs, so a long bench does not fail at its end
         check_plot_path(p, args.plot)
     try:
