@@ -186,7 +186,7 @@ def test_cli_decode_flags_and_stats(llava_vicuna, image_files):
     assert code == 0, err
     assert "selected" in err and "kept" in err
     code, _, err = chat(llava_vicuna, "--image", image_files[0], "-p", "Hi", *GREEDY, "--history", "forget")
-    assert code == 2 and "invalid choice" in err
+    assert code == 2 and "history must be one of keep, evict" in err
     code, _, err = chat(llava_vicuna, "--image", image_files[0], "-p", "Hi", *GREEDY, "--decode-sparsity", "2")
     assert_clean_error(code, err, "decode_sparsity must be in [0, 1)")
 
