@@ -181,7 +181,8 @@ def shell(command, env=None):
     """A bash command line (pipes, closed descriptors) with the scripts' folder first on PATH."""
     folder = os.path.dirname(script("tinyvila-chat"))
     environment = {**os.environ, **(env or {}), "PATH": folder + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, env=environment)
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, errors="replace", timeout=300,
+                          env=environment)  # (`head -c` may cut a character in two)
     return proc.returncode, proc.stdout, proc.stderr
 
 
