@@ -109,6 +109,14 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+class Embedding(nn.Embedding):
+    """An nn.Embedding without the random init: its rows always come from the checkpoint, and
+    nn.Embedding's normal_ on the meta device (where models are built) imports torch._dynamo."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -232,6 +240,13 @@ def load_checkpoint(model: nn.Module, path) -> None:
                     yield target, t
 
     load_weights(model, tensors(), what=str(path))
+
+
+def materialize(model: nn.Module, device) -> nn.Module:
+    """`model.to_empty(device=device)`: uninitialised storage for a model built on the meta device.
+    torch.empty instead of to_empty's torch.empty_like, whose meta path imports torch.fx's symbolic
+    shapes (sympy included), a quarter of a tiny model's start-up."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -410,7 +425,7 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
@@ -721,7 +736,7 @@ class ViTEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
                                          stride=cfg.patch_size, bias=patch_bias)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if cls_token else None
-        self.position_embedding = nn.Embedding(n, cfg.hidden_size)
+        self.position_embedding = Embedding(n, cfg.hidden_size)
 
     def forward(self, pixels):  # [N, 3, S, S] -> [N, T, C]
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)

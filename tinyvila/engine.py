@@ -92,7 +92,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
         from tinyvila.models import family_for
-        from tinyvila.models.layers import align_rows, checkpoint_entries, load_checkpoint, use_encoder_graphs
+        from tinyvila.models.layers import (align_rows, checkpoint_entries, load_checkpoint, materialize,
+                                            use_encoder_graphs)
         from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
         from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
@@ -117,7 +118,7 @@ class Engine:
                 w4 = awq_config(config, loader.read_json(text_dir / "config.json", required=False))
                 if w4 and not convert_to_w4(net, checkpoint_entries(net, path)):
                     raise CheckpointError("config.json says it is AWQ-quantized but it stores no qweight tensors")
-                net = net.to_empty(device=device)
+                net = materialize(net, device)
                 load_checkpoint(net, path)
                 finalize_w4(net, dtype)
                 if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
