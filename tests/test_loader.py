@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import tinyvila
+from tinyvila.models import layers
 from fixtures_llava import build_llava_next
 from tinyvila.errors import CheckpointError, ContextError, TinyVilaError
 
@@ -227,9 +228,40 @@ def test_prompt_longer_than_context(llava_vicuna, image_files):
         assert s.ask("Hi", max_new_tokens=2, ignore_eos=True).token_ids
 
 
+def test_max_seq_len_beyond_the_position_limit(llava_vicuna, monkeypatch):
+    """More than max_position_embeddings (1024 here): one line naming the limit, before the model's
+    weights or any cache are allocated."""
+    allocated = []
+    monkeypatch.setattr(layers, "materialize", lambda *a: allocated.append(a))
+    with pytest.raises(TinyVilaError, match="limit of 1024 positions") as e:
+        load(llava_vicuna, max_seq_len=1025)
+    assert len(str(e.value).splitlines()) == 1 and not allocated
+    monkeypatch.undo()
+    eng = load(llava_vicuna, max_seq_len=1024)  # the limit itself is fine
+    with pytest.raises(TinyVilaError, match="limit of 1024 positions"):
+        eng.session(max_seq_len=4096)
+    out = subprocess.run([sys.executable, "-m", "tinyvila.chat", str(llava_vicuna), "-p", "hi", "-n", "2",
+                          "--max-seq-len", "100000"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: max_seq_len 100000 is more than this model's limit of 1024 positions "
+        "(max_position_embeddings in config.json)"], out.stderr
+
+
 def test_placeholder_count_mismatch(llava_vicuna, image_files):
     eng = load(llava_vicuna)
     with pytest.raises(TinyVilaError, match="placeholder"):
         eng.generate(input_ids=[1, eng.image_token_id, 5], images=[])
     with pytest.raises(TinyVilaError, match="placeholder"):
         eng.generate("<image> and <image>", images=[image_files[0]])
+
+
+def test_loading_and_generating_never_import_dynamo(llava_vicuna, image_files):
+    """Building a model on the meta device must not reach torch._refs (nn.Embedding's init,
+    empty_like): that imports torch._dynamo and torch.fx, most of a small model's start-up."""
+    code = ("import sys, tinyvila\n"
+            f"eng = tinyvila.load({str(llava_vicuna)!r}, device='cpu')\n"
+            f"eng.generate('Hi', images=[{str(image_files[0])!r}], max_new_tokens=2, temperature=0)\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

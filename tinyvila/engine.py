@@ -110,6 +110,7 @@ class Engine:
             tokenizer = Tokenizer.from_dir(text_dir)
             with torch.device("meta"):
                 net = family(family_cfg)
+            check_max_seq_len(options.get("max_seq_len"), net.language_model.cfg)  # before any allocation
             extra_stops = net.bind_tokenizer(tokenizer) if hasattr(net, "bind_tokenizer") else set()
             template = ChatTemplate.from_dir(text_dir, default=net.default_template,
                                              special_tokens=tokenizer.special_tokens_map)
@@ -187,9 +188,9 @@ class Engine:
         unsupported = set(options) - set(CONVERSATION_OPTIONS + tuple(self.model.media_options))
         if unsupported:  # a real option, but not one this family has (e.g. fps for an image-only model)
             raise TinyVilaError(f"{self.model.name} does not take {', '.join(sorted(unsupported))}")
-        for name in ("max_seq_len", "max_frames"):
-            if name in options:
-                _check_positive(name, options[name], integer=True)
+        check_max_seq_len(options.get("max_seq_len"), self.model.language_model.cfg)
+        if "max_frames" in options:
+            _check_positive("max_frames", options["max_frames"], integer=True)
         for name in ("min_pixels", "max_pixels", "fps"):
             if name in options:
                 _check_positive(name, options[name])
@@ -263,6 +264,18 @@ class Engine:
             if input_ids is None and template:
                 return s.ask(prompt, callback=callback, **vars(params))
             return s.complete(self._prompt_ids(s, prompt, input_ids, template), params, callback)
+
+
+def check_max_seq_len(value, text_cfg) -> None:
+    """max_seq_len (None: the default) must be a positive integer within the model's position
+    limit: beyond it a cache would be allocated for positions the model was never built for."""
+    if value is None:
+        return
+    _check_positive("max_seq_len", value, integer=True)
+    if value > text_cfg.max_position_embeddings:
+        raise TinyVilaError(f"max_seq_len {value} is more than this model's limit of "
+                            f"{text_cfg.max_position_embeddings} positions (max_position_embeddings "
+                            f"in config.json)")
 
 
 def _check_positive(name: str, value, integer: bool = False) -> None:
