@@ -33,7 +33,7 @@ setup(
         "pillow>=10",
         "decord; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "huggingface_hub",
-        "tqdm",
+        "tqdm>=4.61",  # delay= (loader.progress_bar)
     ],
     extras_require={
         # transformers is the reference the tests compare against; the runtime never imports it.

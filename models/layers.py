@@ -227,19 +227,27 @@ def checkpoint_entries(model: nn.Module, path):
             yield f, name, model.module_name("" if folder == "." else folder, name)
 
 
-def load_checkpoint(model: nn.Module, path) -> None:
-    """Fill `model`'s parameters from the checkpoint folder `path` (see checkpoint_entries)."""
-    from tinyvila.loader import iter_tensors
+def load_checkpoint(model: nn.Module, path, progress=False) -> None:
+    """Fill `model`'s parameters from the checkpoint folder `path` (see checkpoint_entries), with
+    a progress bar over the bytes of its shards (loader.progress_bar)."""
+    from tinyvila.loader import iter_tensors, progress_bar
 
-    def tensors():
-        for f in model.checkpoint_files(path):
-            folder = f.parent.relative_to(path).as_posix()
+    files = model.checkpoint_files(path)
+
+    def tensors(bar):
+        for f in files:
+            folder, read = f.parent.relative_to(path).as_posix(), 0
             for name, t in iter_tensors([f]):
                 target = model.module_name("" if folder == "." else folder, name)
                 if target is not None:
                     yield target, t
+                bar.update(t.numel() * t.element_size())
+                read += t.numel() * t.element_size()
+            bar.update(f.stat().st_size - read)  # the header: the bar ends at the shards' size
 
-    load_weights(model, tensors(), what=str(path))
+    with progress_bar(progress, total=sum(f.stat().st_size for f in files), desc="Loading weights",
+                      unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        load_weights(model, tensors(bar), what=str(path))
 
 
 def materialize(model: nn.Module, device) -> nn.Module:

@@ -97,6 +97,7 @@ class Engine:
         from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
         from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
+        progress = options.pop("progress", None)  # bars while loading: loader.progress_bar
         path = loader.resolve(model)
         with loader.naming(path):  # one place for all the checks that do not know the folder
             config = loader.read_json(path / "config.json")
@@ -120,8 +121,8 @@ class Engine:
                 if w4 and not convert_to_w4(net, checkpoint_entries(net, path)):
                     raise CheckpointError("config.json says it is AWQ-quantized but it stores no qweight tensors")
                 net = materialize(net, device)
-                load_checkpoint(net, path)
-                finalize_w4(net, dtype)
+                load_checkpoint(net, path, progress)
+                finalize_w4(net, dtype, progress)
                 if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
                     load_w8a8(net, path / W8A8_FILE)
                 align_rows(net)
