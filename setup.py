@@ -45,6 +45,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tinyvila-chat = tinyvila.chat:main",
+            "tinyvila-demo = tinyvila.demo:main",
             "tinyvila-bench = tinyvila.tools.bench:main",
             "tinyvila-quantize = tinyvila.tools.quantize:main",
             "tinyvila-quant-check = tinyvila.tools.quant_check:main",
