@@ -46,7 +46,7 @@ def test_demo_runs_end_to_end_without_transformers(kept):
 def test_answers_depend_on_the_image_and_the_question(kept):
     folder, _ = kept
     eng = tinyvila.load(folder, device="cpu")
-    pictures = [demo.test_picture(), demo.test_picture(90, 150).transpose(0)]
+    pictures = [demo.demo_picture(), demo.demo_picture(90, 150).transpose(0)]
     answers = {eng.generate(q, images=[p], max_new_tokens=8, temperature=0, ignore_eos=True).token_ids.__repr__()
                for q in ("What is in this picture?", "Is there a sun?") for p in pictures}
     assert len(answers) == 4

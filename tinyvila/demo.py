@@ -173,7 +173,7 @@ def build_checkpoint(out) -> Path:
     return out
 
 
-def test_picture(width: int = 160, height: int = 120) -> Image.Image:
+def demo_picture(width: int = 160, height: int = 120) -> Image.Image:
     """A sky, a sun, a house and grass."""
     img = Image.new("RGB", (width, height), (110, 170, 235))
     draw = ImageDraw.Draw(img)
@@ -212,7 +212,7 @@ def check_keep(folder) -> Path:
 def run(folder: Path, device, prompt: str, kept: bool) -> None:
     t0 = time.perf_counter()
     build_checkpoint(folder)
-    picture = test_picture()
+    picture = demo_picture()
     if kept:
         picture.save(folder / "example.png")
     print(f"Built a tiny random LLaVA-NeXT checkpoint in {time.perf_counter() - t0:.2f} s, no download: "
