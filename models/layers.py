@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyvila.errors import CheckpointError, TinyVilaError
+from tinyvila.loader import iter_tensors, progress_bar
 from tinyvila.quant.smoothquant import act_input, norm_input
 
 # --------------------------------------------------------------------------- config
@@ -230,8 +231,6 @@ def checkpoint_entries(model: nn.Module, path):
 def load_checkpoint(model: nn.Module, path, progress=False) -> None:
     """Fill `model`'s parameters from the checkpoint folder `path` (see checkpoint_entries), with
     a progress bar over the bytes of its shards (loader.progress_bar)."""
-    from tinyvila.loader import iter_tensors, progress_bar
-
     files = model.checkpoint_files(path)
 
     def tensors(bar):
@@ -253,7 +252,7 @@ def load_checkpoint(model: nn.Module, path, progress=False) -> None:
 def materialize(model: nn.Module, device) -> nn.Module:
     """`model.to_empty(device=device)`: uninitialised storage for a model built on the meta device.
     torch.empty instead of to_empty's torch.empty_like, whose meta path imports torch.fx's symbolic
-    shapes (sympy included), a quarter of a tiny model's start-up."""
+    shapes and sympy, slow to import for a command that only wants an answer."""
     return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
