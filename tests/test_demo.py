@@ -52,6 +52,13 @@ def test_answers_depend_on_the_image_and_the_question(kept):
     assert len(answers) == 4
 
 
+def test_bad_device_is_one_line_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tinyvila.demo", "--device", "tpu9", "--keep", str(tmp_path / "d")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "" and not (tmp_path / "d").exists()
+    assert out.stderr.startswith("error: unknown device 'tpu9'") and len(out.stderr.splitlines()) == 1
+
+
 def test_keep_refuses_a_folder_with_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     out = run_demo("--keep", str(tmp_path))

@@ -24,6 +24,7 @@ from tokenizers.trainers import BpeTrainer
 
 from . import load
 from .chat import format_stats
+from .engine import resolve_device
 from .errors import TinyVilaError, run_cli
 
 REAL_MODEL_COMMAND = ('python -m tinyvila.chat llava-hf/llava-v1.6-vicuna-7b-hf --image photo.jpg '
@@ -235,11 +236,12 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     def body():
+        device = resolve_device(args.device)  # a bad --device or --keep is reported before any work
         if args.keep:
-            run(check_keep(args.keep), args.device, args.prompt, kept=True)
+            run(check_keep(args.keep), device, args.prompt, kept=True)
             return
         with tempfile.TemporaryDirectory(prefix="tinyvila-demo-") as folder:
-            run(Path(folder), args.device, args.prompt, kept=False)
+            run(Path(folder), device, args.prompt, kept=False)
 
     return run_cli(body, args.debug, "the demo model is tiny: is the GPU in use by another program?")
 
