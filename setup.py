@@ -33,7 +33,7 @@ setup(
         "pillow>=10",
         "decord; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "huggingface_hub",
-        "tqdm",
+        "tqdm>=4.61",  # delay= (loader.progress_bar)
     ],
     extras_require={
         # transformers is the reference the tests compare against; the runtime never imports it.
@@ -45,6 +45,7 @@ setup(
     entry_points={
         "console_scripts": [
             "tinyvila-chat = tinyvila.chat:main",
+            "tinyvila-demo = tinyvila.demo:main",
             "tinyvila-bench = tinyvila.tools.bench:main",
             "tinyvila-quantize = tinyvila.tools.quantize:main",
             "tinyvila-quant-check = tinyvila.tools.quant_check:main",

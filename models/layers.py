@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinyvila.errors import CheckpointError, TinyVilaError
+from tinyvila.loader import iter_tensors, progress_bar
 from tinyvila.quant.smoothquant import act_input, norm_input
 
 # --------------------------------------------------------------------------- config
@@ -107,6 +108,14 @@ def activation(name: str):
     if name not in ACTIVATIONS:
         raise CheckpointError(f"unsupported activation {name!r} (supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
+
+
+class Embedding(nn.Embedding):
+    """An nn.Embedding without the random init: its rows always come from the checkpoint, and
+    nn.Embedding's normal_ on the meta device (where models are built) imports torch._dynamo."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):
@@ -219,19 +228,32 @@ def checkpoint_entries(model: nn.Module, path):
             yield f, name, model.module_name("" if folder == "." else folder, name)
 
 
-def load_checkpoint(model: nn.Module, path) -> None:
-    """Fill `model`'s parameters from the checkpoint folder `path` (see checkpoint_entries)."""
-    from tinyvila.loader import iter_tensors
+def load_checkpoint(model: nn.Module, path, progress=False) -> None:
+    """Fill `model`'s parameters from the checkpoint folder `path` (see checkpoint_entries), with
+    a progress bar over the bytes of its shards (loader.progress_bar)."""
+    files = model.checkpoint_files(path)
 
-    def tensors():
-        for f in model.checkpoint_files(path):
-            folder = f.parent.relative_to(path).as_posix()
+    def tensors(bar):
+        for f in files:
+            folder, read = f.parent.relative_to(path).as_posix(), 0
             for name, t in iter_tensors([f]):
                 target = model.module_name("" if folder == "." else folder, name)
                 if target is not None:
                     yield target, t
+                bar.update(t.numel() * t.element_size())
+                read += t.numel() * t.element_size()
+            bar.update(f.stat().st_size - read)  # the header: the bar ends at the shards' size
 
-    load_weights(model, tensors(), what=str(path))
+    with progress_bar(progress, total=sum(f.stat().st_size for f in files), desc="Loading weights",
+                      unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        load_weights(model, tensors(bar), what=str(path))
+
+
+def materialize(model: nn.Module, device) -> nn.Module:
+    """`model.to_empty(device=device)`: uninitialised storage for a model built on the meta device.
+    torch.empty instead of to_empty's torch.empty_like, whose meta path imports torch.fx's symbolic
+    shapes and sympy, slow to import for a command that only wants an answer."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -410,7 +432,7 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
@@ -721,7 +743,7 @@ class ViTEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
                                          stride=cfg.patch_size, bias=patch_bias)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if cls_token else None
-        self.position_embedding = nn.Embedding(n, cfg.hidden_size)
+        self.position_embedding = Embedding(n, cfg.hidden_size)
 
     def forward(self, pixels):  # [N, 3, S, S] -> [N, T, C]
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from tinyvila.errors import CheckpointError
+from tinyvila.loader import progress_bar, tensor_shapes
 
 PACK = 8  # 4-bit values per int32
 
@@ -45,7 +46,8 @@ class W4Linear(nn.Module):
             new = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None,
                       getattr(linear, "shard_sizes", None))
             if linear.bias is not None:
-                new.bias = nn.Parameter(torch.empty_like(linear.bias), requires_grad=False)
+                new.bias = nn.Parameter(torch.empty(linear.bias.shape, dtype=linear.bias.dtype),
+                                        requires_grad=False)  # not empty_like: see layers.materialize
         return new
 
     @property
@@ -124,7 +126,6 @@ def convert_to_w4(model: nn.Module, entries) -> int:
     """Swap the linears that the checkpoint stores as qweight/qzeros/scales for W4Linear modules
     (on whatever device `model` lives, meta included). `entries`: (file, stored name, module name)
     as layers.checkpoint_entries gives them. Returns how many modules were converted."""
-    from tinyvila.loader import tensor_shapes
     from tinyvila.models.layers import fused_target, replace_module
 
     params = dict(model.named_parameters())
@@ -149,7 +150,11 @@ def convert_to_w4(model: nn.Module, entries) -> int:
     return len(scales)
 
 
-def finalize_w4(model: nn.Module, dtype: torch.dtype) -> None:
-    for module in model.modules():
-        if isinstance(module, W4Linear) and module.packed_names is None:
+def finalize_w4(model: nn.Module, dtype: torch.dtype, progress=False) -> None:
+    """Repack every W4Linear of `model` (with a progress bar: loader.progress_bar)."""
+    todo = [m for m in model.modules() if isinstance(m, W4Linear) and m.packed_names is None]
+    with progress_bar(progress if todo else False, total=len(todo), desc="Repacking 4-bit weights",
+                      unit="layer") as bar:
+        for module in todo:
             module.finalize(dtype)
+            bar.update()

@@ -100,12 +100,18 @@ def test_align_rows_keeps_values_and_results():
     assert type(fp32) is torch.nn.Linear and fp32.weight.stride(0) == 20
 
 
-def test_closing_a_session_frees_its_memory(llava_vicuna, image_files):
+def test_closing_a_session_frees_its_memory(llava_vicuna, image_files, tmp_path):
     """The KV cache and the captured decode graph go away with the session (after a first session
     has set up the per-process library workspaces)."""
     import gc
+    import json
+    import shutil
 
-    eng = tinyvila.load(llava_vicuna, device="cuda", dtype="float16")
+    long = shutil.copytree(llava_vicuna, tmp_path / "long")  # a position limit above the 200k cache below
+    config = json.loads((long / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 262144
+    (long / "config.json").write_text(json.dumps(config))
+    eng = tinyvila.load(long, device="cuda", dtype="float16")
     with eng.session(images=[image_files[0]]) as s:
         s.ask("Hi", **GREEDY)
     gc.collect()

@@ -1,5 +1,6 @@
 """Loading: every key layout and config spelling gives the same model; malformed checkpoints give
 one clear CheckpointError."""
+import io
 import json
 import os
 import shutil
@@ -9,8 +10,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import tinyvila
+from tinyvila import loader
+from tinyvila.models import layers
 from fixtures_llava import build_llava_next
 from tinyvila.errors import CheckpointError, ContextError, TinyVilaError
 
@@ -107,6 +111,37 @@ def test_sharded_checkpoint(tmp_path, reference, llava_vicuna):
     LlavaNextForConditionalGeneration.from_pretrained(llava_vicuna).save_pretrained(d, max_shard_size="100KB")
     assert (d / "model.safetensors.index.json").is_file() and len(list(d.glob("*.safetensors"))) > 2
     assert (load(d).logits(input_ids=ids, images=[img]) - ref).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def three_shards(llava_vicuna, tmp_path_factory):
+    """The vicuna checkpoint split into three safetensors shards with an index."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("three_shards")
+    shutil.copytree(llava_vicuna, d, dirs_exist_ok=True)
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names, weight_map = sorted(state), {}
+    for i in range(3):
+        shard = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = {n: state[n] for n in names[i::3]}
+        save_file(part, d / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def test_progress_bar_over_the_shards(three_shards, reference, capsys):
+    ids, _, img, ref = reference
+    eng = load(three_shards, progress=True)
+    err = capsys.readouterr().err
+    size = sum(f.stat().st_size for f in three_shards.glob("*.safetensors"))
+    assert f"Loading weights:   0%|          | 0.00/{tqdm.format_sizeof(size, divisor=1024)}" in err, err
+    assert (eng.logits(input_ids=ids, images=[img]) - ref).abs().max() < 1e-5
+    load(three_shards)  # progress=None: stderr is not a terminal here, so nothing is printed
+    load(three_shards, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("spelling", ["rope_theta_4x", "no_rope_fields"])
@@ -227,9 +262,54 @@ def test_prompt_longer_than_context(llava_vicuna, image_files):
         assert s.ask("Hi", max_new_tokens=2, ignore_eos=True).token_ids
 
 
+def test_max_seq_len_beyond_the_position_limit(llava_vicuna, monkeypatch):
+    """More than max_position_embeddings (1024 here): one line naming the limit, before the model's
+    weights or any cache are allocated."""
+    allocated = []
+    monkeypatch.setattr(layers, "materialize", lambda *a: allocated.append(a))
+    with pytest.raises(TinyVilaError, match="limit of 1024 positions") as e:
+        load(llava_vicuna, max_seq_len=1025)
+    assert len(str(e.value).splitlines()) == 1 and not allocated
+    monkeypatch.undo()
+    eng = load(llava_vicuna, max_seq_len=1024)  # the limit itself is fine
+    with pytest.raises(TinyVilaError, match="limit of 1024 positions"):
+        eng.session(max_seq_len=4096)
+    out = subprocess.run([sys.executable, "-m", "tinyvila.chat", str(llava_vicuna), "-p", "hi", "-n", "2",
+                          "--max-seq-len", "100000"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: max_seq_len 100000 is more than this model's limit of 1024 positions "
+        "(max_position_embeddings in config.json)"], out.stderr
+
+
 def test_placeholder_count_mismatch(llava_vicuna, image_files):
     eng = load(llava_vicuna)
     with pytest.raises(TinyVilaError, match="placeholder"):
         eng.generate(input_ids=[1, eng.image_token_id, 5], images=[])
     with pytest.raises(TinyVilaError, match="placeholder"):
         eng.generate("<image> and <image>", images=[image_files[0]])
+
+
+def test_loading_and_generating_never_import_dynamo(llava_vicuna, image_files):
+    """Building a model on the meta device must not reach torch._refs (nn.Embedding's init,
+    empty_like): that imports torch._dynamo and torch.fx, most of a small model's start-up."""
+    code = ("import sys, tinyvila\n"
+            f"eng = tinyvila.load({str(llava_vicuna)!r}, device='cpu')\n"
+            f"eng.generate('Hi', images=[{str(image_files[0])!r}], max_new_tokens=2, temperature=0)\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_progress_bars_are_automatic_on_a_terminal(monkeypatch):
+    """progress=None: bars only when stderr is a terminal, after a moment; True at once."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    auto = loader.progress_bar(None, total=1)
+    assert not auto.disable and auto.delay > 0
+    assert loader.progress_bar(True, total=1).delay == 0 and loader.progress_bar(False, total=1).disable
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert loader.progress_bar(None, total=1).disable and not loader.progress_bar(True, total=1).disable

@@ -1,5 +1,5 @@
 """`pip install .` and `pip install -e .` both give tinyvila.{kernels,quant,models,tools} and the
-tinyvila-chat script, with no generic top-level package names in site-packages; run from the clone's
+tinyvila-chat and tinyvila-demo scripts, with no generic top-level package names in site-packages; run from the clone's
 root, `python -m tinyvila...` works too, and a package named `kernels` elsewhere (Hugging Face's,
 which transformers imports) is not shadowed by the clone's kernels/ folder."""
 import os
@@ -51,6 +51,9 @@ def test_pip_install(tmp_path, editable):
             "tinyvila/models/__init__.py")
     script = subprocess.run([str(env_dir / "bin" / "tinyvila-chat"), "--help"], capture_output=True, text=True)
     assert script.returncode == 0 and "--image" in script.stdout
+    demo = subprocess.run([str(env_dir / "bin" / "tinyvila-demo"), "--device", "cpu"], cwd=tmp_path,
+                          capture_output=True, text=True)  # no tests/ fixtures, no transformers needed
+    assert demo.returncode == 0 and "answer:" in demo.stdout, demo.stderr
 
     unrelated = tmp_path / "elsewhere" / "kernels"
     unrelated.mkdir(parents=True)

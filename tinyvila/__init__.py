@@ -33,11 +33,14 @@ def _run_from_clone() -> None:
 _run_from_clone()
 
 
-def load(model, device=None, dtype=None, **options):
-    """Load a checkpoint (local directory or hub id) and return an `Engine`."""
+def load(model, device=None, dtype=None, progress=None, **options):
+    """Load a checkpoint (local directory or hub id) and return an `Engine`.
+
+    progress: progress bars on stderr while the weights load and repack. None (the default) shows
+    them when stderr is a terminal and a step takes more than a moment; True always; False never."""
     from .engine import Engine
 
-    return Engine.from_pretrained(model, device=device, dtype=dtype, **options)
+    return Engine.from_pretrained(model, device=device, dtype=dtype, progress=progress, **options)
 
 
 def __getattr__(name):

@@ -96,10 +96,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
         from tinyvila.models import family_for
-        from tinyvila.models.layers import align_rows, checkpoint_entries, load_checkpoint, use_encoder_graphs
+        from tinyvila.models.layers import (align_rows, checkpoint_entries, load_checkpoint, materialize,
+                                            use_encoder_graphs)
         from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
         from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
 
+        progress = options.pop("progress", None)  # bars while loading: loader.progress_bar
         path = loader.resolve(model)
         with loader.naming(path):  # one place for all the checks that do not know the folder
             config = loader.read_json(path / "config.json")
@@ -113,6 +115,7 @@ class Engine:
             tokenizer = Tokenizer.from_dir(text_dir)
             with torch.device("meta"):
                 net = family(family_cfg)
+            check_max_seq_len(options.get("max_seq_len"), net.language_model.cfg)  # before any allocation
             extra_stops = net.bind_tokenizer(tokenizer) if hasattr(net, "bind_tokenizer") else set()
             template = ChatTemplate.from_dir(text_dir, default=net.default_template,
                                              special_tokens=tokenizer.special_tokens_map)
@@ -121,9 +124,9 @@ class Engine:
                 w4 = awq_config(config, loader.read_json(text_dir / "config.json", required=False))
                 if w4 and not convert_to_w4(net, checkpoint_entries(net, path)):
                     raise CheckpointError("config.json says it is AWQ-quantized but it stores no qweight tensors")
-                net = net.to_empty(device=device)
-                load_checkpoint(net, path)
-                finalize_w4(net, dtype)
+                net = materialize(net, device)
+                load_checkpoint(net, path, progress)
+                finalize_w4(net, dtype, progress)
                 if vision_w8a8 and (path / W8A8_FILE).is_file():  # the SmoothQuant encoder beside the checkpoint
                     load_w8a8(net, path / W8A8_FILE)
                 align_rows(net)
@@ -190,9 +193,9 @@ class Engine:
         unsupported = set(options) - set(CONVERSATION_OPTIONS + tuple(self.model.media_options))
         if unsupported:  # a real option, but not one this family has (e.g. fps for an image-only model)
             raise TinyVilaError(f"{self.model.name} does not take {', '.join(sorted(unsupported))}")
-        for name in ("max_seq_len", "max_frames"):
-            if name in options:
-                _check_positive(name, options[name], integer=True)
+        check_max_seq_len(options.get("max_seq_len"), self.model.language_model.cfg)
+        if "max_frames" in options:
+            _check_positive("max_frames", options["max_frames"], integer=True)
         for name in ("min_pixels", "max_pixels", "fps"):
             if name in options:
                 _check_positive(name, options[name])
@@ -266,6 +269,18 @@ class Engine:
             if input_ids is None and template:
                 return s.ask(prompt, callback=callback, **vars(params))
             return s.complete(self._prompt_ids(s, prompt, input_ids, template), params, callback)
+
+
+def check_max_seq_len(value, text_cfg) -> None:
+    """max_seq_len (None: the default) must be a positive integer within the model's position
+    limit: beyond it a cache would be allocated for positions the model was never built for."""
+    if value is None:
+        return
+    _check_positive("max_seq_len", value, integer=True)
+    if value > text_cfg.max_position_embeddings:
+        raise TinyVilaError(f"max_seq_len {value} is more than this model's limit of "
+                            f"{text_cfg.max_position_embeddings} positions (max_position_embeddings "
+                            f"in config.json)")
 
 
 def _check_positive(name: str, value, integer: bool = False) -> None:

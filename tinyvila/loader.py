@@ -8,7 +8,10 @@ holds a full copy of the model.
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from .errors import CheckpointError
 
@@ -128,3 +131,21 @@ def tensor_shapes(files) -> dict:
         except Exception as e:
             raise CheckpointError(f"cannot read weights '{f}': {e} (truncated or corrupt file?)")
     return shapes
+
+
+def progress_bar(progress, **kwargs) -> tqdm:
+    """A tqdm bar on stderr for a step of loading. progress: True shows it from the start; None
+    (auto) only when stderr is a terminal and the step takes more than a moment; False never.
+    The bar is erased when done, so a log captured from a terminal keeps no trace of it."""
+    if progress is None:
+        show, delay = _is_terminal(sys.stderr), 0.5
+    else:
+        show, delay = bool(progress), 0
+    return tqdm(disable=not show, file=sys.stderr, delay=delay, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):  # closed or detached
+        return False
