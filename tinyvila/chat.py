@@ -370,7 +370,8 @@ def run(args) -> None:
         announce_default_model()
     media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
     start = time.perf_counter()
-    engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, **media)
+    engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                  progress=False if args.quiet else None, **media)
     if not args.quiet:
         print(load_summary(engine, time.perf_counter() - start), file=sys.stderr)
     chat = Chat(engine, args)

@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processo
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from . import load
+from . import __version__, load
 from .chat import format_stats
 from .engine import resolve_device
 from .errors import TinyVilaError, run_cli
@@ -197,6 +197,7 @@ def parse_args(argv):
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("-p", "--prompt", default=QUESTION, help=f"the question (default: {QUESTION!r})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
 
 

@@ -83,7 +83,7 @@ def build(arch: str, device, dtype, quant: str | None = None):
                          generation=spec["generation"], order="column" if old else "row", num_video_frames=256)
     with torch.device("meta"):
         model = cls(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = layers.materialize(model.to(dtype), device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
