@@ -21,7 +21,8 @@ and so what we copy:
   normalizer spec, so it encodes as `sentencepiece.SentencePieceProcessor` does: the charsmap, extra
   space removal, " " -> "▁", the dummy prefix (Metaspace "first", or "always" when `legacy` is true or
   unset), BPE merges ranked by piece score, user-defined pieces kept whole; added tokens are then
-  matched on the raw text so that each chunk between them gets its own dummy prefix.
+  matched on the raw text so that each chunk between them gets its own dummy prefix. (One
+  difference, transformers' too: with `legacy: false` a text starting with a space gets no prefix.)
 * Added tokens come from tokenizer_config.json `added_tokens_decoder`, else from
   special_tokens_map.json + added_tokens.json + tokenizer.json; missing ones are appended in id order.
 * decode: `tokenizers` decode, then `clean_up_tokenization_spaces` only for non-BPE models
