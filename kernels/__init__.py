@@ -1,1 +1,1 @@
-"""tinyvila.kernels (filled by later issues)."""
+"""tinyvila.kernels: Triton kernels for the runtime's hot ops, one op per file, each with its plain-PyTorch reference."""

@@ -6,11 +6,10 @@ is what lets a CUDA graph replay the same launch while the cache grows.
 
 Flash-decoding: the key range is cut into `splits` chunks handled by separate programs, each
 leaving a partial softmax (running max, sum, weighted values); a second kernel merges the partials.
-Measured in decode on the H100 and not kept: cutting the chunks from the live length on the device
-(equal work for every program; faster alone, 21.8 against 24.9 us at 3000 keys, but 1% slower in
-the decode chain, where the next GEMV's early start shares the GPU), and merging in the last program
-of each KV head behind a semaphore (its serial tail cost more than the launch it saves, which PDL
-already overlaps).
+Tried and not kept: cutting the chunks from the live length on the device (equal work for every
+program; faster alone, but slower in the decode chain, where the next GEMV's early start shares the
+GPU), and merging in the last program of each KV head behind a semaphore (its serial tail cost more
+than the launch it saves, which PDL already overlaps).
 Grouped-query attention: query head h reads KV head h // (Hq // Hkv); one program serves a whole
 group, so every key and value is read once. fp16 / bf16 in (fp32 for tests), fp32 accumulation.
 """

@@ -3,7 +3,7 @@ import functools
 
 import torch
 
-SM_COUNT_DEFAULT = 132  # an H100 SXM; off the GPU (the interpreter) kernels plan as if on one
+SM_COUNT_DEFAULT = 132  # a Hopper SXM part's; off the GPU (the interpreter) kernels plan as if on one
 
 
 @functools.lru_cache(maxsize=None)

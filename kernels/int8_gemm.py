@@ -3,9 +3,9 @@ per-output-channel scales, int32 accumulation on the tensor cores (wgmma s8 on H
 
   y[m, n] = (sum_k xq[m, k] * wq[n, k]) * xs[m] * ws[n]  (+ bias[n])   ->  out_dtype
   optionally followed by an elementwise activation (gelu / gelu_pytorch_tanh / quick_gelu) in the
-  epilogue, in fp32 before the one rounding to out_dtype. (Measured on an H100: fc1 with the
-  activation in the epilogue + quantize_per_token is no faster than fc1 + act_quant, both move the
-  same bytes, so the model code can use either.)
+  epilogue, in fp32 before the one rounding to out_dtype. (fc1 with the activation in the epilogue
+  + quantize_per_token moves the same bytes as fc1 + act_quant and is no faster, so the model code
+  can use either.)
 
 Weight layout (`prepare_int8_weight`, once at load): int8 [N, Kp], K contiguous, zero-padded from K
 to Kp = padded_k(K) (a multiple of 128). K-major is what the 8-bit tensor-core instructions take
@@ -22,18 +22,15 @@ Two kernels (`int8_linear` picks one and its tiles with `pick_config`; `config=`
          inside the tensors and are masked at the store). Any GPU Triton supports, and the
          interpreter.
 
-What limits it (H100, Triton 3.6): Triton keeps a wgmma asynchronous across K steps only for fp32
+What limits it (Hopper, Triton 3.6): Triton keeps a wgmma asynchronous across K steps only for fp32
 accumulators (WGMMAPipeline.cpp, "rule 2.1"), so an int32-accumulating dot waits for its MMAs
 after every K tile; two 1-warpgroup programs per SM hide part of that (one computes while the
 other drains). Storing the tile with tl.store straight from the MMA register layout saturated L2
-(ncu: L2 79 %, SM 17 %) and cost 2x at K ~ 1k; the TMA store fixed that. The default reaches
-0.64-1.17 POP/s int8 at the encoders' shapes (tools/int8_bench.py). That per-step wait is not what
-bounds these shapes, though: a Gluon kernel (Triton 3.6) that keeps the int32 wgmma in flight across
-K steps (one outstanding, a 3-stage TMA ring, 128x256 or 128x128 tiles, TMA store) measured the same,
-1.58x against this kernel's 1.57x cuBLAS fp16 (geometric mean of the twelve shapes, its best tile
-per shape; fp16 then ran Qwen's K = 3420 unpadded). What is left is CUTLASS's structure: a TMA
-producer warp, two consumer warpgroups taking turns, the epilogue of one tile under the next tile's
-main loop.
+(the SMs sat mostly idle); the TMA store fixed that. That per-step wait is not what bounds these
+shapes, though: a Gluon kernel that keeps the int32 wgmma in flight across K steps (one
+outstanding, a 3-stage TMA ring, TMA store) measured no faster than this one. What is left is
+CUTLASS's structure: a TMA producer warp, two consumer warpgroups taking turns, the epilogue of one
+tile under the next tile's main loop. tools/int8_bench.py measures it (the README has the figures).
 """
 from dataclasses import dataclass, replace
 
@@ -211,8 +208,8 @@ def _has_tma(device):
 
 
 def pick_config(M, N, K, device):
-    """Kernel and tiles for a shape. On an H100 (tools/int8_bench.py --sweep, all twelve encoder
-    shapes, M = 2885 .. 23328) one config won everywhere: 128x128x128 tiles, one warpgroup, 3
+    """Kernel and tiles for a shape. On Hopper (tools/int8_bench.py --sweep over the encoders'
+    shapes) one config won everywhere: 128x128x128 tiles, one warpgroup, 3
     stages, two persistent programs per SM (while one drains its int32-accumulator wgmma, whose
     Triton lowering waits for every K step, the other's run), output through TMA in two 128x64
     slices (the plain tl.store epilogue from the MMA layout was the bottleneck at every shape)."""

@@ -165,7 +165,7 @@ def _row_quant(X, W, B, Q, S, M, K, stride_x, stride_q, KP, eps,
 
 
 def _rows_per_program(block):
-    return 1  # measured on an H100 (tools/int8_bench.py): 2+ rows a program were never faster
+    return 1  # 2+ rows a program were never faster (tools/int8_bench.py measures it)
 
 
 def _launch(x, width, mode, act=0, weight=None, bias=None, eps=0.0, rows=None, num_warps=None):
@@ -179,7 +179,7 @@ def _launch(x, width, mode, act=0, weight=None, bias=None, eps=0.0, rows=None, n
     xs = torch.empty(M, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(kp)
     rows = rows or _rows_per_program(block)
-    if num_warps is None:  # about 8 columns a thread (measured: K = 1024 .. 4304 on an H100)
+    if num_warps is None:  # about 8 columns a thread: the fastest at the encoders' widths
         num_warps = min(16, max(4, block * rows // 256))
     if M:
         _row_quant[(triton.cdiv(M, rows),)](

@@ -216,7 +216,7 @@ def plan(T: int, H: int, Hkv: int, D: int, start: int, window=None, device=None,
     if window:
         span = min(span, window + block_m // (H // Hkv) + 1)
     sm = sm_count(device, cpu=4) if device is not None else SM_COUNT_DEFAULT  # cpu: the tests cross split edges
-    if splits is None:  # one wave: about one program per multiprocessor (timed on an H100 against two)
+    if splits is None:  # one wave: about one program per multiprocessor (two waves were slower)
         splits = max(1, min(sm // (n_rb * Hkv), triton.cdiv(span, 256)))
     span += block_n if window else 0  # a windowed block's range starts at a block boundary below it
     split_size = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n

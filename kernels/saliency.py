@@ -29,11 +29,11 @@ Head dims that are not powers of two are cut into two power-of-two pieces, each 
 fp32 accumulation.
 
 Cost: the saliency pass is a third matmul and a second exponential per score on top of attention's
-two and one, so it cannot be free. Tried on the H100 and measured slower, so not kept: computing a
+two and one, so it cannot be free. Tried and measured slower, so not kept: computing a
 share of the exponentials on the FMA pipe (Cody-Waite + polynomial; the loops are issue- and
 latency-bound rather than MUFU-bound), summing probabilities on the tensor cores (fp16 p times a
-ones column; also loses precision), skipping the row predicates on full blocks (the SigLIP forward
-went from 2.2 to 3.0 ms), and splitting a block's exponentials between the two units. PTX's
+ones column; also loses precision), skipping the row predicates on full blocks (slower SigLIP
+forward), and splitting a block's exponentials between the two units. PTX's
 ex2.approx.f16x2 issues one MUFU op per half on sm_90, so half precision buys nothing either.
 """
 import os
@@ -47,7 +47,7 @@ from tinyvila.kernels.gpu import SM_COUNT_DEFAULT, sm_count
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Block shapes by head dim, the fastest measured on an H100 at each model's shape (python -m
+# Block shapes by head dim, the fastest at each model's shape (python -m
 # tinyvila.tools.saliency_bench --sweep): 64 CLIP tiles (5 x 577, CLS), 72 SigLIP frames (256 x 729),
 # 80 Qwen2.5-VL's full-attention blocks (one segment of 9216).
 # forward: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages)
@@ -95,7 +95,7 @@ def saliency_attention_ref(q, k, v, cu_seqlens, summary=0, scale=None):
 @triton.jit
 def _load_rows(ptr, rows, valid, stride_t, DA: tl.constexpr, DB: tl.constexpr, D: tl.constexpr):
     """Rows of one head as two pieces [R, DA], [R, DB]; rows not `valid` and columns past D read
-    as 0. (Dropping the row predicates on full blocks was measured slower on the H100.)"""
+    as 0. (Dropping the row predicates on full blocks was measured slower.)"""
     da = tl.arange(0, DA)
     if DA > D:
         a = tl.load(ptr + rows[:, None] * stride_t + da[None, :], mask=valid[:, None] & (da[None, :] < D), other=0.0)

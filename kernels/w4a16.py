@@ -30,10 +30,10 @@ Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on da
   M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
   M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU.
   otherwise             dequantize into a scratch W [K, N] of the activation dtype, then cuBLAS.
-Thresholds measured on an H100 (python -m tinyvila.tools.kernel_bench; 4096->12288 and 11008->4096,
-fp16, G=128): the GEMV wins at M=2 (21 vs 23 us) and loses from M=3 (32 vs 23 us: one FMA a
-weight a row on CUDA cores against a tensor-core tile); the fused GEMM beats dequantize + cuBLAS at
-M=128 (73 vs 86 us) and loses at M=256 (109 vs 89 us), so the switch sits between them.
+Thresholds from python -m tinyvila.tools.kernel_bench (the 7B models' projections, fp16, G=128):
+the GEMV wins up to M=2 and loses from M=3 (one FMA a weight a row on CUDA cores against a
+tensor-core tile); the fused GEMM beats dequantize + cuBLAS at M=128 and loses at M=256 (the
+dequantization is paid once and cuBLAS's tiles win on a large M), so the switch sits between them.
 """
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,8 @@ from tinyvila.quant.pack import AWQ_ORDER
 GEMV_MAX_M = 2
 CUBLAS_MIN_M = 192
 # GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM).
-# One config for every shape: (4, 4, 64, 16) on the small 4096->4096 and 3584->4608 layers is 5%
-# faster alone but not in LLaVA-NeXT-7B decode (330-331 against 331-332 tok/s, H100).
+# One config for every shape: (4, 4, 64, 16) on the small 4096->4096 and 3584->4608 layers is
+# faster alone but not in a whole LLaVA-NeXT-7B decode step.
 GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 # fused GEMM: (largest M, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step, programs per SM)
 GEMM_CONFIG = [(16, 16, 64, 4, 3, 128, 2), (32, 32, 64, 4, 4, 64, 2), (64, 64, 64, 4, 4, 64, 2),

@@ -51,9 +51,11 @@ def build_llava_next(out_dir, flavor="vicuna", layout="hub", seed=0, **config_ov
     torch.manual_seed(seed)
     cfg = hf_config(flavor, vocab_rows, image_id, pad_id, **config_overrides)
     model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random weights big enough that the image changes the answer
-        for p in model.parameters():
+    with torch.no_grad():  # random weights big enough that the image and the prompt change the answer
+        for name, p in model.named_parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)  # norm gains around 1, as trained models have: near 0 they mute every layer
         model.model.image_newline.normal_(0, 1.0)
     preprocessor = {
         "image_processor_type": "LlavaNextImageProcessor", "crop_size": {"height": TILE, "width": TILE},

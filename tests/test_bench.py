@@ -57,6 +57,28 @@ def test_bench_runs_dense_then_the_sparse_setting(llava_vicuna, tmp_path, capsys
     assert sparse["prefill_tokens"] == dense["prefill_tokens"] - dense["visual_tokens"] + sparse["visual_tokens_kept"]
 
 
+def test_bench_warms_every_setting_up_untimed(llava_vicuna, tmp_path, capsys, monkeypatch):
+    """Each setting's first conversation (Triton compilation, graph capture) is run but never timed."""
+    started, real = [], bench.conversation
+
+    def numbered(*args, **kwargs):  # marks each conversation's stats with its number
+        number = len(started)
+        started.append(kwargs.get("sparsity", args[5]))
+        for turn, stats, projector_s in real(*args, **kwargs):
+            stats.ttft_s = 1000.0 + number
+            yield turn, stats, projector_s
+
+    monkeypatch.setattr(bench, "conversation", numbered)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",
+                       "--new-tokens", "3", "--runs", "2", "--turns", "2", "--prefill-sparsity", "0.6",
+                       "--json", str(out)]) == 0
+    assert [s.prefill for s in started] == [0, 0, 0, 0.6, 0.6, 0.6]  # per setting: a warm-up, then 2 runs
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["ttft_s"] - 1000, r["turn"]) for r in runs] == [
+        (1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (5, 1), (5, 2)]  # conversations 0 and 3 are not there
+
+
 def test_bench_multi_turn_decode_sparsity(llava_vicuna, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",

@@ -134,8 +134,6 @@ def test_small_kernels_real_shapes(dtype):
     assert (k.float() - k2.float()).abs().max() <= _tol(dtype) * 4
 
 
-from tinyvila.kernels.gelu import KINDS, gelu, gelu_ref  # noqa: E402
-from tinyvila.kernels.layernorm import layernorm, layernorm_ref  # noqa: E402
 from tinyvila.kernels.rope import rope_, rope_ref  # noqa: E402
 
 
@@ -166,19 +164,6 @@ def test_rope_with_fp32_tables_rounds_once():
     rope_(dev[:, 1], cos.to(DEVICE), sin.to(DEVICE))
     assert (dev[:, 1].float().cpu() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
     assert torch.equal(dev[:, 0].cpu(), x[:, 0])
-
-
-@pytest.mark.parametrize("rows, n", [(3, 40), (2, 128)])
-def test_layernorm(rows, n):
-    x, w, b = torch.randn(rows, n) * 3 + 1, torch.randn(n), torch.randn(n)
-    assert torch.allclose(layernorm(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), 1e-6).cpu(), layernorm_ref(x, w, b, 1e-6),
-                          atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_gelu_variants(kind):
-    x = torch.randn(3, 50) * 3
-    assert torch.allclose(gelu(x.to(DEVICE), kind, block=64).cpu(), gelu_ref(x, kind), atol=1e-5)
 
 
 @pytest.mark.gpu

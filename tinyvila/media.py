@@ -173,7 +173,7 @@ def resize_bicubic(img, size):
     """Resize a PIL image to size=(width, height) with PIL bicubic on uint8 pixels.
 
     This is transformers' PIL backend resize (`Image.resize(..., BICUBIC)`, no reducing_gap);
-    torch bicubic differs slightly (spec pitfall P16).
+    torch's bicubic gives slightly different pixels, so it is not used.
     """
     w, h = int(size[0]), int(size[1])
     return img.resize((w, h), resample=Image.Resampling.BICUBIC)

@@ -15,11 +15,14 @@ and so what we copy:
   (the file's post-processor decides). Without it (tokenizer.model only), they rebuild the
   post-processor, and a missing `add_bos_token` means no BOS.
 * tokenizer.model (SentencePiece) is not run through the sentencepiece library either: AutoTokenizer
-  converts the pieces to a `tokenizers` BPE (merges derived from the piece ids) and uses that, so we
-  read the .model protobuf ourselves and do the same. As a LlamaTokenizer it gets the Metaspace
-  pipeline above; as the generic class (a bare tokenizer.model next to a llava_next config.json) it
-  gets only a " " -> "▁" replacement, i.e. no leading "▁" on the text: odd, but it is what
-  transformers 5.23 does, so we do it too.
+  converts the pieces to a `tokenizers` BPE (or Unigram) and uses that, so we read the .model protobuf
+  ourselves and do the same. As a LlamaTokenizer it gets the Metaspace pipeline above. As the generic
+  class (a bare tokenizer.model next to a llava_next config.json) it follows the model's own
+  normalizer spec, so it encodes as `sentencepiece.SentencePieceProcessor` does: the charsmap, extra
+  space removal, " " -> "▁", the dummy prefix (Metaspace "first", or "always" when `legacy` is true or
+  unset), BPE merges ranked by piece score, user-defined pieces kept whole; added tokens are then
+  matched on the raw text so that each chunk between them gets its own dummy prefix. (One
+  difference, transformers' too: with `legacy: false` a text starting with a space gets no prefix.)
 * Added tokens come from tokenizer_config.json `added_tokens_decoder`, else from
   special_tokens_map.json + added_tokens.json + tokenizer.json; missing ones are appended in id order.
 * decode: `tokenizers` decode, then `clean_up_tokenization_spaces` only for non-BPE models
@@ -28,6 +31,12 @@ and so what we copy:
 
 import json
 import os
+import re
+import struct
+from dataclasses import dataclass, field
+
+from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, Unigram
 
 from tinyvila.errors import CheckpointError
 
@@ -37,7 +46,7 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# transformers 5.23 tables, only the entries that matter here. GENERIC = TokenizersBackend, i.e.
+# transformers 5 tables, only the entries that matter here. GENERIC = TokenizersBackend, i.e.
 # tokenizer.json used as is.
 GENERIC = "generic"
 REGISTERED_CLASS = {  # TOKENIZER_MAPPING_NAMES[model_type]
@@ -69,7 +78,7 @@ def _read_json(path, name, required=False):
 
 
 def _pick_class(hub_class, model_type, tokenizer_json_text):
-    """The tokenizer class AutoTokenizer would instantiate (transformers 5.23 rules, simplified)."""
+    """The tokenizer class AutoTokenizer would instantiate (transformers 5 rules, simplified)."""
     hub = hub_class.removesuffix("Fast") if hub_class else None
     registered = REGISTERED_CLASS.get(model_type)
     if (hub == "LlamaTokenizer" and model_type not in HUB_CLASS_KNOWN_WRONG and tokenizer_json_text
@@ -122,35 +131,39 @@ def _int32(v):
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _read_spm(file):
-    """Pieces [(piece, score, type)] and the trainer/normalizer fields of a sentencepiece model."""
-    import struct
+TRAINER_FIELDS = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
+                  45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}  # TrainerSpec field numbers
+NORMALIZER_FIELDS = {2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
+                     5: "escape_whitespaces"}  # NormalizerSpec field numbers
+NORMAL_PIECE, CONTROL_PIECE, USER_DEFINED_PIECE = 1, 3, 4  # SentencePiece.Type values
 
+
+def _read_spm(file):
+    """Pieces [(piece, score, type)], the trainer spec and the normalizer spec of a sentencepiece model."""
     try:
         with open(file, "rb") as f:
             buf = f.read()
         pieces = []
         trainer = {"model_type": 1, "byte_fallback": 0, "unk_id": 0, "bos_id": 1, "eos_id": 2,
                    "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>"}
-        charsmap = b""
-        trainer_names = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id",
-                         45: "unk_piece", 46: "bos_piece", 47: "eos_piece"}
+        normalizer = {"precompiled_charsmap": b"", "add_dummy_prefix": 1, "remove_extra_whitespaces": 1,
+                      "escape_whitespaces": 1}  # the proto's defaults
         for num, val in _fields(buf):
-            if num == 1:  # ModelProto.pieces: piece=1, score=2 (float), type=3 (NORMAL=1 by default)
-                piece = {1: b"", 2: b"\0\0\0\0", 3: 1}
+            if num == 1:  # ModelProto.pieces: piece=1, score=2 (float), type=3 (NORMAL by default)
+                piece = {1: b"", 2: b"\0\0\0\0", 3: NORMAL_PIECE}
                 piece.update(_fields(val))
                 pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
             elif num == 2:
                 for k, v in _fields(val):
-                    if k in trainer_names:
-                        trainer[trainer_names[k]] = v.decode("utf-8") if isinstance(v, bytes) else _int32(v)
+                    if k in TRAINER_FIELDS:
+                        trainer[TRAINER_FIELDS[k]] = v.decode("utf-8") if isinstance(v, bytes) else _int32(v)
             elif num == 3:
-                charsmap = dict(_fields(val)).get(2, b"")
+                normalizer.update((NORMALIZER_FIELDS[k], v) for k, v in _fields(val) if k in NORMALIZER_FIELDS)
     except (OSError, ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
         raise CheckpointError(f"{file}: not a readable sentencepiece model ({e})") from None
     if not pieces:
         raise CheckpointError(f"{file}: not a readable sentencepiece model (no pieces)")
-    return pieces, trainer, charsmap
+    return pieces, trainer, normalizer
 
 
 def _merges_from_vocab(vocab):
@@ -167,13 +180,24 @@ def _merges_from_vocab(vocab):
     return [(m[5], m[6]) for m in merges]
 
 
+def _merges_by_score(pieces, names):
+    """BPE merges as SentencePiece applies them: only normal pieces merge, the best-scored result
+    first (ties by id). `names[i]` is the (possibly renamed) piece with id i."""
+    normal = {names[i]: (-score, i) for i, (_, score, kind) in enumerate(pieces) if kind == NORMAL_PIECE}
+    ranked = []
+    for piece, rank in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                ranked.append((rank, left, right))
+    ranked.sort()
+    return [(left, right) for _, left, right in ranked]
+
+
 # --- backends -------------------------------------------------------------------------------------
 
 def _llama_backend(vocab, merges, tc):
     """What transformers' LlamaTokenizer.__init__ builds."""
-    from tokenizers import Tokenizer as Backend, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-
     add_prefix_space = tc.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else add_prefix_space
     scheme = ("always" if tc.get("legacy", False) else "first") if add_prefix_space else "never"
@@ -189,9 +213,6 @@ def _llama_backend(vocab, merges, tc):
 
 def _qwen2_backend(vocab, merges, tc):
     """What transformers' Qwen2Tokenizer.__init__ builds."""
-    from tokenizers import Regex, Tokenizer as Backend, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-
     tok = Backend(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
                       end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.decoder = decoders.ByteLevel()
@@ -203,25 +224,51 @@ def _qwen2_backend(vocab, merges, tc):
     return tok
 
 
-def _spm_generic_backend(pieces, trainer, charsmap):
-    """What transformers builds from a bare tokenizer.model for TokenizersBackend (no dummy prefix!)."""
-    from tokenizers import Tokenizer as Backend, decoders, normalizers
-    from tokenizers.models import BPE, Unigram
+def _spm_piece_names(pieces, added_names):
+    """Piece id -> text: the model's pieces, renamed where the added tokens give an id another name
+    (unless that name is a piece that keeps its own id), as transformers does."""
+    names = [p for p, _, _ in pieces]
+    kept = {p for i, p in enumerate(names) if i not in added_names}
+    return [added_names[i] if i in added_names and added_names[i] not in kept else p for i, p in enumerate(names)]
 
+
+def _spm_generic_backend(pieces, trainer, spec, added_names, legacy):
+    """A bare tokenizer.model as SentencePiece itself encodes it (what transformers builds for
+    TokenizersBackend): the normalizer spec's steps in SentencePiece's order, the dummy prefix,
+    user-defined pieces emitted whole."""
+    byte_fallback = bool(trainer["byte_fallback"])
+    names = _spm_piece_names(pieces, added_names)
+    user_defined = [names[i] for i, (_, _, kind) in enumerate(pieces) if kind == USER_DEFINED_PIECE]
     if trainer["model_type"] == 1:
-        tok = Backend(Unigram([(p, s) for p, s, _ in pieces], trainer["unk_id"], bool(trainer["byte_fallback"])))
+        tok = Backend(Unigram([(n, s) for n, (_, s, _) in zip(names, pieces)], trainer["unk_id"], byte_fallback))
     else:
-        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-        tok = Backend(BPE(vocab=vocab, merges=_merges_from_vocab(vocab), unk_token=trainer["unk_piece"],
-                          fuse_unk=True, byte_fallback=bool(trainer["byte_fallback"]), dropout=None))
-    steps = [normalizers.Replace(" ", "▁")]
-    if charsmap:
-        steps.insert(0, normalizers.Precompiled(charsmap))
+        tok = Backend(BPE(vocab={n: i for i, n in enumerate(names)}, merges=_merges_by_score(pieces, names),
+                          unk_token=trainer["unk_piece"], fuse_unk=True, byte_fallback=byte_fallback, dropout=None,
+                          ignore_merges=bool(user_defined)))
+    dummy_prefix = bool(spec["add_dummy_prefix"])
+    steps = [normalizers.Precompiled(spec["precompiled_charsmap"])] if spec["precompiled_charsmap"] else []
+    if spec["remove_extra_whitespaces"]:  # spaces only: SentencePiece leaves newlines and tabs alone
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec["escape_whitespaces"]:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if dummy_prefix and legacy:  # Metaspace skips the prefix when the text starts with "▁"; SentencePiece doesn't
+        steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
     tok.normalizer = normalizers.Sequence(steps)
-    if trainer["byte_fallback"]:
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    else:
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " ")])
+    splits = []
+    if dummy_prefix:
+        splits.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if legacy else "first",
+                                               split=False))
+    if user_defined:  # after the dummy prefix, so that a user-defined piece never merges with it
+        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+        splits.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if splits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    steps = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if byte_fallback else [])
+    if dummy_prefix:  # Strip works per token: fuse first so that only the text's first space goes
+        steps += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif byte_fallback:
+        steps.append(decoders.Fuse())
+    tok.decoder = decoders.Sequence(steps)
     return tok
 
 
@@ -236,17 +283,72 @@ def _json_vocab_merges(tj):
 
 def _json_post_processor(tj):
     """The post-processor of a tokenizer.json, parsed without its (large) vocab."""
-    from tokenizers import Tokenizer as Backend
-
     small = dict(tj, added_tokens=[])
     small["model"] = dict(tj["model"], vocab={}, merges=[])
     return Backend.from_str(json.dumps(small)).post_processor
 
 
+def _read_tokenizer_json(path):
+    """tokenizer.json's text and parsed object, or (None, None) when the folder has none."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None, None
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+        tj = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+        raise CheckpointError(f"{file}: not a tokenizers file (no 'model' object)")
+    return text, tj
+
+
+@dataclass
+class _Loaded:
+    """A backend built from a checkpoint's files, and what the token set-up needs to know about it."""
+    backend: Backend
+    kind: str  # the transformers class it stands for: GENERIC, "LlamaTokenizer" or "Qwen2Tokenizer"
+    post_processor: object = None  # tokenizer.json's, for the classes that rebuild the rest
+    spm_extra: list = field(default_factory=list)  # SentencePiece control pieces: extra special tokens
+    defaults: dict = field(default_factory=dict)  # special tokens the class (or the .model) names by default
+    raw_added: bool = False  # added tokens matched on the raw text (normalized=False)
+
+
+def _load_backend(path, kind, tc, tj_text, tj, added_names):
+    """Build the backend from tokenizer.json, vocab.json + merges.txt or tokenizer.model, in that order."""
+    vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    spm_file = os.path.join(path, "tokenizer.model")
+    if tj is not None:
+        vocab, merges = _json_vocab_merges(tj)
+        if kind == "LlamaTokenizer" and vocab is not None:
+            return _Loaded(_llama_backend(vocab, merges, tc), kind, _json_post_processor(tj))
+        if kind == "Qwen2Tokenizer" and vocab is not None:
+            return _Loaded(_qwen2_backend(vocab, merges, tc), kind, _json_post_processor(tj))
+        return _Loaded(Backend.from_str(tj_text), GENERIC)
+    if os.path.isfile(vocab_file) and os.path.isfile(merges_file):  # qwen2 LongVILA `llm/` folders
+        vocab, merges = BPE.read_file(vocab_file, merges_file)
+        return _Loaded(_qwen2_backend(vocab, merges, tc), "Qwen2Tokenizer")
+    if not os.path.isfile(spm_file):
+        raise CheckpointError(
+            f"{path}: no tokenizer found (looked for tokenizer.json, vocab.json + merges.txt, tokenizer.model)")
+    pieces, trainer, spec = _read_spm(spm_file)
+    if kind == "LlamaTokenizer":
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        # control and user-defined pieces become extra special tokens
+        extra = [_added_token(p, normalized=False, special=t == CONTROL_PIECE)
+                 for p, _, t in pieces if t in (CONTROL_PIECE, USER_DEFINED_PIECE)]
+        return _Loaded(_llama_backend(vocab, _merges_from_vocab(vocab), tc), kind, spm_extra=extra,
+                       defaults=CLASS_DEFAULTS[kind])
+    backend = _spm_generic_backend(pieces, trainer, spec, added_names, tc.get("legacy", True))
+    extra = [_added_token(p, normalized=False, special=True) for p, _, t in pieces if t == CONTROL_PIECE]
+    defaults = {f"{n}_token": trainer[f"{n}_piece"] or f"<{n}>"  # the model's own
+                for n in ("unk", "bos", "eos") if trainer[f"{n}_id"] >= 0}
+    return _Loaded(backend, GENERIC, spm_extra=extra, defaults=defaults, raw_added=bool(spec["add_dummy_prefix"]))
+
+
 def _added_token(value, **defaults):
     """An AddedToken from a string or a tokenizer_config-style dict."""
-    from tokenizers import AddedToken
-
     if isinstance(value, dict):
         d = {k: v for k, v in value.items() if k != "__type"}
         d.update(defaults)
@@ -254,8 +356,48 @@ def _added_token(value, **defaults):
     return AddedToken(str(value), **defaults)
 
 
+def _changed(t, **changes):
+    """A copy of AddedToken `t` with some flags changed."""
+    flags = dict(content=t.content, rstrip=t.rstrip, lstrip=t.lstrip, single_word=t.single_word,
+                 normalized=t.normalized, special=t.special)
+    return AddedToken(**dict(flags, **changes))
+
+
 def _flags(t):
     return (t.content, t.rstrip, t.lstrip, t.single_word, t.normalized, t.special)
+
+
+def _declared_tokens(tc, stm, added_json, tj):
+    """What the files declare, as transformers' `_from_pretrained` reads it: the init arguments (named
+    special tokens among them), the extra special tokens and the added tokens by id."""
+    init = dict(tc)
+    extra = init.get("extra_special_tokens") or init.get("additional_special_tokens")
+    if isinstance(extra, dict):  # a dict of named model-specific tokens, e.g. {"image_token": ...}
+        init.update(extra)
+        extra = None
+    added = {}
+    if "added_tokens_decoder" in tc:
+        for idx, value in (tc["added_tokens_decoder"] or {}).items():
+            added[int(idx)] = _added_token(value)
+        return init, extra, added
+    # older checkpoints: special_tokens_map.json, added_tokens.json and tokenizer.json's list
+    for key, value in stm.items():
+        if key == "extra_special_tokens" and isinstance(value, list):
+            extra = list(extra or []) + [v for v in value if v not in (extra or [])]
+        elif key == "additional_special_tokens":
+            extra = extra or value
+        elif isinstance(value, dict):
+            init[key] = _added_token({k: v for k, v in value.items() if k != "special"}, special=True)
+        else:
+            init[key] = value
+    specials = {str(init[k]) for k in NAMED_SPECIALS if isinstance(init.get(k), (str, AddedToken))}
+    specials |= {str(_added_token(t)) for t in extra or []}
+    for content, idx in added_json.items():
+        special = content in specials
+        added[idx] = AddedToken(content, rstrip=False, lstrip=False, normalized=not special, special=special)
+    for t in (tj or {}).get("added_tokens", []):
+        added[t["id"]] = _added_token({k: v for k, v in t.items() if k != "id"})
+    return init, extra, added
 
 
 class Tokenizer:
@@ -274,83 +416,34 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path):
-        from tokenizers import Tokenizer as Backend
-
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: not a directory")
-        tc = _read_json(path, "tokenizer_config.json") or {}
-        config = _read_json(path, "config.json") or {}
-        stm = _read_json(path, "special_tokens_map.json") or {}
-        added_json = _read_json(path, "added_tokens.json") or {}
+        tc, config, stm, added_json = (_read_json(path, name) or {} for name in (
+            "tokenizer_config.json", "config.json", "special_tokens_map.json", "added_tokens.json"))
         if not all(isinstance(x, dict) for x in (tc, config, stm, added_json)):
             raise CheckpointError(f"{path}: a tokenizer JSON file does not hold an object")
-
-        tj_file = os.path.join(path, "tokenizer.json")
-        spm_file = os.path.join(path, "tokenizer.model")
-        vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-        tj_text = tj = None
-        if os.path.isfile(tj_file):
-            try:
-                with open(tj_file, encoding="utf-8") as f:
-                    tj_text = f.read()
-                tj = json.loads(tj_text)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{tj_file}: not valid JSON ({e})") from None
-            if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
-                raise CheckpointError(f"{tj_file}: not a tokenizers file (no 'model' object)")
-
+        tj_text, tj = _read_tokenizer_json(path)
+        init, extra, added = _declared_tokens(tc, stm, added_json, tj)
         kind = _pick_class(tc.get("tokenizer_class") or config.get("tokenizer_class"), config.get("model_type"),
                            tj_text)
-        post_processor = None
-        spm_extra, spm_defaults = [], {}
-        source = tj_file if tj is not None else path
         try:
-            if tj is not None:
-                vocab, merges = _json_vocab_merges(tj)
-                if kind == "LlamaTokenizer" and vocab is not None:
-                    backend = _llama_backend(vocab, merges, tc)
-                elif kind == "Qwen2Tokenizer" and vocab is not None:
-                    backend = _qwen2_backend(vocab, merges, tc)
-                else:
-                    kind = GENERIC
-                    backend = Backend.from_str(tj_text)
-                if kind != GENERIC:
-                    post_processor = _json_post_processor(tj)
-            elif os.path.isfile(vocab_file) and os.path.isfile(merges_file):
-                # qwen2 LongVILA `llm/` folders ship only vocab.json + merges.txt
-                from tokenizers.models import BPE
-
-                kind = "Qwen2Tokenizer"
-                vocab, merges = BPE.read_file(vocab_file, merges_file)
-                backend = _qwen2_backend(vocab, merges, tc)
-            elif os.path.isfile(spm_file):
-                pieces, trainer, charsmap = _read_spm(spm_file)
-                if kind == "LlamaTokenizer":
-                    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
-                    backend = _llama_backend(vocab, _merges_from_vocab(vocab), tc)
-                else:
-                    kind = GENERIC
-                    backend = _spm_generic_backend(pieces, trainer, charsmap)
-                    spm_defaults = {f"{n}_token": trainer[f"{n}_piece"] or f"<{n}>"  # the model's own
-                                    for n in ("unk", "bos", "eos") if trainer[f"{n}_id"] >= 0}
-                # control (3) and user-defined (4) pieces become extra special tokens
-                spm_extra = [_added_token(p, normalized=False, special=t == 3)
-                             for p, _, t in pieces if t in (3, 4)]
-            else:
-                raise CheckpointError(
-                    f"{path}: no tokenizer found (looked for tokenizer.json, vocab.json + merges.txt, "
-                    f"tokenizer.model)")
+            loaded = _load_backend(path, kind, tc, tj_text, tj, {i: t.content for i, t in added.items()})
         except CheckpointError:
             raise
         except Exception as e:  # the tokenizers library rejects a malformed file
             msg = " ".join(str(e).split())
+            source = os.path.join(path, "tokenizer.json") if tj is not None else path
             raise CheckpointError(f"{source}: cannot load the tokenizer ({type(e).__name__}: {msg})") from None
+        if loaded.raw_added:  # so that each chunk between added tokens gets its own dummy prefix
+            added = {i: _changed(t, normalized=False) for i, t in added.items()}
 
+        backend = loaded.backend
         self = cls(backend, {}, [], bool(tc.get("clean_up_tokenization_spaces", False)))
         if tc.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"):
             self._is_bpe = False
-        self._setup_tokens(tc, stm, added_json, tj, kind, spm_extra, CLASS_DEFAULTS.get(kind, spm_defaults))
+        self._setup_tokens(init, extra or loaded.spm_extra, added, loaded.kind,
+                           CLASS_DEFAULTS.get(loaded.kind, loaded.defaults))
         backend.no_padding()
         backend.no_truncation()
         backend.encode_special_tokens = bool(tc.get("split_special_tokens", False))
@@ -358,45 +451,16 @@ class Tokenizer:
         # BOS/EOS: the tokenizer.json post-processor wins; tokenizer_config flags only count without it.
         if tj is None:
             self._set_post_processor(bool(tc.get("add_bos_token", False)), bool(tc.get("add_eos_token", False)))
-        elif kind != GENERIC and post_processor is not None:
-            backend.post_processor = post_processor
+        elif loaded.post_processor is not None:
+            backend.post_processor = loaded.post_processor
         if backend.post_processor is None:
             self._set_post_processor(False, False)
         return self
 
-    def _setup_tokens(self, tc, stm, added_json, tj, kind, spm_extra, defaults):
-        """Special and added tokens, as transformers' `_from_pretrained` + `TokenizersBackend.__init__`."""
-        from tokenizers import AddedToken
-
-        init = dict(tc)
-        extra = init.get("extra_special_tokens") or init.get("additional_special_tokens")
-        if isinstance(extra, dict):  # a dict of named model-specific tokens, e.g. {"image_token": ...}
-            init.update(extra)
-            extra = None
-        added = {}
-        if "added_tokens_decoder" in tc:
-            for idx, value in (tc["added_tokens_decoder"] or {}).items():
-                added[int(idx)] = _added_token(value)
-        else:
-            # older checkpoints: special_tokens_map.json, added_tokens.json and tokenizer.json's list
-            for key, value in stm.items():
-                if key == "extra_special_tokens" and isinstance(value, list):
-                    extra = list(extra or []) + [v for v in value if v not in (extra or [])]
-                elif key == "additional_special_tokens":
-                    extra = extra or value
-                elif isinstance(value, dict):
-                    init[key] = _added_token({k: v for k, v in value.items() if k != "special"}, special=True)
-                else:
-                    init[key] = value
-            specials = {str(init[k]) for k in NAMED_SPECIALS if isinstance(init.get(k), (str, AddedToken))}
-            specials |= {str(_added_token(t)) for t in extra or []}
-            for content, idx in added_json.items():
-                special = content in specials
-                added[idx] = AddedToken(content, rstrip=False, lstrip=False, normalized=not special, special=special)
-            for t in (tj or {}).get("added_tokens", []):
-                added[t["id"]] = _added_token({k: v for k, v in t.items() if k != "id"})
+    def _setup_tokens(self, init, extra, added, kind, defaults):
+        """Special and added tokens, as transformers' `TokenizersBackend.__init__` adds them."""
         by_content = {t.content: t for t in added.values()}
-
+        init = dict(init)
         for key, value in defaults.items():  # the tokenizer class's __init__ defaults
             init.setdefault(key, value)
 
@@ -409,7 +473,7 @@ class Tokenizer:
                 value = _added_token(value)
             if isinstance(value, (str, AddedToken)):
                 named[key] = by_content.get(str(value), value)
-        extra = [_added_token(t) if isinstance(t, dict) else t for t in (extra or spm_extra)]
+        extra = [_added_token(t) if isinstance(t, dict) else t for t in extra]
 
         # add what the backend lacks: added_tokens_decoder entries in id order, then special tokens
         have = {_flags(t) for t in self._tok.get_added_tokens_decoder().values()}
@@ -425,8 +489,7 @@ class Tokenizer:
             if isinstance(t, str):
                 t = AddedToken(t, special=True)
             elif not t.special and t.content in named_strs:
-                t = AddedToken(t.content, rstrip=t.rstrip, lstrip=t.lstrip, single_word=t.single_word,
-                               normalized=t.normalized, special=True)
+                t = _changed(t, special=True)
             tokens.append(t)
         if tokens:
             self._tok.add_tokens(tokens)
@@ -436,8 +499,6 @@ class Tokenizer:
             self._tok.add_tokens([AddedToken(t, special=True) for t in self.all_special_tokens])
 
     def _set_post_processor(self, add_bos, add_eos):
-        from tokenizers import processors
-
         bos, eos = self._special.get("bos_token"), self._special.get("eos_token")
         add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
         single = (f"{bos}:0 " if add_bos else "") + "$A:0" + (f" {eos}:0" if add_eos else "")
@@ -505,8 +566,6 @@ class Tokenizer:
     def add_special_tokens(self, tokens):
         """Append special tokens (ids after the current ones), as some loaders do at load time
         (VILA adds its media tokens this way)."""
-        from tokenizers import AddedToken
-
         self._tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
         self._special_ids = None
 

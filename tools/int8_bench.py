@@ -52,7 +52,7 @@ FUSED = [("clip fc1 + quick_gelu", 2885, 1024, 4096, "quick_gelu"),
 
 
 def sweep_configs():
-    """Candidates for --sweep (the winners and runners-up of the H100 sweeps behind pick_config)."""
+    """Candidates for --sweep (the winners and runners-up of the sweeps behind pick_config)."""
     from tinyvila.kernels.int8_gemm import Int8Config as C
 
     ts = dict(kind="tma", tma_store=True)

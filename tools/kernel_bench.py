@@ -1,6 +1,6 @@
 """`python -m tinyvila.tools.kernel_bench`: time the decode kernels (W4A16 linears, attention) on the GPU.
 
-    python -m tinyvila.tools.kernel_bench                    # the default tables (H100: ~1 min)
+    python -m tinyvila.tools.kernel_bench                    # the default tables
     python -m tinyvila.tools.kernel_bench --dtype bfloat16 --gemv-m 1,2,4,8 --gemm-m 16,128,512,2048
 
 Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, bytes moved (packed

@@ -1,6 +1,6 @@
 """`python -m tinyvila.tools.retrieval_bench`: time query-aware retrieval attention and the KV gather.
 
-    python -m tinyvila.tools.retrieval_bench            # the default tables (H100: well under a minute)
+    python -m tinyvila.tools.retrieval_bench            # the default tables
     python -m tinyvila.tools.retrieval_bench --sweep    # also time kernel 1 / kernel 2 tile variants
 
 Table 1, one decoder layer's attention for T question tokens over a cache of visual + text tokens:

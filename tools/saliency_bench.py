@@ -1,6 +1,6 @@
 """`python -m tinyvila.tools.saliency_bench`: attention + token saliency against attention alone.
 
-    python -m tinyvila.tools.saliency_bench            # the table (H100: well under a minute)
+    python -m tinyvila.tools.saliency_bench            # the table
     python -m tinyvila.tools.saliency_bench --check    # ours against the reference first
     python -m tinyvila.tools.saliency_bench --sweep    # time block-shape candidates per stage, then
                                                        # the table with the fastest
