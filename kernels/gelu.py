@@ -3,8 +3,8 @@ approximation (SigLIP's gelu_pytorch_tanh) and CLIP's quick_gelu x * sigmoid(1.7
 fp32 and rounded once."""
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+from tinyvila.kernels.triton_lang import tl, triton
 
 KINDS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")
 

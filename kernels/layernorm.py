@@ -2,8 +2,8 @@
 as torch.nn.functional.layer_norm computes it for half inputs."""
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def layernorm_ref(x, weight, bias, eps):

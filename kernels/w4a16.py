@@ -37,11 +37,10 @@ M=128 (73 vs 86 us) and loses at M=256 (109 vs 89 us), so the switch sits betwee
 """
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.gpu import sm_count
 from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.triton_lang import tl, triton
 from tinyvila.quant.pack import AWQ_ORDER
 
 GEMV_MAX_M = 2

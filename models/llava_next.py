@@ -19,7 +19,9 @@ from tinyvila.errors import CheckpointError
 from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
 from tinyvila.sparsity import positions_1d
+from tinyvila.visualize import denormalize
 
+from .family import Family
 from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, activation, rename_key
 
 INF = torch.tensor([float("inf")])  # the "newline vector" that packs saliency: structural, always kept
@@ -287,12 +289,12 @@ class ImageItem:
     kind: str = "image"
 
 
-class LlavaNext(nn.Module):
+class LlavaNext(Family):
     name = "LLaVA-NeXT"
     placeholders = {"image": "<image>"}  # what the chat template writes for one image
     video_token_id = None
     media_options = ()
-    quant_skip = ["vision_tower", "multi_modal_projector", "mm_projector"]  # stay 16-bit (AWQ modules_to_not_convert)
+    quant_skip = ("vision_tower", "multi_modal_projector", "mm_projector")  # stay 16-bit (AWQ modules_to_not_convert)
 
     def __init__(self, cfg: LlavaNextConfig):
         super().__init__()
@@ -309,6 +311,10 @@ class LlavaNext(nn.Module):
     @classmethod
     def config_from_dir(cls, path: Path, config: dict) -> LlavaNextConfig:
         return parse_config(path, config)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.multi_modal_projector
 
     # ------------------------------------------------------------------ weights
     def checkpoint_files(self, path: Path) -> list:
@@ -361,8 +367,6 @@ class LlavaNext(nn.Module):
     def token_panels(self, item) -> list:
         """What each visual position covers (tinyvila.visualize): the base image's P x P grid,
         then the anyres canvas cropped as unpadding crops it, one cell per kept-able patch."""
-        from tinyvila.visualize import denormalize
-
         c = self.cfg
         P, patch = c.vision.image_size // c.vision.patch_size, c.vision.patch_size
         pixels = denormalize(item.image.pixels, c.image_mean, c.image_std)

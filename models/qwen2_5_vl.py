@@ -1,5 +1,5 @@
 """Qwen2.5-VL: a windowed-attention ViT with 2-D RoPE, a 2x2 patch merger, and a Qwen2 decoder
-with multimodal RoPE (spec: qwen2_5_vl.md).
+with multimodal RoPE.
 
 Vision: pixels arrive as rows of 1176 values (3 channels x 2 frames x 14 x 14), the 4 patches of a
 merge group consecutive. The encoder permutes merge groups into window order (4x4 groups = 112 px
@@ -26,10 +26,13 @@ from PIL import Image
 from tinyvila.errors import CheckpointError, MediaError, TinyVilaError
 from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
-from tinyvila.quant.smoothquant import norm_input  # fused with int8 quantization under W8A8
+from tinyvila.kernels.rope import rope_
 from tinyvila.sparsity import compact_grid
+from tinyvila.visualize import denormalize
 
+from .family import Family
 from .layers import MLP, DecoderLM, GraphCache, RMSNorm, TextConfig, attention_with_saliency, rename_key
+from .quantized import norm_input  # fused with int8 quantization under W8A8
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
            ("lm_head.", "language_model.lm_head."), ("visual.", "visual."), ("model.", "language_model.")]
@@ -467,8 +470,6 @@ def rope_fp32(x, cos, sin):
     """Rotate-half RoPE computed in fp32 (as the reference does for the ViT), cast back. On a GPU
     in place, in one Triton kernel (x may be a view into the fused qkv)."""
     if x.is_cuda:
-        from tinyvila.kernels.rope import rope_
-
         return rope_(x, cos, sin)
     xf = x.float()
     half = xf.shape[-1] // 2
@@ -636,12 +637,12 @@ class QwenMedia:
     second_per_grid_t: float = 0.0  # seconds per temporal slice (videos)
 
 
-class Qwen2_5_VL(nn.Module):
+class Qwen2_5_VL(Family):
     name = "Qwen2.5-VL"
     placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     default_template = None  # the checkpoints ship their chat template
     media_options = ("min_pixels", "max_pixels", "fps", "max_frames")
-    quant_skip = ["visual"]  # the vision tower stays 16-bit (AWQ modules_to_not_convert)
+    quant_skip = ("visual",)  # the vision tower stays 16-bit (AWQ modules_to_not_convert)
 
     def __init__(self, cfg: Qwen2_5_VLConfig):
         super().__init__()
@@ -653,6 +654,10 @@ class Qwen2_5_VL(nn.Module):
     @classmethod
     def config_from_dir(cls, path: Path, config: dict) -> Qwen2_5_VLConfig:
         return parse_config(path, config)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.visual.merger
 
     def checkpoint_files(self, path: Path) -> list:
         return weight_files(path)
@@ -695,8 +700,6 @@ class Qwen2_5_VL(nn.Module):
 
     def token_panels(self, item) -> list:
         """The first frame of each temporal slice with its grid of merged tokens (tinyvila.visualize)."""
-        from tinyvila.visualize import denormalize
-
         v = self.cfg.vision
         m, p, tp = v.spatial_merge_size, v.patch_size, v.temporal_patch_size
         t, h, w = item.grid

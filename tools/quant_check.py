@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+import tinyvila
+from tinyvila.calibration import builtin_samples, user_samples
 from tinyvila.errors import TinyVilaError, run_cli
 
 
@@ -51,9 +53,6 @@ def main(argv=None) -> int:
     record = {}
 
     def body():
-        import tinyvila
-        from tinyvila.calibration import builtin_samples, user_samples
-
         if args.samples < 1:
             raise TinyVilaError("--samples must be positive")
         if args.calib_images is None and args.calib_prompts is None:
