@@ -1,6 +1,6 @@
 """LLaVA-NeXT (LLaVA-1.6): CLIP ViT-L/14-336 + 2-layer MLP projector + Llama/Mistral decoder.
 
-Mirrors transformers' LlavaNextForConditionalGeneration (spec: llava_next_and_vila.md part 1):
+Mirrors transformers' LlavaNextForConditionalGeneration:
 anyres tiles + a squashed base image go through CLIP up to `vision_feature_layer`, the CLS token is
 dropped, the projector maps every patch token, and the tile features are stitched, unpadded and
 given an `image_newline` column (the anyres section below). Checkpoints load from three key layouts: the
@@ -35,13 +35,13 @@ DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008
 # Reproduces, in transformers' (height, width) convention for `image_grid_pinpoints`:
 #   * `LlavaNextImageProcessorPil` pixel values: best pinpoint -> aspect-preserving bicubic resize
 #     -> black padding (centred, odd pixel bottom/right) -> row-major tiles, after a base image
-#     squashed to tile x tile (spec §1.6);
+#     squashed to tile x tile;
 #   * `LlavaNextModel.pack_image_features` / `unpad_image`: stitch tile features, crop the rows or
-#     columns that only saw padding, add a newline column, flatten, prepend the base (§1.7);
-#   * `LlavaNextProcessor._get_number_of_features` token counts (§1.8).
+#     columns that only saw padding, add a newline column, flatten, prepend the base;
+#   * `LlavaNextProcessor._get_number_of_features` token counts.
 #
 # Counting and cropping share `unpadded_grid`, and `pack` is implemented with `pack_index`, so the
-# placeholder count and the packed features cannot disagree (spec pitfall P6). The float
+# placeholder count and the packed features cannot disagree. The float
 # expressions (`min(w/W, h/H)`, `ceil`, `round(x, 7)`) are written exactly as transformers
 # evaluates them, so ties and off-by-one cases fall the same way.
 

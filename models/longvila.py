@@ -1,8 +1,8 @@
 """LongVILA (NVlabs' VILA layout): SigLIP + `mlp_downsample` projector + Llama-3 or Qwen2 decoder.
 
-Spec: llava_next_and_vila.md part 2. A checkpoint is a folder with `llm/` (a plain HF causal LM and
-its tokenizer), `vision_tower/` (a SigLIP vision model) and `mm_projector/`; the top-level config's
-sub-config paths point at the training cluster and are ignored (the folders are found by name).
+A checkpoint is a folder with `llm/` (a plain HF causal LM and its tokenizer), `vision_tower/` (a
+SigLIP vision model) and `mm_projector/`; the top-level config's sub-config paths point at the
+training cluster and are ignored (the folders are found by name).
 
 Two code generations produced these checkpoints, told apart by backbone and projector type:
 * old VILA (Llama-3-LongVILA: llama backbone + `mlp_downsample`): the projector emits merged tokens
@@ -167,7 +167,7 @@ class LongVILA(Family):
         """Media token ids, the "\\n" after each frame, and the extra stop ids of this generation."""
         self.newline_ids = tokenizer.encode("\n", add_special_tokens=False)
         if self.cfg.generation == "old":
-            eot = tokenizer.token_to_id("<|eot_id|>")  # the llama_3 template's turn separator (P11)
+            eot = tokenizer.token_to_id("<|eot_id|>")  # the llama_3 template's turn separator
             return {eot} if eot is not None else set()
         missing = [t for t in NVILA_MEDIA_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:

@@ -123,7 +123,7 @@ def weight_has_lm_head(path: Path) -> bool:
 
 # --------------------------------------------------------------------------- preprocessing
 #
-# Qwen2.5-VL image and video preprocessing (pure functions; spec qwen2_5_vl.md §3, §4, §12).
+# Qwen2.5-VL image and video preprocessing (pure functions).
 #
 # Images reproduce transformers 5.23 `Qwen2VLImageProcessorPil` (the parity reference):
 # `smart_resize` -> PIL bicubic resize on uint8 -> x/255 -> (x - mean) / std -> duplicate in time
@@ -173,7 +173,7 @@ class QwenMediaError(MediaError, ValueError):
 
 def smart_resize(height, width, factor=IMAGE_FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     """(height, width) -> (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels],
-    aspect ratio kept as closely as possible (spec §3.1 step 2; transformers 5.23 `smart_resize`).
+    aspect ratio kept as closely as possible (transformers 5.23 `smart_resize`).
 
     Python's `round` (half to even) for the first rounding; in the max_pixels branch each side is
     floored to a multiple of `factor`, but never below `factor`; in the min_pixels branch each side
@@ -291,7 +291,7 @@ def sampled_fps(n_sampled, total_frames, video_fps):
 
 def video_pixel_budget(n_frames, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
                        total_pixels=VIDEO_TOTAL_PIXELS):
-    """Per-frame (min_pixels, max_pixels) for a clip of `n_frames` sampled frames (spec §4.2):
+    """Per-frame (min_pixels, max_pixels) for a clip of `n_frames` sampled frames:
     max = max(min(VIDEO_MAX_PIXELS, total_pixels / n_frames * 2), int(min_pixels * 1.05)), then
     capped by the user's `max_pixels` (a larger one does not raise the limit, as in qwen-vl-utils).
     The max may be a float; smart_resize takes it as is, like qwen-vl-utils."""
@@ -330,7 +330,7 @@ def resize_frames_bicubic(frames, height, width):
     calls `interpolate(mode="bicubic", align_corners=False, antialias=True)`, clamps to [0, 255]
     (bicubic + uint8 only), rounds with `torch.round` (half to even) and casts back to uint8.
     qwen-vl-utils calls `.float()` only after that, so its frames hold integer values in [0, 255]
-    (the spec's "no rounding/clamping" in §4.2 is about that `.float()`, not the resize). The v2 API
+    (no rounding or clamping after that `.float()`; the resize itself rounds). The v2 API
     (`transforms.v2.functional.resize_image`, commit 00bf6d49) would instead run PyTorch's native
     uint8 bicubic kernel on CPU, which differs by up to ~10 levels on some pixels; qwen-vl-utils
     0.0.10 calls the v1 API.
