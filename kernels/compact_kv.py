@@ -12,8 +12,8 @@ a contiguous, coalesced read and write. Offsets are 64-bit (a 28-layer cache of 
 2**31 elements). dst must not overlap src (programs run in no particular order).
 """
 import torch
-import triton
-import triton.language as tl
+
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def gather_kv_ref(src_k, src_v, index, dst_k, dst_v):

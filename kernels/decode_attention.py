@@ -16,11 +16,10 @@ group, so every key and value is read once. fp16 / bf16 in (fp32 for tests), fp3
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.gpu import SM_COUNT_DEFAULT, sm_count
 from tinyvila.kernels.pdl import chain_start, launch_options
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def decode_attention_ref(q, k, v, length, scale=None, window=None):

@@ -35,11 +35,10 @@ tile under the next tile's main loop. tools/int8_bench.py measures it (the READM
 from dataclasses import dataclass, replace
 
 import torch
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.gpu import sm_count
-from tinyvila.kernels.quantize_int8 import K_ALIGN, _act, padded_k
+from tinyvila.kernels.quantize_int8 import K_ALIGN, _act, act_ref, padded_k
+from tinyvila.kernels.triton_lang import tl, triton
 
 EPILOGUE_ACTS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")
 
@@ -87,8 +86,6 @@ def int8_linear_ref(xq, xs, wq, ws, bias=None, out_dtype=torch.float16, act=None
     if bias is not None:
         y = y + bias.float()[None, :]
     if act is not None:
-        from tinyvila.kernels.quantize_int8 import act_ref
-
         y = act_ref(y, act)  # fp32 in, fp32 out
     return y.to(out_dtype)
 

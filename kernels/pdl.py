@@ -17,8 +17,8 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from tinyvila.kernels.triton_lang import tl, triton
 
 try:  # re-exported to the kernels, which call them only under their PDL constexpr
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait

@@ -27,8 +27,8 @@ write of xq and xs. The `*_ref` functions are the plain-PyTorch definitions.
 """
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+from tinyvila.kernels.triton_lang import tl, triton
 
 K_ALIGN = 128
 ACTS = ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu_mul")

@@ -32,10 +32,9 @@ alternative, keeping the probabilities of kernel 1, would write T*group floats p
 fp16 / bf16 in (fp32 for tests), fp32 accumulation; offsets along a KV head are 64-bit.
 """
 import torch
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.gpu import SM_COUNT_DEFAULT, sm_count
+from tinyvila.kernels.triton_lang import tl, triton
 
 LOG2E = 1.4426950408889634
 

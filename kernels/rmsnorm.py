@@ -6,10 +6,9 @@ follow transformers: the sum in the activation dtype, the normalisation in fp32,
 times the weight in the activation dtype.
 """
 import torch
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.pdl import chain_start, launch_options
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def rmsnorm_ref(x, weight, eps):

@@ -3,8 +3,8 @@ views into the fused qkv projection), rotate-half layout; cos/sin [T, D] in the 
 M-RoPE needs nothing special: its tables already mix the t/h/w angles. fp32 tables (Qwen2.5-VL's
 ViT, which rotates in fp32) make the arithmetic fp32, rounded once to x's dtype at the store."""
 import torch
-import triton
-import triton.language as tl
+
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def rope_ref(x, cos, sin):

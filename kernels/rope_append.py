@@ -7,10 +7,9 @@ device tensor, so CUDA graphs can replay it). Returns the rotated q [Hq, D]. M-R
 special here: its tables already mix the t/h/w angles.
 """
 import torch
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.pdl import chain_start, launch_options
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):

@@ -39,10 +39,9 @@ ex2.approx.f16x2 issues one MUFU op per half on sm_90, so half precision buys no
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.gpu import SM_COUNT_DEFAULT, sm_count
+from tinyvila.kernels.triton_lang import tl, triton
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -4,10 +4,9 @@
 to that width (models/layers.PaddedLinear; Qwen2.5-VL's ViT, I = 3420 -> 3424)."""
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.pdl import chain_start, launch_options
+from tinyvila.kernels.triton_lang import tl, triton
 
 
 def silu_mul_ref(gate_up):

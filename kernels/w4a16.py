@@ -37,11 +37,10 @@ dequantization is paid once and cuBLAS's tiles win on a large M), so the switch 
 """
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from tinyvila.kernels.gpu import sm_count
 from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.triton_lang import tl, triton
 from tinyvila.quant.pack import AWQ_ORDER
 
 GEMV_MAX_M = 2

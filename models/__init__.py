@@ -1,24 +1,27 @@
-"""Model families: one file each, built from the shared blocks in layers.py.
+"""Model families: one file each, built from the shared blocks in layers.py, each a family.Family.
 
 The registry maps a checkpoint's `architectures[0]` (or, failing that, its `model_type`) to the
-family module and class that runs it. Modules are imported only when a checkpoint needs them.
+family class that runs it.
 """
-import importlib
-
 from tinyvila.errors import CheckpointError
 
-# architectures[0] -> (module, class)
+from .family import Family
+from .llava_next import LlavaNext
+from .longvila import LongVILA
+from .qwen2_5_vl import Qwen2_5_VL
+
+# architectures[0] -> family
 ARCHITECTURES = {
-    "LlavaNextForConditionalGeneration": ("llava_next", "LlavaNext"),
-    "LlavaLlamaForCausalLM": ("llava_next", "LlavaNext"),  # original liuhaotian/llava-v1.6-* files
-    "LlavaMistralForCausalLM": ("llava_next", "LlavaNext"),
-    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VL"),
-    "LlavaLlamaModel": ("longvila", "LongVILA"),  # NVlabs' VILA layout (llm/, vision_tower/, mm_projector/)
+    "LlavaNextForConditionalGeneration": LlavaNext,
+    "LlavaLlamaForCausalLM": LlavaNext,  # original liuhaotian/llava-v1.6-* files
+    "LlavaMistralForCausalLM": LlavaNext,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VL,
+    "LlavaLlamaModel": LongVILA,  # NVlabs' VILA layout (llm/, vision_tower/, mm_projector/)
 }
-# model_type -> (module, class), for configs without `architectures`
+# model_type -> family, for configs without `architectures`
 MODEL_TYPES = {
-    "llava_next": ("llava_next", "LlavaNext"),
-    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VL"),
+    "llava_next": LlavaNext,
+    "qwen2_5_vl": Qwen2_5_VL,
 }
 # Hub checkpoints known to work, by their config.json architectures[0] (tinyvila-chat --list-models).
 HUB_MODELS = {
@@ -35,13 +38,12 @@ SUPPORTED = ("LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausal
              "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), LongVILA (VILA layout: LlavaLlamaModel)")
 
 
-def family_for(config: dict):
+def family_for(config: dict) -> type[Family]:
     """The family class for a parsed config.json, or a CheckpointError naming what is supported."""
     archs = config.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else None
-    entry = ARCHITECTURES.get(arch) or MODEL_TYPES.get(config.get("model_type"))
-    if entry is None:
+    family = ARCHITECTURES.get(arch) or MODEL_TYPES.get(config.get("model_type"))
+    if family is None:
         got = f"architecture {arch!r}" if arch else f"model_type {config.get('model_type')!r}"
         raise CheckpointError(f"unsupported {got}; tinyvila supports {SUPPORTED}")
-    module = importlib.import_module(f"{__name__}.{entry[0]}")
-    return getattr(module, entry[1])
+    return family

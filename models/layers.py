@@ -13,10 +13,14 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from tinyvila.errors import CheckpointError, TinyVilaError
+from tinyvila.kernels.rmsnorm import rmsnorm
+from tinyvila.kernels.saliency import saliency_attention
 from tinyvila.loader import iter_tensors, progress_bar
-from tinyvila.quant.smoothquant import act_input, norm_input
+
+from .quantized import act_input, norm_input
 
 # --------------------------------------------------------------------------- config
 
@@ -127,8 +131,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32, cast back, then scale: the order transformers uses.
         if x.is_cuda and x.dtype == self.weight.dtype:  # one Triton kernel instead of six
-            from tinyvila.kernels.rmsnorm import rmsnorm
-
             return rmsnorm(x.contiguous(), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -215,8 +217,6 @@ def checkpoint_entries(model: nn.Module, path):
     read from the safetensors headers only. None marks tensors the model never uses (e.g. vision
     layers past the feature layer). Families give `checkpoint_files(path)` and
     `module_name(folder, name)` (folder: the file's folder relative to `path`, "" at the top)."""
-    from safetensors import safe_open
-
     for f in model.checkpoint_files(path):
         folder = f.parent.relative_to(path).as_posix()
         try:
@@ -601,7 +601,7 @@ class ViTAttention(nn.Module):
 
 def attention_with_saliency(q, k, v, bounds, summary: int, cu_seqlens=None):
     """Non-causal attention inside the segments `bounds` [(start, end), ...] (contiguous, in order)
-    of q, k, v [n, H, D], and each token's saliency (spec stage 1): the attention it receives,
+    of q, k, v [n, H, D], and each token's saliency: the attention it receives,
     averaged over heads and over its segment's queries (summary = 0) or over the segment's first
     `summary` tokens (CLIP's CLS: 1). Returns (out [n, H, D], saliency fp32 [n]).
 
@@ -610,8 +610,6 @@ def attention_with_saliency(q, k, v, bounds, summary: int, cu_seqlens=None):
     bounds as an int32 device tensor made beforehand (inside a CUDA graph capture no host data
     can be copied)."""
     if q.is_cuda:
-        from tinyvila.kernels.saliency import saliency_attention
-
         lengths = {e - s for s, e in bounds}
         if cu_seqlens is not None:
             cu = cu_seqlens
@@ -648,9 +646,8 @@ class ViTLayer(nn.Module):
 
     def forward(self, x, summary=None):
         """With `summary` set: (output, saliency [N, T]) (ViTAttention.forward)."""
-        # PyTorch's LayerNorm and GELU are single fused kernels already: measured faster here than
-        # the Triton ones (kernels/layernorm.py, gelu.py). With W8A8 linears (quant/smoothquant.py)
-        # the norms and the activation are fused with the int8 quantization of their outputs.
+        # PyTorch's LayerNorm and GELU are single fused kernels already. With W8A8 linears
+        # (models/quantized.py) the norms and the activation are fused with the int8 quantization of their outputs.
         mlp = self.mlp
         attn = self.self_attn(norm_input(self.layer_norm1, x, self.self_attn.qkv_proj), summary)
         saliency = None
@@ -681,9 +678,8 @@ class PaddedLinear(nn.Linear):
 def align_rows(model: nn.Module) -> None:
     """16-bit nn.Linear layers on a GPU whose input width is not a multiple of 8 become
     PaddedLinear: same parameters and values, the weight moved into zero-padded storage. cuBLAS
-    takes its fast Hopper kernels only for K a multiple of 8: Qwen2.5-VL's ViT down projection
-    (3420 inputs) took 383 us a call at 9216 x 3420 -> 1280 on an H100, a third of the encoder's
-    GEMM time."""
+    takes its fast Hopper kernels only for K a multiple of 8 (Qwen2.5-VL's ViT down projection has
+    3420 inputs)."""
     for m in model.modules():
         w = m.weight if type(m) is nn.Linear else None
         if w is not None and w.is_cuda and w.element_size() == 2 and w.shape[1] % 8:
@@ -750,8 +746,8 @@ class ViTEmbeddings(nn.Module):
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
         # Written contiguous: `x + pos` would keep the conv's channels-first layout, and so would
-        # every residual add after it (SigLIP has no pre-norm to undo it): measured on an H100, the
-        # strided adds and the copies inside each LayerNorm took a third of SigLIP's time.
+        # every residual add after it (SigLIP has no pre-norm to undo it), and each LayerNorm would
+        # copy its input.
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return torch.add(x, self.position_embedding.weight, out=out)
 
@@ -777,7 +773,7 @@ class ViTEncoder(nn.Module):
 
     def forward(self, pixels, saliency: bool = False):
         """pixels [N, 3, S, S] -> features [N, T, C * len(feature_layers)]; with `saliency`, also
-        each token's saliency [N, T] at the deepest layer the projector reads (spec stage 1: the
+        each token's saliency [N, T] at the deepest layer the projector reads (the
         attention it gets from the CLS token, or from all tokens of its crop when there is none)."""
         if self.graphed and pixels.is_cuda and not torch.is_grad_enabled():
             key = (tuple(pixels.shape), pixels.dtype, pixels.device, saliency)

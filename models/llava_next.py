@@ -1,6 +1,6 @@
 """LLaVA-NeXT (LLaVA-1.6): CLIP ViT-L/14-336 + 2-layer MLP projector + Llama/Mistral decoder.
 
-Mirrors transformers' LlavaNextForConditionalGeneration (spec: llava_next_and_vila.md part 1):
+Mirrors transformers' LlavaNextForConditionalGeneration:
 anyres tiles + a squashed base image go through CLIP up to `vision_feature_layer`, the CLS token is
 dropped, the projector maps every patch token, and the tile features are stitched, unpadded and
 given an `image_newline` column (the anyres section below). Checkpoints load from three key layouts: the
@@ -19,7 +19,9 @@ from tinyvila.errors import CheckpointError
 from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
 from tinyvila.sparsity import positions_1d
+from tinyvila.visualize import denormalize
 
+from .family import Family
 from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig, activation, rename_key
 
 INF = torch.tensor([float("inf")])  # the "newline vector" that packs saliency: structural, always kept
@@ -33,13 +35,13 @@ DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008
 # Reproduces, in transformers' (height, width) convention for `image_grid_pinpoints`:
 #   * `LlavaNextImageProcessorPil` pixel values: best pinpoint -> aspect-preserving bicubic resize
 #     -> black padding (centred, odd pixel bottom/right) -> row-major tiles, after a base image
-#     squashed to tile x tile (spec §1.6);
+#     squashed to tile x tile;
 #   * `LlavaNextModel.pack_image_features` / `unpad_image`: stitch tile features, crop the rows or
-#     columns that only saw padding, add a newline column, flatten, prepend the base (§1.7);
-#   * `LlavaNextProcessor._get_number_of_features` token counts (§1.8).
+#     columns that only saw padding, add a newline column, flatten, prepend the base;
+#   * `LlavaNextProcessor._get_number_of_features` token counts.
 #
 # Counting and cropping share `unpadded_grid`, and `pack` is implemented with `pack_index`, so the
-# placeholder count and the packed features cannot disagree (spec pitfall P6). The float
+# placeholder count and the packed features cannot disagree. The float
 # expressions (`min(w/W, h/H)`, `ceil`, `round(x, 7)`) are written exactly as transformers
 # evaluates them, so ties and off-by-one cases fall the same way.
 
@@ -287,12 +289,12 @@ class ImageItem:
     kind: str = "image"
 
 
-class LlavaNext(nn.Module):
+class LlavaNext(Family):
     name = "LLaVA-NeXT"
     placeholders = {"image": "<image>"}  # what the chat template writes for one image
     video_token_id = None
     media_options = ()
-    quant_skip = ["vision_tower", "multi_modal_projector", "mm_projector"]  # stay 16-bit (AWQ modules_to_not_convert)
+    quant_skip = ("vision_tower", "multi_modal_projector", "mm_projector")  # stay 16-bit (AWQ modules_to_not_convert)
 
     def __init__(self, cfg: LlavaNextConfig):
         super().__init__()
@@ -309,6 +311,10 @@ class LlavaNext(nn.Module):
     @classmethod
     def config_from_dir(cls, path: Path, config: dict) -> LlavaNextConfig:
         return parse_config(path, config)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.multi_modal_projector
 
     # ------------------------------------------------------------------ weights
     def checkpoint_files(self, path: Path) -> list:
@@ -361,8 +367,6 @@ class LlavaNext(nn.Module):
     def token_panels(self, item) -> list:
         """What each visual position covers (tinyvila.visualize): the base image's P x P grid,
         then the anyres canvas cropped as unpadding crops it, one cell per kept-able patch."""
-        from tinyvila.visualize import denormalize
-
         c = self.cfg
         P, patch = c.vision.image_size // c.vision.patch_size, c.vision.patch_size
         pixels = denormalize(item.image.pixels, c.image_mean, c.image_std)

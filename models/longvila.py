@@ -1,8 +1,8 @@
 """LongVILA (NVlabs' VILA layout): SigLIP + `mlp_downsample` projector + Llama-3 or Qwen2 decoder.
 
-Spec: llava_next_and_vila.md part 2. A checkpoint is a folder with `llm/` (a plain HF causal LM and
-its tokenizer), `vision_tower/` (a SigLIP vision model) and `mm_projector/`; the top-level config's
-sub-config paths point at the training cluster and are ignored (the folders are found by name).
+A checkpoint is a folder with `llm/` (a plain HF causal LM and its tokenizer), `vision_tower/` (a
+SigLIP vision model) and `mm_projector/`; the top-level config's sub-config paths point at the
+training cluster and are ignored (the folders are found by name).
 
 Two code generations produced these checkpoints, told apart by backbone and projector type:
 * old VILA (Llama-3-LongVILA: llama backbone + `mlp_downsample`): the projector emits merged tokens
@@ -28,7 +28,9 @@ from tinyvila.errors import CheckpointError, TinyVilaError
 from tinyvila.loader import read_json, weight_files
 from tinyvila.media import SIGLIP_MEAN, SIGLIP_STD, resize_bicubic, to_normalized_tensor
 from tinyvila.sparsity import positions_1d
+from tinyvila.visualize import denormalize
 
+from .family import Family
 from .layers import DecoderLM, TextConfig, ViTEncoder, VisionConfig
 
 OLD_SENTINEL, OLD_VIDEO_SENTINEL = -200, -201  # LLaVA's IMAGE_TOKEN_INDEX; ours for a whole video
@@ -128,10 +130,10 @@ def frame_indices(total: int, n: int) -> list:
     return np.round(np.linspace(0, total - 1, n)).astype(int).tolist()
 
 
-class LongVILA(nn.Module):
+class LongVILA(Family):
     name = "LongVILA"
     media_options = ("max_frames",)
-    quant_skip = ["vision_tower", "mm_projector"]  # stay 16-bit (AWQ modules_to_not_convert)
+    quant_skip = ("vision_tower", "mm_projector")  # stay 16-bit (AWQ modules_to_not_convert)
     load_options = ("projector_order",)  # "row" | "column": override the detected token order
     string_content = True  # VILA's templates take the user's text with the media markers as a string
 
@@ -153,6 +155,10 @@ class LongVILA(nn.Module):
     def config_from_dir(cls, path: Path, config: dict, **options) -> VilaConfig:
         return parse_config(path, config, **options)
 
+    @property
+    def projector(self) -> nn.Module:
+        return self.mm_projector
+
     @staticmethod
     def tokenizer_path(path: Path) -> Path:
         return path / "llm"
@@ -161,7 +167,7 @@ class LongVILA(nn.Module):
         """Media token ids, the "\\n" after each frame, and the extra stop ids of this generation."""
         self.newline_ids = tokenizer.encode("\n", add_special_tokens=False)
         if self.cfg.generation == "old":
-            eot = tokenizer.token_to_id("<|eot_id|>")  # the llama_3 template's turn separator (P11)
+            eot = tokenizer.token_to_id("<|eot_id|>")  # the llama_3 template's turn separator
             return {eot} if eot is not None else set()
         missing = [t for t in NVILA_MEDIA_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
@@ -170,9 +176,6 @@ class LongVILA(nn.Module):
         self.video_token_id = tokenizer.token_to_id("<vila/video>")
         # VILA stops on the eos and on the token that ends an assistant turn (<|im_end|> for Qwen2).
         return {tokenizer.eos_token_id} - {None}
-
-    def media_text(self, item) -> str:
-        return self.placeholders[item.kind]
 
     def checkpoint_files(self, path: Path) -> list:
         return [f for sub in ("vision_tower", "mm_projector", "llm") for f in weight_files(path / sub)]
@@ -251,8 +254,6 @@ class LongVILA(nn.Module):
     def token_panels(self, item) -> list:
         """Each frame with its grid of merged tokens (tinyvila.visualize); the zero-padded edge
         blocks of mlp_downsample cover less than a full cell."""
-        from tinyvila.visualize import denormalize
-
         v, k = self.cfg.vision, self.mm_projector.k
         G = v.image_size // v.patch_size
         g = -(-G // k)

@@ -1,5 +1,5 @@
 """Qwen2.5-VL: a windowed-attention ViT with 2-D RoPE, a 2x2 patch merger, and a Qwen2 decoder
-with multimodal RoPE (spec: qwen2_5_vl.md).
+with multimodal RoPE.
 
 Vision: pixels arrive as rows of 1176 values (3 channels x 2 frames x 14 x 14), the 4 patches of a
 merge group consecutive. The encoder permutes merge groups into window order (4x4 groups = 112 px
@@ -26,10 +26,13 @@ from PIL import Image
 from tinyvila.errors import CheckpointError, MediaError, TinyVilaError
 from tinyvila.loader import read_json, tensor_shapes, weight_files
 from tinyvila.media import CLIP_MEAN, CLIP_STD, resize_bicubic, to_normalized_tensor
-from tinyvila.quant.smoothquant import norm_input  # fused with int8 quantization under W8A8
+from tinyvila.kernels.rope import rope_
 from tinyvila.sparsity import compact_grid
+from tinyvila.visualize import denormalize
 
+from .family import Family
 from .layers import MLP, DecoderLM, GraphCache, RMSNorm, TextConfig, attention_with_saliency, rename_key
+from .quantized import norm_input  # fused with int8 quantization under W8A8
 
 RENAMES = [("model.visual.", "visual."), ("model.language_model.", "language_model."),
            ("lm_head.", "language_model.lm_head."), ("visual.", "visual."), ("model.", "language_model.")]
@@ -120,7 +123,7 @@ def weight_has_lm_head(path: Path) -> bool:
 
 # --------------------------------------------------------------------------- preprocessing
 #
-# Qwen2.5-VL image and video preprocessing (pure functions; spec qwen2_5_vl.md §3, §4, §12).
+# Qwen2.5-VL image and video preprocessing (pure functions).
 #
 # Images reproduce transformers 5.23 `Qwen2VLImageProcessorPil` (the parity reference):
 # `smart_resize` -> PIL bicubic resize on uint8 -> x/255 -> (x - mean) / std -> duplicate in time
@@ -170,7 +173,7 @@ class QwenMediaError(MediaError, ValueError):
 
 def smart_resize(height, width, factor=IMAGE_FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     """(height, width) -> (h, w): multiples of `factor`, h*w within [min_pixels, max_pixels],
-    aspect ratio kept as closely as possible (spec §3.1 step 2; transformers 5.23 `smart_resize`).
+    aspect ratio kept as closely as possible (transformers 5.23 `smart_resize`).
 
     Python's `round` (half to even) for the first rounding; in the max_pixels branch each side is
     floored to a multiple of `factor`, but never below `factor`; in the min_pixels branch each side
@@ -288,7 +291,7 @@ def sampled_fps(n_sampled, total_frames, video_fps):
 
 def video_pixel_budget(n_frames, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
                        total_pixels=VIDEO_TOTAL_PIXELS):
-    """Per-frame (min_pixels, max_pixels) for a clip of `n_frames` sampled frames (spec §4.2):
+    """Per-frame (min_pixels, max_pixels) for a clip of `n_frames` sampled frames:
     max = max(min(VIDEO_MAX_PIXELS, total_pixels / n_frames * 2), int(min_pixels * 1.05)), then
     capped by the user's `max_pixels` (a larger one does not raise the limit, as in qwen-vl-utils).
     The max may be a float; smart_resize takes it as is, like qwen-vl-utils."""
@@ -327,7 +330,7 @@ def resize_frames_bicubic(frames, height, width):
     calls `interpolate(mode="bicubic", align_corners=False, antialias=True)`, clamps to [0, 255]
     (bicubic + uint8 only), rounds with `torch.round` (half to even) and casts back to uint8.
     qwen-vl-utils calls `.float()` only after that, so its frames hold integer values in [0, 255]
-    (the spec's "no rounding/clamping" in §4.2 is about that `.float()`, not the resize). The v2 API
+    (no rounding or clamping after that `.float()`; the resize itself rounds). The v2 API
     (`transforms.v2.functional.resize_image`, commit 00bf6d49) would instead run PyTorch's native
     uint8 bicubic kernel on CPU, which differs by up to ~10 levels on some pixels; qwen-vl-utils
     0.0.10 calls the v1 API.
@@ -467,8 +470,6 @@ def rope_fp32(x, cos, sin):
     """Rotate-half RoPE computed in fp32 (as the reference does for the ViT), cast back. On a GPU
     in place, in one Triton kernel (x may be a view into the fused qkv)."""
     if x.is_cuda:
-        from tinyvila.kernels.rope import rope_
-
         return rope_(x, cos, sin)
     xf = x.float()
     half = xf.shape[-1] // 2
@@ -636,12 +637,12 @@ class QwenMedia:
     second_per_grid_t: float = 0.0  # seconds per temporal slice (videos)
 
 
-class Qwen2_5_VL(nn.Module):
+class Qwen2_5_VL(Family):
     name = "Qwen2.5-VL"
     placeholders = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
     default_template = None  # the checkpoints ship their chat template
     media_options = ("min_pixels", "max_pixels", "fps", "max_frames")
-    quant_skip = ["visual"]  # the vision tower stays 16-bit (AWQ modules_to_not_convert)
+    quant_skip = ("visual",)  # the vision tower stays 16-bit (AWQ modules_to_not_convert)
 
     def __init__(self, cfg: Qwen2_5_VLConfig):
         super().__init__()
@@ -653,6 +654,10 @@ class Qwen2_5_VL(nn.Module):
     @classmethod
     def config_from_dir(cls, path: Path, config: dict) -> Qwen2_5_VLConfig:
         return parse_config(path, config)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.visual.merger
 
     def checkpoint_files(self, path: Path) -> list:
         return weight_files(path)
@@ -695,8 +700,6 @@ class Qwen2_5_VL(nn.Module):
 
     def token_panels(self, item) -> list:
         """The first frame of each temporal slice with its grid of merged tokens (tinyvila.visualize)."""
-        from tinyvila.visualize import denormalize
-
         v = self.cfg.vision
         m, p, tp = v.spatial_merge_size, v.patch_size, v.temporal_patch_size
         t, h, w = item.grid

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from tinyvila.errors import CheckpointError
 from tinyvila.loader import iter_tensors, read_json
-
-from .linear import PACK
+from tinyvila.models.layers import fused_target, param_view
+from tinyvila.models.quantized import PACK
 
 
 def awq_quantization_config(group_size: int, not_convert: list) -> dict:
@@ -37,8 +38,6 @@ def write_awq_checkpoint(model, src, out, packed: dict, group_size: int, not_con
     layout of the checkpoint folder `src` it was loaded from. packed: {module name:
     (qweight, qzeros, scales)} in the AutoAWQ layout, fused modules over their whole N.
     Returns the files written."""
-    from tinyvila.models.layers import fused_target, param_view
-
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise CheckpointError("the output folder must differ from the model folder")
@@ -48,8 +47,6 @@ def write_awq_checkpoint(model, src, out, packed: dict, group_size: int, not_con
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
             (out / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, out / f.relative_to(src))
-    from safetensors.torch import save_file
-
     params = dict(model.named_parameters())
     owners = dict(model.named_modules())
     maps, sizes, quantized_folders, written = {}, {}, set(), []

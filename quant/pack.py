@@ -1,4 +1,4 @@
-"""The AutoAWQ "GEMM" 4-bit layout, which vLLM and transformers load (spec ecosystem.md §3.1).
+"""The AutoAWQ "GEMM" 4-bit layout, which vLLM and transformers load.
 
 For a linear layer with weight W [N, K] (out, in) and group size G along K:
   qweight int32 [K, N/8]   8 four-bit values per int32 along N, nibble i holding column AWQ_ORDER[i]

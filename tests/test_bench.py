@@ -25,7 +25,7 @@ def test_random_w4_layers_run_and_count_their_packed_bytes():
     import torch
 
     from tinyvila.models.layers import DecoderLM, TextConfig
-    from tinyvila.quant.linear import W4Linear
+    from tinyvila.models.quantized import W4Linear
 
     cfg = TextConfig.from_dict(dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2), "qwen2")

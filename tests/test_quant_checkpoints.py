@@ -99,7 +99,7 @@ def test_autoawq_checkpoint_matches_its_dequantized_weights(tiny_models, tmp_pat
     make_awq_copies(tiny_models[family], tmp_path / "awq", tmp_path / "deq", lm_head=family == "llava")
     awq = tinyvila.load(tmp_path / "awq", device="cpu", dtype="float32")
     deq = tinyvila.load(tmp_path / "deq", device="cpu", dtype="float32")
-    from tinyvila.quant.linear import W4Linear
+    from tinyvila.models.quantized import W4Linear
 
     w4 = [n for n, m in awq.model.named_modules() if isinstance(m, W4Linear)]
     assert len(w4) == 2 * 4 + (family == "llava")  # 2 layers x (qkv, o, gate_up, down) [+ lm_head]

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import torch
 
+from tinyvila.models import family_for
+from tinyvila.models.layers import align_rows, checkpoint_entries, load_checkpoint, materialize, use_encoder_graphs
+from tinyvila.models.quantized_checkpoint import W8A8_FILE, awq_config, convert_to_w4, finalize_w4, load_w8a8
+
 from . import loader
 from .errors import CheckpointError, TinyVilaError
 from .generate import GenerationResult, SamplingParams, is_number
-from .media import load_image
+from .media import load_image, open_video
 from .session import Session
 from .sparsity import OPTIONS as SPARSITY_OPTIONS, Sparsity, visual_slots
 from .template import ChatTemplate
@@ -95,28 +99,22 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
-        from tinyvila.models import family_for
-        from tinyvila.models.layers import (align_rows, checkpoint_entries, load_checkpoint, materialize,
-                                            use_encoder_graphs)
-        from tinyvila.quant.linear import awq_config, convert_to_w4, finalize_w4
-        from tinyvila.quant.smoothquant import W8A8_FILE, load_w8a8
-
         progress = options.pop("progress", None)  # bars while loading: loader.progress_bar
         path = loader.resolve(model)
         with loader.naming(path):  # one place for all the checks that do not know the folder
             config = loader.read_json(path / "config.json")
             family = family_for(config)
-            family_options = {k: options.pop(k) for k in getattr(family, "load_options", ()) if k in options}
+            family_options = {k: options.pop(k) for k in family.load_options if k in options}
             vision_w8a8 = options.pop("vision_w8a8", True)  # False: keep the 16-bit encoder of a W8A8 checkpoint
             family_cfg = family.config_from_dir(path, config, **family_options)
             device = resolve_device(device)
             dtype = resolve_dtype(dtype, device, config)
-            text_dir = family.tokenizer_path(path) if hasattr(family, "tokenizer_path") else path
+            text_dir = family.tokenizer_path(path)
             tokenizer = Tokenizer.from_dir(text_dir)
             with torch.device("meta"):
                 net = family(family_cfg)
             check_max_seq_len(options.get("max_seq_len"), net.language_model.cfg)  # before any allocation
-            extra_stops = net.bind_tokenizer(tokenizer) if hasattr(net, "bind_tokenizer") else set()
+            extra_stops = net.bind_tokenizer(tokenizer)
             template = ChatTemplate.from_dir(text_dir, default=net.default_template,
                                              special_tokens=tokenizer.special_tokens_map)
             try:
@@ -165,7 +163,7 @@ class Engine:
         LLaVA, Llama-3 LongVILA) get LLaVA's own `tokenizer_image_token` instead: every chunk
         between placeholders tokenized with the tokenizer's defaults; if chunk 0 starts with BOS,
         that BOS is kept once and the first token of every chunk is dropped; chunks joined by the
-        sentinel id. Training used exactly this, double BOS included where it happens (spec P7).
+        sentinel id. Training used exactly this, double BOS included where it happens.
         """
         tok = self.tokenizer
         # Placeholders that are not tokens of this tokenizer are spliced as sentinel ids.
@@ -210,10 +208,8 @@ class Engine:
             videos = [videos]
         items = [self.model.prepare_image(load_image(src), **media_options) for src in (images or [])]
         if videos:
-            if not hasattr(self.model, "prepare_video"):
+            if not self.model.takes_video:
                 raise TinyVilaError(f"{self.model.name} takes images only, not videos")
-            from .media import open_video
-
             items += [self.model.prepare_video(open_video(src), **media_options) for src in videos]
         return items
 

@@ -28,8 +28,16 @@ from tinyvila import __version__
 from tinyvila.engine import resolve_device
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
 from tinyvila.generate import SamplingParams
+from tinyvila.media import open_video
+from tinyvila.models import layers
+from tinyvila.models.llava_next import LlavaNext, LlavaNextConfig
+from tinyvila.models.longvila import LongVILA, VilaConfig
+from tinyvila.models.quantized import W4Linear
+from tinyvila.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, QwenVisionConfig
+from tinyvila.quant.smoothquant import quantize_encoder
 from tinyvila.session import Session
 from tinyvila.sparsity import Sparsity
+from tinyvila.tools import plots
 
 # The released checkpoints' config.json values (LLM, vision) for each built-in architecture.
 LLAMA2_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -62,26 +70,19 @@ ARCHS = {
 
 def build(arch: str, device, dtype, quant: str | None = None):
     """The family module with random weights, allocated directly on `device`."""
-    from tinyvila.models import layers
-
     family, spec = ARCHS[arch]
     text = layers.TextConfig.from_dict(dict(spec["text"][0]), spec["text"][1])
     if family == "llava_next":
-        from tinyvila.models.llava_next import LlavaNext as cls, LlavaNextConfig
-
-        cfg = LlavaNextConfig(text=text, vision=layers.VisionConfig())
+        cls, cfg = LlavaNext, LlavaNextConfig(text=text, vision=layers.VisionConfig())
     elif family == "qwen2_5_vl":
-        from tinyvila.models.qwen2_5_vl import Qwen2_5_VL as cls, Qwen2_5_VLConfig, QwenVisionConfig
-
         text.mrope_section = [16, 24, 24]
-        cfg = Qwen2_5_VLConfig(text=text, vision=QwenVisionConfig(out_hidden_size=spec["out"]))
+        cls, cfg = Qwen2_5_VL, Qwen2_5_VLConfig(text=text, vision=QwenVisionConfig(out_hidden_size=spec["out"]))
     else:
-        from tinyvila.models.longvila import LongVILA as cls, VilaConfig
-
         vision = layers.VisionConfig(image_size=spec["image_size"], **SIGLIP)
         old = spec["generation"] == "old"
-        cfg = VilaConfig(text=text, vision=vision, projector="mlp_downsample", feature_layer=-2,
-                         generation=spec["generation"], order="column" if old else "row", num_video_frames=256)
+        cls, cfg = LongVILA, VilaConfig(text=text, vision=vision, projector="mlp_downsample", feature_layer=-2,
+                                        generation=spec["generation"], order="column" if old else "row",
+                                        num_video_frames=256)
     with torch.device("meta"):
         model = cls(cfg)
     model = layers.materialize(model.to(dtype), device)
@@ -91,8 +92,6 @@ def build(arch: str, device, dtype, quant: str | None = None):
     if "w4a16" in (quant or ""):
         random_w4(model.language_model)
     if "w8a8" in (quant or ""):
-        from tinyvila.quant.smoothquant import quantize_encoder
-
         quantize_encoder(model)
     layers.align_rows(model)  # as Engine.from_pretrained does
     if family == "longvila":  # what bind_tokenizer sets from a real tokenizer
@@ -103,8 +102,6 @@ def build(arch: str, device, dtype, quant: str | None = None):
 
 
 def media_items(model, args):
-    from tinyvila.media import open_video
-
     rng = np.random.default_rng(0)
 
     def picture(w, h):
@@ -127,8 +124,7 @@ class ProjectorTimer:
 
     def __init__(self, model, device):
         self.cuda = torch.device(device).type == "cuda"
-        module = getattr(model, "multi_modal_projector", None) or getattr(model, "mm_projector", None)
-        module = module or model.visual.merger
+        module = model.projector
         self.events = []
         module.register_forward_pre_hook(lambda *_: self._record())
         module.register_forward_hook(lambda *_: self._record())
@@ -177,9 +173,6 @@ def copy_bandwidth(device, gib: float = 2.0, trials: int = 5) -> float:
 def random_w4(lm, group_size: int = 128) -> None:
     """Swap every decoder-layer linear of `lm` for a W4A16 one with random packed weights (speed
     does not depend on the values; these give weights of about the fp16 ones' size)."""
-    from tinyvila.models.layers import replace_module
-    from tinyvila.quant.linear import W4Linear
-
     for layer in lm.layers:
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             old = layer.get_submodule(name)
@@ -191,14 +184,12 @@ def random_w4(lm, group_size: int = 128) -> None:
                 if old.bias is not None:
                     new.bias.copy_(old.bias)
             new.finalize(old.weight.dtype)
-            replace_module(layer, name, new)
+            layers.replace_module(layer, name, new)
 
 
 def layer_bytes(module) -> int:
     """Bytes a layer's weights take in their stored format: a 4-bit linear counts half a byte per
     weight plus an fp16 scale and a 4-bit zero point per group (the AutoAWQ format)."""
-    from tinyvila.quant.linear import W4Linear
-
     if isinstance(module, W4Linear):
         groups = module.in_features // module.group_size * module.out_features
         bias = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
@@ -332,16 +323,12 @@ def conversation(engine, items, ids, params, context, sparsity, turns, timer):
 def run(args) -> list:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model:  # a real checkpoint folder (or hub id)
-        import tinyvila
-
         engine = tinyvila.load(args.model, device=device, dtype=dtype, cuda_graphs=not args.no_graphs)
         engine.tokenizer, engine.stop_ids = NoText(), set()  # fixed-length runs, nothing to detokenize
         model = engine.model
     else:
         model = build(args.arch, device, dtype, args.quant)
-        from tinyvila.models.layers import use_encoder_graphs
-
-        use_encoder_graphs(model, device.type == "cuda" and not args.no_graphs)  # as the engine does
+        layers.use_encoder_graphs(model, device.type == "cuda" and not args.no_graphs)  # as the engine does
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
                                  banned=None, stop_ids=set(), capture_stream=lambda: stream)
@@ -412,10 +399,8 @@ def check_plot_path(p, path: str) -> None:
         p.error(f"--plot writes a PNG: give a FILE.png, not {path!r}")
     if not target.parent.is_dir():
         p.error(f"--plot: no folder {str(target.parent)!r}")
-    from tinyvila.tools.plots import require_matplotlib
-
     try:
-        require_matplotlib()
+        plots.require_matplotlib()
     except TinyVilaError as e:
         p.error(f"--plot: {e}")
 
@@ -516,8 +501,6 @@ def report(args, rows, model, hf) -> None:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": name, "runs": records, "transformers": hf}, f, indent=2)
     if args.plot:
-        from tinyvila.tools import plots
-
         plots.latency_breakdown(breakdown(rows), args.plot, title=f"{label} {media} ({name}, {args.dtype})")
 
 

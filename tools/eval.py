@@ -26,12 +26,13 @@ import statistics
 import sys
 import time
 
-from tinyvila import __version__
+from tinyvila import __version__, load
 from tinyvila.errors import TinyVilaError, run_cli
 from tinyvila.sparsity import Sparsity
 
 from .eval_data import load_eval_file
 from .metrics import score
+from .plots import accuracy_vs_speedup, latency_breakdown, require_matplotlib
 
 DEFAULT_CONFIGS = "dense,prefill:0.6,sparsevila:image,fastv,visionzip"
 TIMES = ("ttft_s", "decode_tok_s", "e2e_s", "vision_s", "prefill_s", "decode_s")
@@ -128,27 +129,21 @@ def write_results(rows: list, out: str, title: str, plots: bool) -> str:
         writer.writeheader()
         writer.writerows(rows)
     if plots:
-        from .plots import accuracy_vs_speedup, latency_breakdown
-
         accuracy_vs_speedup(rows, os.path.join(out, "accuracy_vs_speedup.png"), title=title, baseline=baseline)
         latency_breakdown(rows, os.path.join(out, "latency.png"), title=f"{title}: mean per turn")
     return table
 
 
 def run(args) -> str:
-    from tinyvila import load
-
     configs = split_configs(args.configs)
     samples = load_eval_file(args.data)[:args.limit]
     if args.plots:  # fail now rather than after hours of answers
-        from .plots import require_matplotlib
-
         require_matplotlib()
     os.makedirs(args.out, exist_ok=True)
     engine = load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
     for config in configs:  # fail before answering anything
         Sparsity.from_options(config).check_layers(engine.model.language_model.cfg.num_hidden_layers)
-    if any(s.videos for s in samples) and not hasattr(engine.model, "prepare_video"):
+    if any(s.videos for s in samples) and not engine.model.takes_video:
         raise TinyVilaError(f"{args.data} has videos but {engine.model.name} takes images only")
     cache_path = os.path.join(args.out, "answers.jsonl")
     done = read_cache(cache_path)

@@ -22,12 +22,20 @@ import argparse
 import json
 import statistics
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from tinyvila import __version__
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
+from tinyvila.kernels import quantize_int8 as q
+from tinyvila.kernels.int8_gemm import Int8Config, int8_linear, int8_linear_ref, pick_config, prepare_int8_weight
+from tinyvila.kernels.quantize_int8 import act_quant, padded_k, quantize_per_token, quantize_weight_per_channel
+from tinyvila.kernels.triton_lang import triton
+from tinyvila.models.layers import use_encoder_graphs
+from tinyvila.tools import bench
 from tinyvila.tools.kernel_bench import time_graph
 
 # name, M, K, N
@@ -53,8 +61,7 @@ FUSED = [("clip fc1 + quick_gelu", 2885, 1024, 4096, "quick_gelu"),
 
 def sweep_configs():
     """Candidates for --sweep (the winners and runners-up of the sweeps behind pick_config)."""
-    from tinyvila.kernels.int8_gemm import Int8Config as C
-
+    C = Int8Config
     ts = dict(kind="tma", tma_store=True)
     return [C(BM=128, BN=128, num_warps=4, num_stages=3, epi_split=2, ctas_per_sm=2, **ts),
             C(kind="tma", BM=128, BN=128, num_warps=4, num_stages=3, ctas_per_sm=2),
@@ -79,9 +86,6 @@ def graph_time(fn, reps, iters):
 
 
 def _linear_case(M, K, N, seed=0):
-    from tinyvila.kernels.int8_gemm import prepare_int8_weight
-    from tinyvila.kernels.quantize_int8 import quantize_per_token, quantize_weight_per_channel
-
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=g)
     w = torch.randn(N, K, device="cuda", dtype=torch.float16, generator=g) * 0.02
@@ -92,8 +96,6 @@ def _linear_case(M, K, N, seed=0):
 
 
 def _check(y, xq, xs, wq, ws, bias, act=None):
-    from tinyvila.kernels.int8_gemm import int8_linear_ref
-
     rows = torch.cat([torch.arange(0, 64), torch.arange(xq.shape[0] - 64, xq.shape[0])]).cuda()
     ref = int8_linear_ref(xq[rows], xs[rows], wq, ws, bias, torch.float32, act=act)
     err = ((y[rows].float() - ref).norm() / ref.norm()).item()
@@ -110,8 +112,6 @@ def _cublas_int8_ms(xq, wp, args):
 
 
 def bench_linears(args, out):
-    from tinyvila.kernels.int8_gemm import int8_linear, pick_config
-
     rows = []
     for name, M, K, N in LINEARS:
         if args.only and not name.startswith(args.only):
@@ -181,13 +181,6 @@ def _kernel_kind(name: str) -> str:
 
 def _encoder_gpu_ms(arch, images, videos, quant, reps=3):
     """GPU ms of one encode call by kind (eager, so every kernel shows in the profile)."""
-    from types import SimpleNamespace
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from tinyvila.models.layers import use_encoder_graphs
-    from tinyvila.tools import bench
-
     dtype = torch.bfloat16 if arch.startswith("qwen") else torch.float16
     model = bench.build(arch, torch.device("cuda"), dtype, quant)
     use_encoder_graphs(model, False)
@@ -227,8 +220,6 @@ def bench_encoders(args, out):
 
 
 def _quant_fn(op, x, M, K):
-    from tinyvila.kernels import quantize_int8 as q
-
     if op == "layernorm":
         w, b = torch.randn(K, device="cuda", dtype=x.dtype), torch.randn(K, device="cuda", dtype=x.dtype)
         return lambda: q.layernorm_quant(x, w, b, 1e-6), lambda: q.layernorm_quant_ref(x, w, b, 1e-6), 4 * K
@@ -241,8 +232,6 @@ def _quant_fn(op, x, M, K):
 
 
 def bench_quants(args, out):
-    from tinyvila.kernels.quantize_int8 import padded_k
-
     rows = []
     for name, op, M, K in QUANTS:
         if args.only and not name.startswith(args.only):
@@ -265,9 +254,6 @@ def bench_quants(args, out):
 
 
 def bench_fused(args, out):
-    from tinyvila.kernels.int8_gemm import int8_linear
-    from tinyvila.kernels.quantize_int8 import act_quant, quantize_per_token
-
     rows = []
     for name, M, K, N, act in FUSED:
         if args.only and not name.startswith(args.only):
@@ -307,8 +293,6 @@ def run(args) -> None:
         raise TinyVilaError("int8_bench needs a CUDA GPU")
     if args.json:
         check_output_file(args.json, "--json")
-    import triton
-
     dev = torch.cuda.get_device_name()
     print(f"{dev}, torch {torch.__version__}, triton {triton.__version__}; CUDA-graph replays of {args.reps} calls, "
           f"median of {args.iters}")

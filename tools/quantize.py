@@ -11,8 +11,14 @@ import argparse
 import sys
 import time
 
+import tinyvila
 from tinyvila import __version__
+from tinyvila.calibration import builtin_samples, user_samples
 from tinyvila.errors import TinyVilaError, run_cli
+from tinyvila.models.quantized import W4Linear
+from tinyvila.quant import smoothquant as sq
+from tinyvila.quant.awq import awq_quantize
+from tinyvila.quant.checkpoint import write_awq_checkpoint
 
 DEFAULTS = dict(group_size=128, w_bit=4, calib_samples=64, calib_seqlen=1024)
 
@@ -46,12 +52,6 @@ def quantize(model, out, group_size=128, w_bit=4, calib_samples=64, calib_seqlen
              calib_prompts=None, search=True, quantize_lm_head=False, device=None, dtype=None, seed=0,
              w8a8_vision=False, w8a8_alpha=0.5, progress=True, log=print):
     """Quantize `model` (folder or hub id) into the folder `out`; returns out's path."""
-    import tinyvila
-    from tinyvila.calibration import builtin_samples, user_samples
-    from tinyvila.quant.awq import awq_quantize
-    from tinyvila.quant.checkpoint import write_awq_checkpoint
-    from tinyvila.quant.linear import W4Linear
-
     if w_bit != 4:
         raise TinyVilaError("only --w-bit 4 is supported")
     if not 0 <= w8a8_alpha <= 1:
@@ -84,11 +84,9 @@ def quantize(model, out, group_size=128, w_bit=4, calib_samples=64, calib_seqlen
     if bar:
         bar.close()
     packed = {"language_model." + name: parts for name, parts in packed.items()}
-    write_awq_checkpoint(net, engine.path, out, packed, group_size, getattr(net, "quant_skip", []))
+    write_awq_checkpoint(net, engine.path, out, packed, group_size, net.quant_skip)
     log(f"wrote {out} ({len(packed)} 4-bit layers, group size {group_size}) in {time.perf_counter() - t0:.1f} s")
     if w8a8_vision:  # after the checkpoint is written: its vision tensors stay the original ones
-        from tinyvila.quant import smoothquant as sq
-
         images = [image for image, _, _ in samples]
 
         def encode_all():
