@@ -12,8 +12,9 @@ import torch
 
 from . import loader
 from .errors import CheckpointError, TinyVilaError
-from .generate import GenerationResult, SamplingParams, is_number
+from .generate import GenerationResult
 from .media import load_image
+from .sampling import SamplingParams, is_number
 from .session import Session
 from .sparsity import OPTIONS as SPARSITY_OPTIONS, Sparsity, visual_slots
 from .template import ChatTemplate

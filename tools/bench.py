@@ -341,8 +341,7 @@ def run(args) -> list:
                 if turn:
                     kept = turn_ids if sparsity.history == "keep" else ids[:-len(QUESTION)]
                     turn_ids = kept + session.last_result.token_ids * (sparsity.history == "keep") + QUESTION
-                for _ in session._turn(turn_ids, list(items), params, None, None):
-                    pass
+                session.complete(turn_ids, params)  # media + pending: the items, whatever the history
                 projector_s = timer.take()
                 if i:  # the first run warms up
                     rows.append((sparsity, turn + 1, session.last_result.stats, projector_s))
