@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinyvila.generate import SamplingParams
+from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
 from tinyvila.errors import TinyVilaError
 from tinyvila.sparsity import Sparsity
