@@ -16,7 +16,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from tinyvila.errors import CheckpointError, TinyVilaError
-from tinyvila.kernels.rmsnorm import rmsnorm
+from tinyvila.kernels.decode_attention import decode_attention
+from tinyvila.kernels.retrieval import retrieval_attention
+from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
+from tinyvila.kernels.rope import rope_
+from tinyvila.kernels.rope_append import rope_append
 from tinyvila.kernels.saliency import saliency_attention
 from tinyvila.loader import iter_tensors, progress_bar
 
@@ -324,18 +328,29 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, kv, start: int, mask, vis_slots=None, window=None, score_from: int = 0):
-        """Attention of x's T tokens (cache slots start..start+T) over the cache. With `vis_slots`
-        (the cache slots of the visual tokens): also the retrieval scores r [H_kv, n_vis], the
-        attention mass the queries from row `score_from` on put on each visual token (spec stage
-        2), from the same kernel (score_from > 0: the rows before, the media, go through SDPA)."""
+    def forward(self, x, cos, sin, kv, start: int, mask) -> torch.Tensor:
+        """Attention of x's T tokens (cache slots start..start+T) over the cache."""
+        q, k_cache, v_cache = self._store(x, cos, sin, kv, start)
+        return self._attend(q, k_cache, v_cache, start, mask)
+
+    def scored(self, x, cos, sin, kv, start: int, mask, vis_slots, score_from: int, window):
+        """forward's output and the retrieval scores r [H_kv, n_vis]: the attention mass the queries
+        from row `score_from` on put on each visual token (cache slots `vis_slots`), from the same
+        kernel (score_from > 0: the rows before, the media, go through SDPA)."""
+        q, k_cache, v_cache = self._store(x, cos, sin, kv, start)
+        out, r = self._retrieval_attention(q[:, score_from:], k_cache, v_cache, start + score_from, vis_slots, window)
+        if score_from == 0:
+            return self.o_proj(out.reshape(x.shape[0], -1)), r
+        return self._attend(q, k_cache, v_cache, start, mask), r
+
+    def _store(self, x, cos, sin, kv, start: int):
+        """Project x, rotate q and k, write k and v to cache slots start..: (q [H, T, D], this
+        layer's K and V caches [H_kv, S_max, D])."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                           self.n_kv * self.head_dim], dim=-1)
         q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
         if x.is_cuda:  # rotate in place with one Triton kernel each
-            from tinyvila.kernels.rope import rope_
-
             q, k = rope_(q, cos, sin).transpose(0, 1), rope_(k, cos, sin).transpose(0, 1)
         else:
             q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)
@@ -343,11 +358,11 @@ class Attention(nn.Module):
         k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
         k_cache[:, start:start + T] = k
         v_cache[:, start:start + T] = v
-        if vis_slots is not None:
-            scored, r = self._retrieval_attention(q[:, score_from:], k_cache, v_cache, start + score_from, vis_slots,
-                                                  window)
-            if score_from == 0:
-                return self.o_proj(scored.reshape(T, -1)), r
+        return q, k_cache, v_cache
+
+    def _attend(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
+        """SDPA of q [H, T, D] over cache slots 0..start+T, then the output projection."""
+        T = q.shape[1]
         keys, values = k_cache[:, :start + T], v_cache[:, :start + T]
         if self.n_kv != self.n_heads:  # GQA: each KV head serves a group of query heads
             rep = self.n_heads // self.n_kv
@@ -358,15 +373,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = self.o_proj(out[0].transpose(0, 1).reshape(T, -1))
-        return out if vis_slots is None else (out, r)
-
+        return self.o_proj(out[0].transpose(0, 1).reshape(T, -1))
 
     def _retrieval_attention(self, q, k_cache, v_cache, start, vis_slots, window):
         """q [H, T, D] -> (out [T, H, D], r [H_kv, n_vis]): Triton on a GPU; explicit softmax on a CPU."""
         if q.is_cuda:
-            from tinyvila.kernels.retrieval import retrieval_attention
-
             return retrieval_attention(q.transpose(0, 1), k_cache, v_cache, start, vis_slots, window=window)
         S = start + q.shape[1]
         rep = self.n_heads // self.n_kv
@@ -383,9 +394,6 @@ class Attention(nn.Module):
     def decode(self, x, cos, sin, kv, slot, length, window, workspace):
         """One token (x [1, C]) at cache slot `slot` (device tensor), Triton kernels only between
         the projections: graph-capturable, no host sync."""
-        from tinyvila.kernels.decode_attention import decode_attention
-        from tinyvila.kernels.rope_append import rope_append
-
         k_cache, v_cache = kv
         q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
@@ -417,17 +425,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, kv, start, mask, vis_slots=None, window=None, score_from=0):
-        """The block's output; with `vis_slots`, (output, retrieval scores) (Attention.forward)."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask, vis_slots, window, score_from)
-        x = x + (attn if vis_slots is None else attn[0])
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x if vis_slots is None else (x, attn[1])
+    def forward(self, x, cos, sin, kv, start, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
+    def scored(self, x, cos, sin, kv, start, mask, vis_slots, score_from, window):
+        """(the block's output, retrieval scores r [H_kv, n_vis]) (Attention.scored)."""
+        attn, r = self.self_attn.scored(self.input_layernorm(x), cos, sin, kv, start, mask, vis_slots, score_from,
+                                        window)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), r
 
 
 class DecoderLM(nn.Module):
-    """Llama / Mistral / Qwen2 decoder over a preallocated KV cache (batch 1)."""
+    """Llama / Mistral / Qwen2 decoder over a preallocated KV cache (batch 1).
+
+    Prefill: `forward` (logits), `fill` (the cache only), `scored` (logits and every layer's
+    retrieval scores of the visual tokens), `pruned` (FastV's pruning hook inside the pass).
+    Decode: `decode_step`, the graph-capturable GPU step."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -475,8 +490,6 @@ class DecoderLM(nn.Module):
         """All decoder blocks with the residual adds, norms and SwiGLU fused (Triton, GPU), the
         final norm included. attend(i, layer, x) is the attention of block i on its normed input.
         prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on."""
-        from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
-
         eps, delta = self.cfg.rms_norm_eps, None  # each norm also adds the block output before it
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune[0]:
@@ -490,59 +503,72 @@ class DecoderLM(nn.Module):
             delta = layer.mlp(x)
         return add_rmsnorm(h, delta, self.norm.weight, eps)[0]
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last",
-                vis_slots: torch.Tensor | None = None, score_from: int = 0, prune_at=None):
-        """h: input embeddings [T, C] for cache slots start..start+T; returns fp32 logits.
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last"):
+        """h: input embeddings [T, C] for cache slots start..start+T, positions: [T] (1-D RoPE) or
+        [3, T] (M-RoPE). Returns fp32 logits [1, V] ("last") or [T, V] ("all")."""
+        h = self._blocks(h, positions, cache, start)[0]
+        return self.project(h if logits == "all" else h[-1:])
 
-        positions: [T] (1-D RoPE) or [3, T] (M-RoPE). logits: "last", "all" or "none".
-        vis_slots: the cache slots of the visual tokens; then returns (logits, r [L, H_kv, n_vis]),
-        each layer's retrieval scores for those tokens from the rows from `score_from` on
-        (Attention.forward).
-        prune_at: (K, vis_slots, choose), FastV-style pruning inside the pass: block K-1 also
-        scores `vis_slots` by the last row's attention (r [H_kv, n_vis]); choose(r) returns the
-        sorted rows of h that go on through blocks K.. (the last row among them); those rows move
-        to cache slots start.. in every layer, blocks below K included, so the cache ends up as if
-        only they had been prefilled (their positions unchanged).
-        """
-        T = h.shape[0]
+    def fill(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int) -> None:
+        """forward without the logits: only the cache slots start..start+T are written."""
+        self._blocks(h, positions, cache, start)
+
+    def scored(self, h, positions, cache, start: int, vis_slots: torch.Tensor, score_from: int = 0):
+        """forward's last logits and r [L, H_kv, n_vis]: each layer's retrieval scores of the
+        visual tokens at cache slots `vis_slots` from h's rows `score_from`.. (Attention.scored)."""
+        h, scores = self._blocks(h, positions, cache, start,
+                                 {i: (vis_slots, score_from) for i in range(len(self.layers))})
+        return self.project(h[-1:]), torch.stack(scores)
+
+    def pruned(self, h, positions, cache, start: int, pruner) -> torch.Tensor:
+        """forward's last logits with a pruning hook inside the pass (FastV): block K - 1
+        (K = pruner.layer) also scores the visual tokens at cache slots `pruner.slots` by the last
+        row's attention (r [H_kv, n_vis]); pruner(r) returns the sorted rows of h that go on
+        through blocks K.. (the last row among them). Those rows move to cache slots start.. in
+        every layer, blocks below K included, so the cache ends up as if only they had been
+        prefilled (their positions unchanged)."""
+        K = pruner.layer
+        return self.project(self._blocks(h, positions, cache, start, {K - 1: (pruner.slots, h.shape[0] - 1)},
+                                         (K, pruner))[0][-1:])
+
+    def _blocks(self, h, positions, cache, start: int, score=None, prune=None):
+        """Every block and the final norm over h [T, C] at cache slots start.. (on a GPU the fused
+        Triton blocks); returns (hidden states, scores). score: {block index: (vis_slots,
+        score_from)}, the blocks whose attention also scores visual tokens, their r in `scores`.
+        prune: (K, choose): before block K, choose(the last r) gives the rows that go on."""
         cos, sin = self.rope_tables(positions, h.dtype)
-        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(T, start, h.device)}
-        window, scores = self.cfg.sliding_window, []  # scores: each layer's r when vis_slots is given
-        prune = None
-        if prune_at is not None:
-            K, prune_slots, choose = prune_at
+        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device)}
+        window, scores, score = self.cfg.sliding_window, [], score or {}
 
-            def rows_of():
-                rows = choose(scores.pop())
-                n = rows.numel()
-                state["cos"], state["sin"] = state["cos"][rows], state["sin"][rows]
-                state["mask"] = self.attention_mask(n, start, h.device)
-                cache.k[:K, :, start:start + n] = cache.k[:K, :, start + rows]
-                cache.v[:K, :, start:start + n] = cache.v[:K, :, start + rows]
-                return rows
-            prune = (K, rows_of)
+        def attend(i, block, x):  # block: the whole DecoderLayer, or its Attention in fused_blocks
+            args = (x, state["cos"], state["sin"], cache.layer(i), start, state["mask"])
+            if i not in score:
+                return block(*args)
+            out, r = block.scored(*args, *score[i], window)
+            scores.append(r)
+            return out
 
-        def attend(i, layer, x, block):
-            slots, rows_from = vis_slots, score_from
-            if prune is not None:
-                slots, rows_from = (prune_slots, x.shape[0] - 1) if i == prune[0] - 1 else (None, 0)
-            out = block(x, state["cos"], state["sin"], cache.layer(i), start, state["mask"], slots, window, rows_from)
-            if slots is None:
-                return out
-            scores.append(out[1])
-            return out[0]
+        def rows_of():
+            K, choose = prune
+            rows = choose(scores.pop())
+            n = rows.numel()
+            state["cos"], state["sin"] = state["cos"][rows], state["sin"][rows]
+            state["mask"] = self.attention_mask(n, start, h.device)
+            cache.k[:K, :, start:start + n] = cache.k[:K, :, start + rows]
+            cache.v[:K, :, start:start + n] = cache.v[:K, :, start + rows]
+            return rows
 
+        hook = None if prune is None else (prune[0], rows_of)
         if h.is_cuda:
-            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer, x, layer.self_attn), prune)
+            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook)
         else:
             for i, layer in enumerate(self.layers):
-                if prune is not None and i == prune[0]:
+                if hook is not None and i == hook[0]:
                     h = h[rows_of()]
-                h = attend(i, layer, h, layer)
+                h = attend(i, layer, h)
             h = self.norm(h)
         cache.length = start + h.shape[0]
-        out = None if logits == "none" else self.project(h if logits == "all" else h[-1:])
-        return out if vis_slots is None else (out, torch.stack(scores))
+        return h, scores
 
     def decode_step(self, token, positions, cache, slot, length, workspace):
         """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
@@ -696,6 +722,21 @@ def use_encoder_graphs(model: nn.Module, on: bool) -> None:
             m.graphed = on
 
 
+def capture_graph(fn, device, side, warm_up=None, runs: int = 1):
+    """fn() captured as a CUDA graph: (graph, fn's outputs, which each replay rewrites).
+    warm_up() (fn by default) runs `runs` times first on the side stream, so kernels compile and
+    libraries set up their workspaces outside the capture."""
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(runs):
+            (warm_up or fn)()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = fn()
+    return graph, out
+
+
 class GraphCache:
     """A vision encoder as one CUDA graph per input key (shape, options): its ~10 kernels a layer
     (more under W8A8) launch as one, so the host no longer sets the pace. A few keys are kept
@@ -715,14 +756,7 @@ class GraphCache:
             if len(self.entries) >= self.limit:
                 self.entries.pop(next(iter(self.entries)))
             fn, static_in = build(), x.clone()
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                fn(static_in)  # warm-up: kernels compiled, weights prepared
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = fn(static_in)
+            graph, static_out = capture_graph(lambda: fn(static_in), x.device, torch.cuda.Stream(x.device))
             self.entries[key] = (graph, static_in, static_out, fn)  # fn holds what the graph reads
         entry = self.entries.pop(key)
         self.entries[key] = entry  # most recently used last

@@ -67,18 +67,18 @@ def test_stats_fields(eng, image_files):
     assert r.stats.ttft_s >= r.stats.prefill_s > 0 and r.stats.peak_mem_bytes > 0
 
 
-def test_session_images_added_later_and_segments(eng, image_files):
+def test_session_images_added_later_and_what_the_cache_holds(eng, image_files):
     with eng.session(system="Answer briefly.") as s:
         s.ask("Hello", **GREEDY)
         s.add_image(image_files[0])
         r = s.ask("What is this?", **GREEDY)
         assert r.stats.visual_tokens > 0
-        kinds = [seg.kind for seg in s.cache.segments]
-        assert kinds[0] == "prefix" and "visual" in kinds and kinds[-1] == "text"
-        ends = [seg.end for seg in s.cache.segments]
-        assert ends[-1] == s.cache.length and ends == sorted(ends)
-        visual = [seg for seg in s.cache.segments if seg.kind == "visual"]
-        assert visual[0].end - visual[0].start == r.stats.visual_tokens
+        # the cache's slots, in order: text (the system prompt, turn 1), the image, turn 2's text
+        visual = [i for i, key in enumerate(s.tokens) if key < 0]
+        assert visual and visual[0] > 0 and visual[-1] < len(s.tokens) - 1
+        assert visual == list(range(visual[0], visual[0] + r.stats.visual_tokens))  # one contiguous item
+        assert set(s.tokens[visual[0]:visual[-1] + 1]) == {-1}  # media item 0
+        assert len(s.tokens) == s.cache.length
         s.clear()
         assert s.cache.length == 0 and not s.messages
     with pytest.raises(TinyVilaError):

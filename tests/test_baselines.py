@@ -83,7 +83,7 @@ def prompt_inputs(eng, img, question):
         messages = s.history_start() + [s.user_message(question, s.pending)]
         ids = eng.encode_text(eng.render(messages))
         h, positions = s.inputs(ids)
-        keys, spans = s._expand(ids, s.pending)
+        keys, spans = s.expand(ids, s.pending)
     return h, positions, spans
 
 
@@ -140,8 +140,8 @@ def test_fastv_conversation_keeps_its_pruned_cache(vicuna, qwen, image_files, fa
             # The cache's text matches a recomputation of the same pruned prompt.
             ids = s.engine.encode_text(s.engine.render(s.messages or s.history_start()
                                                        + [s.user_message(QUESTION, s.pending)]))
-            keys, spans = s._expand(ids, s.media + s.pending)
-            positions = s._positions(keys, spans, s.media + s.pending)
+            keys, spans = s.expand(ids, s.media + s.pending)
+            positions = s.positions(keys, spans, s.media + s.pending)
             assert positions.shape[-1] == len(keys)
             n_dense = len(keys) - spans[0][1] + spans[0][0] + s.visual[0].n_tokens
             assert int(positions.max()) + 1 == n_dense or family == "qwen"  # 1-D: the dense positions

@@ -103,7 +103,7 @@ def test_compaction_then_decode_equals_decode_over_only_the_selected_tokens(engi
         r = s.ask(QUESTION, max_new_tokens=6, ignore_eos=True)
         selection = s.last_selection
         h, positions = s.inputs(ids)
-        keys, spans = s._expand(ids, s.media)
+        keys, spans = s.expand(ids, s.media)
     (start, end, _), = spans
     lm = eng.model.language_model
     cfg = lm.cfg

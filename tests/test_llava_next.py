@@ -71,7 +71,7 @@ def test_parity_with_transformers(engines, image_files, flavor, image_index):
     assert torch.allclose(item.image.pixels, inputs["pixel_values"][0, :n], atol=1e-5)
     ids = eng.encode_text(eng.render(messages))
     with eng.session(images=[img]) as s:
-        keys, _ = s._expand(ids, s.pending)
+        keys, _ = s.expand(ids, s.pending)
     expanded = [k if k >= 0 else eng.image_token_id for k in keys]
     assert expanded == inputs["input_ids"][0].tolist()
 

@@ -277,7 +277,7 @@ def test_pruned_prompt_is_the_kept_features_at_their_positions(llava_vicuna, ima
     with eng.session(images=[img]) as s:
         dense_ids = eng.encode_text(eng.render(s.history_start() + [s.user_message("Look.", s.pending)]))
         dense_h, _ = s.inputs(dense_ids)
-        (start, end, _), = s._expand(dense_ids, s.pending)[1]
+        (start, end, _), = s.expand(dense_ids, s.pending)[1]
     with eng.session(images=[img], prefill_sparsity=0.6, position_mode=mode) as s:
         h, positions = s.inputs(dense_ids)
         v = s.visual[0]

@@ -94,7 +94,7 @@ def test_image_parity_with_transformers(qwen, name, size):
     assert item.grid == tuple(inputs["image_grid_thw"][0].tolist())
     assert torch.allclose(item.pixels, inputs["pixel_values"], atol=1e-5)
     with eng.session(images=[img]) as s:
-        keys, spans = s._expand(eng.encode_text(eng.render([user(1, "What is shown here?")])), s.pending)
+        keys, spans = s.expand(eng.encode_text(eng.render([user(1, "What is shown here?")])), s.pending)
         positions = eng.model.positions(len(keys), spans, s.pending, "cpu")
     assert [k if k >= 0 else ids["image_pad"] for k in keys] == inputs["input_ids"][0].tolist()
     ref_pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
@@ -182,7 +182,7 @@ def test_video_encoder_positions_and_greedy(qwen):
             ref_feats = model.model.visual(item.pixels, grid_thw=torch.tensor([item.grid])).pooler_output
         assert (eng.model.encode([item])[0] - ref_feats).abs().max() <= 1e-4
         prompt = eng.encode_text(eng.render([user(1, "What happens?", kind="video")]))
-        keys, spans = s._expand(prompt, s.pending)
+        keys, spans = s.expand(prompt, s.pending)
         ours_pos = eng.model.positions(len(keys), spans, s.pending, "cpu")
     tokens = [k if k >= 0 else ids["video_pad"] for k in keys]
     ref_pos = reference_positions(tokens, ids["image_pad"], ids["video_pad"], [item.grid], [1.0], 2)
@@ -223,7 +223,7 @@ def test_image_and_video_in_one_prompt(qwen):
                                              {"type": "text", "text": "Which matches?"}]}]
     with eng.session(images=[img], videos=[frames]) as s:
         image, video = s.pending
-        keys, spans = s._expand(eng.encode_text(eng.render(messages)), s.pending)
+        keys, spans = s.expand(eng.encode_text(eng.render(messages)), s.pending)
         ours_pos = eng.model.positions(len(keys), spans, s.pending, "cpu")
     tokens = [k if k >= 0 else (ids["image_pad"] if k == -1 else ids["video_pad"]) for k in keys]
     ref_pos = reference_positions(tokens, ids["image_pad"], ids["video_pad"], [image.grid, video.grid],

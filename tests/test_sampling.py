@@ -3,7 +3,7 @@ and a seed makes a sample repeatable."""
 import pytest
 import torch
 
-from tinyvila.generate import Sampler, SamplingParams
+from tinyvila.sampling import Sampler, SamplingParams
 
 VOCAB = 40
 DRAWS = 3000

@@ -130,9 +130,9 @@ def parse_args(argv):
 def check_before_loading(args) -> None:
     """Every option, media file and output path, checked before the (slow) model load."""
     # The one deferred import of tinyvila's own modules (see the module docstring): they import torch.
-    from . import engine, generate, media, sparsity
+    from . import engine, media, sampling, sparsity
 
-    generate.SamplingParams(**{k: getattr(args, k) for k in SAMPLING}, ignore_eos=args.ignore_eos)
+    sampling.SamplingParams(**{k: getattr(args, k) for k in SAMPLING}, ignore_eos=args.ignore_eos)
     sparsity.Sparsity.from_options(**{k: getattr(args, k) for k in ("sparsity",) + SPARSITY_ARGS})
     engine.resolve_device(args.device)
     for path in args.image:

@@ -16,8 +16,9 @@ from tinyvila.models.quantized_checkpoint import W8A8_FILE, awq_config, convert_
 
 from . import loader
 from .errors import CheckpointError, TinyVilaError
-from .generate import GenerationResult, SamplingParams, is_number
+from .generate import GenerationResult
 from .media import load_image, open_video
+from .sampling import SamplingParams, is_number
 from .session import Session
 from .sparsity import OPTIONS as SPARSITY_OPTIONS, Sparsity, visual_slots
 from .template import ChatTemplate

@@ -1,87 +1,323 @@
-"""Sampling, per-answer statistics and the result type.
+"""One turn of a conversation, as the free functions it runs in order:
 
-Sampling follows transformers' order (temperature, then top-k, then top-p) so that a seeded run is
-reproducible and greedy decoding (temperature 0) is plain argmax over the allowed ids.
+    reused_prefix   how much of the session's cache the new prompt can keep
+    prefill         the rest of the prompt through the LLM (retrieval scores, FastV's pruning hook)
+    attended_cache  what decode attends to: the whole cache, or the retrieval selection compacted
+                    into the decode buffer
+    decode_tokens   the decode loop: greedy on a GPU graphed one step ahead of the host, else
+                    decode_one_token and the sampler
+    fold_answer     the answer's K/V from the decode buffer back into the full cache
+
+`generate` runs them for one `Session`, which holds the conversation's state (history, media,
+features, tokens, caches, captured graphs); each can also be called on its own.
 """
 import resource
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import TinyVilaError
+from tinyvila.kernels.decode_attention import decode_workspace, split_count
+from tinyvila.kernels.gpu import sm_count
+from tinyvila.models.layers import capture_graph
 
-
-def is_number(value, integer: bool = False) -> bool:
-    """An int (or, unless `integer`, an int or a float); bools are ints in Python but not here."""
-    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+from .errors import ContextError
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingParams
 
 
 @dataclass
-class SamplingParams:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    ignore_eos: bool = False  # keep generating through stop tokens (benchmarks, parity tests)
+class Prompt:
+    """A turn's prompt as the cache holds it: token keys (text ids, -(1 + media index) for visual
+    slots), visual spans [(start, end, media index)] and RoPE positions [T] or [3, T]."""
+    keys: list
+    spans: list
+    positions: torch.Tensor | None = None
 
-    def __post_init__(self):
-        # Types first: a float top_k or a string seed would otherwise fail deep inside torch.
-        if not is_number(self.max_new_tokens, integer=True) or self.max_new_tokens < 1:
-            raise TinyVilaError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise TinyVilaError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise TinyVilaError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not is_number(self.top_k, integer=True) or self.top_k < 0:
-            raise TinyVilaError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        seed = self.seed  # torch.Generator.manual_seed takes 64 bits, signed or unsigned
-        if seed is not None and (not is_number(seed, integer=True) or not -2 ** 63 <= seed < 2 ** 64):
-            raise TinyVilaError(f"seed must be a 64-bit integer, got {self.seed!r}")
-
-    @classmethod
-    def from_options(cls, defaults: "SamplingParams | None" = None, **options) -> "SamplingParams":
-        unknown = set(options) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        base = asdict(defaults) if defaults else {}
-        base.update({k: v for k, v in options.items() if v is not None})
-        return cls(**base)
+    @property
+    def vis_end(self) -> int:
+        """The end of the last visual item (0 without media)."""
+        return max((e for _, e, _ in self.spans), default=0)
 
 
-class Sampler:
-    """Picks the next token from fp32 logits [V]; `banned` ids (rows without a token string,
-    media placeholders) can never be picked."""
+@dataclass
+class DecodeTarget:
+    """The cache decode attends to: the session's full cache, or the decode buffer, which lacks
+    `dropped` of the full cache's (visual) slots."""
+    cache: KVCache
+    dropped: int = 0
 
-    def __init__(self, params: SamplingParams, banned: torch.Tensor | None, device):
-        self.p = params
-        self.banned = banned
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if params.seed is not None:
-                self.generator.manual_seed(params.seed)
-            else:
-                self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        logits = logits.reshape(-1).float()
-        if self.banned is not None:
-            logits = logits.masked_fill(self.banned, float("-inf"))
-        if self.p.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / self.p.temperature
-        if self.p.top_k:
-            kth = torch.topk(logits, min(self.p.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.p.top_p < 1:
-            sorted_logits, order = torch.sort(logits)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative <= 1 - self.p.top_p
-            remove[-1] = False  # always keep the most likely token
-            logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+@dataclass
+class Answer:
+    """The answer being decoded: its tokens (the stop token excluded) and why it ended."""
+    tokens: list = field(default_factory=list)
+    finish: str = "stop"  # "stop" | "length" | "cancelled"
+
+
+def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None):
+    """One turn of `session` for the templated prompt `ids` (placeholder id once per item of
+    `media`): yields the answer's text as it streams (each piece also to `callback`); at the end
+    `session.last_result` holds the result and `on_done(text)` records the answer in the history.
+    Closing the generator early ends the answer there ("cancelled")."""
+    session.check_free()
+    t0 = time.perf_counter()
+    keys, spans = session.expand(ids, media)
+    check_fits(session, keys)
+    start = reused_prefix(session.tokens, keys, spans)
+    session.busy = True
+    session.cancel_requested.clear()  # cancel() applies to the answer in progress
+    stats = Stats(visual_tokens=sum(media[j].n_tokens for _, _, j in spans),
+                  visual_tokens_kept=sum(e - s for s, e, _ in spans))
+    stats.visual_tokens_selected = stats.visual_tokens_kept
+    eng, prompt, target, answer = session.engine, Prompt(keys, spans), DecodeTarget(session.cache), Answer()
+    decoder = eng.tokenizer.stream_decoder()
+    session.graphs.capture_s = 0.0
+    try:
+        reset_peak_memory(eng.device)
+        t = time.perf_counter()
+        fresh = session.encode_new(spans, media)  # the media new in this conversation
+        stats.vision_s = time.perf_counter() - t if fresh else 0.0
+        prompt.positions = session.positions(keys, spans, media)
+        tp = time.perf_counter()
+        with eng.lock, torch.no_grad():
+            logits, prompt, scores = prefill_turn(session, ids, media, prompt, start, fresh)
+            target = attended_cache(session, prompt, scores, params.max_new_tokens)
+        stats.visual_tokens_kept = sum(e - s for s, e, _ in prompt.spans)
+        stats.visual_tokens_selected = (stats.visual_tokens_kept if session.last_selection is None
+                                        else session.last_selection.shape[-1])
+        session.tokens = list(prompt.keys)
+        sampler = Sampler(params, eng.banned, eng.device)
+        token = sampler(logits)
+        sync(eng.device)
+        t_decode = time.perf_counter()
+        stats.prefill_s, stats.ttft_s, stats.prefill_tokens = t_decode - tp, t_decode - t0, len(keys) - start
+        for token in decode_tokens(session, token, target, sampler, params, prompt, answer, stats):
+            piece = decoder.push(token)
+            if piece:
+                if callback is not None:
+                    callback(piece)
+                yield piece
+    except GeneratorExit:
+        answer.finish = "cancelled"
+    finally:
+        session.busy = False
+        fold_answer(session, target, len(prompt.keys))
+    tail = decoder.flush()
+    if tail and answer.finish != "cancelled":
+        if callback is not None:
+            callback(tail)
+        yield tail
+    finish_stats(stats, session, target, t_decode)
+    text = eng.tokenizer.decode(answer.tokens)
+    session.end_turn(media, text, on_done, prompt.vis_end)
+    session.last_result = GenerationResult(text, answer.tokens, stats, answer.finish)
+
+
+def check_fits(session, keys: list) -> None:
+    """The prompt and at least one answer token must fit the session's context."""
+    if len(keys) + 1 > session.cache.max_len:
+        raise ContextError(f"the prompt is {len(keys)} tokens but the context holds "
+                           f"{session.cache.max_len} (max_seq_len); use a smaller image, fewer turns "
+                           f"or a larger --max-seq-len (the model allows "
+                           f"{session.lm.cfg.max_position_embeddings})")
+
+
+def reused_prefix(cached: list, keys: list, spans: list) -> int:
+    """How many leading cache slots the prompt `keys` can keep from a cache holding `cached`: the
+    longest common prefix, at least one token left to prefill, never ending inside a visual item."""
+    p = 0
+    limit = min(len(cached), len(keys) - 1)  # always prefill at least one token
+    while p < limit and cached[p] == keys[p]:
+        p += 1
+    for s, e, _ in spans:
+        if s < p < e:
+            p = s
+    return p
+
+
+def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fresh: list):
+    """`prefill` with the prefill policy's hook inside the LLM (FastV), applied to the media
+    `fresh` in this turn: each item then keeps only what survived, as encoder-side pruning would
+    have recorded it, and the prompt is expanded again. Returns (last logits, the prompt as the
+    cache now holds it, retrieval scores or None)."""
+    eng = session.engine
+    fresh_spans = [(s, e, j) for s, e, j in prompt.spans if j in fresh]
+    pruner = session.sparsity.at_prefill.pruner(eng.model, media, fresh_spans, start, len(prompt.keys) - start,
+                                                eng.device) if fresh_spans else None
+    logits, scores = prefill(session, prompt, start, pruner)
+    if pruner is not None:
+        session.keep_pruned(pruner.items(media))
+        keys, spans = session.expand(ids, media)
+        prompt = Prompt(keys, spans, session.positions(keys, spans, media))
+    return logits, prompt, scores
+
+
+def prefill(session, prompt: Prompt, start: int, pruner=None):
+    """Prefill prompt.keys[start:] into the session's cache, whose slots before `start` hold the
+    prompt's prefix already. Returns (last logits [1, V], retrieval scores [L, H_kv, n_vis] or
+    None). Scores come when the decode policy retrieves and a question follows the media: the
+    tokens after the media score the visual tokens. Under history "evict" those tokens are
+    prefilled apart, as the next turn's question will be (it restarts right after the media), so
+    a turn-2 answer is computed exactly as a fresh conversation's would be. `pruner`: FastV's hook
+    (DecoderLM.pruned)."""
+    lm, sp, cache = session.lm, session.sparsity, session.cache
+    keys, spans, positions, vis_end = prompt.keys, prompt.spans, prompt.positions, prompt.vis_end
+    retrieve = sp.at_decode.retrieves and 0 < vis_end < len(keys)  # a question after the media
+    cut = max(0, vis_end - start) if sp.history == "evict" else 0
+    cut = cut if cut < len(keys) - start and pruner is None else 0
+    cache.truncate(start)
+    session.tokens = session.tokens[:start]
+    h = session.embed(keys, spans, start)
+    if cut:
+        lm.fill(h[:cut], positions[..., start:start + cut], cache, start)
+    rest = (h[cut:], positions[..., start + cut:], cache, start + cut)
+    if retrieve:
+        return lm.scored(*rest, visual_slots(spans, h.device), max(0, vis_end - start - cut))
+    if pruner is not None:
+        return lm.pruned(*rest, pruner), None
+    return lm(*rest), None
+
+
+def visual_slots(spans: list, device) -> torch.Tensor:
+    """The cache slots of the prompt's visual tokens, in order."""
+    return torch.cat([torch.arange(s, e, device=device) for s, e, _ in spans])
+
+
+def attended_cache(session, prompt: Prompt, scores, max_new_tokens: int) -> DecodeTarget:
+    """What decode attends to: the full cache (everything; under FastV, its survivors), or with
+    retrieval `scores` [L, H_kv, n_vis] the decode policy's selection of visual tokens per layer
+    (or KV head) and all the text, gathered in cache order into the decode buffer. Records the
+    selection in `session.last_selection`."""
+    session.last_selection = None
+    if scores is None:
+        return DecodeTarget(session.cache)
+    selected = session.sparsity.at_decode.select(scores)  # [L, G, k] indices into the visual tokens
+    session.last_selection = (selected[:, 0] if session.sparsity.granularity == "layer" else selected).cpu()
+    n_full = len(prompt.keys)
+    vis_slots = visual_slots(prompt.spans, session.cache.k.device)
+    text = torch.ones(n_full, dtype=torch.bool, device=vis_slots.device)
+    text[vis_slots] = False
+    text_slots = torch.nonzero(text).flatten()
+    L, G = selected.shape[:2]
+    index = torch.cat([text_slots.expand(L, G, -1), vis_slots[selected]], dim=-1).sort(dim=-1).values
+    buffer = decode_buffer(session, index.shape[-1] + max_new_tokens + 1)
+    session.cache.gather_into(index, buffer)
+    return DecodeTarget(buffer, n_full - buffer.length)
+
+
+def decode_buffer(session, needed: int) -> KVCache:
+    """The session's decode buffer, allocated once and grown (by 1024-slot steps) only when a turn
+    needs more: its address stays fixed, so its captured decode graph is reused turn after turn."""
+    if session.decode_buffer is None or session.decode_buffer.max_len < needed:
+        full = session.cache
+        size = min(full.max_len, -(-needed // 1024) * 1024)
+        session.graphs.drop(session.decode_buffer)
+        session.decode_buffer = KVCache(full.k.shape[0], full.k.shape[1], full.k.shape[-1], size, full.k.device,
+                                        full.k.dtype)
+    return session.decode_buffer
+
+
+def decode_tokens(session, token: int, target: DecodeTarget, sampler, params: SamplingParams, prompt: Prompt,
+                  answer: Answer, stats):
+    """Yield the answer's tokens from `token` (prefill's) on, each before the next is computed,
+    until a stop token (not yielded), max_new_tokens, the end of the context or cancel();
+    `answer` collects them and says why it ended. Greedy decoding on a GPU replays the captured
+    step one token ahead of the host (GraphedDecode.greedy); otherwise each token is one
+    decode_one_token and one sample."""
+    eng, full, cache, dropped = session.engine, session.cache, target.cache, target.dropped
+    delta = int(prompt.positions.max()) + 1 - len(prompt.keys)  # decode position offset (M-RoPE shrinks it)
+    dims = prompt.positions.dim()
+    stop_ids = () if params.ignore_eos else eng.stop_ids
+    greedy = None  # the GPU's greedy tokens, computed one step ahead of this loop
+    while token not in stop_ids:
+        answer.tokens.append(token)
+        yield token
+        if session.cancel_requested.is_set():
+            answer.finish = "cancelled"
+            return
+        n = len(session.tokens)  # the token's position in the conversation; its slot is n - dropped
+        if len(answer.tokens) >= params.max_new_tokens or n >= full.max_len:
+            answer.finish = "length"
+            return
+        if eng.device.type == "cuda" and params.temperature == 0:
+            if greedy is None:
+                steps = min(params.max_new_tokens - len(answer.tokens), full.max_len - n)
+                greedy = session.graphs.step(session, cache, token, n + delta, n - dropped, dims).greedy(
+                    token, n + delta, n - dropped, steps)
+            with eng.lock:
+                token = next(greedy)
+            session.tokens.append(answer.tokens[-1])
+            cache.length = len(session.tokens) - dropped
+        else:
+            with eng.lock:
+                logits = decode_one_token(session, cache, token, n + delta, n - dropped, dims)
+            session.tokens.append(token)
+            token = sampler(logits)
+        stats.decode_tokens += 1
+
+
+@torch.no_grad()
+def decode_one_token(session, cache: KVCache, token: int, pos: int, slot: int, positions_dims: int) -> torch.Tensor:
+    """Logits after feeding `token` at slot `slot` of `cache` (RoPE position `pos`). On a GPU:
+    the Triton decode step, captured as a CUDA graph on first use; on a CPU: the eager forward."""
+    eng, lm = session.engine, session.lm
+    if eng.device.type != "cuda":
+        shape = (3, 1) if positions_dims == 2 else (1,)
+        return lm(lm.embed(torch.tensor([token], device=eng.device)), torch.full(shape, pos, device=eng.device),
+                  cache, slot)
+    logits = session.graphs.step(session, cache, token, pos, slot, positions_dims)(token, pos, slot)
+    cache.length = slot + 1
+    return logits
+
+
+def fold_answer(session, target: DecodeTarget, n_prompt: int) -> None:
+    """The answer's K/V, decoded into the decode buffer, join the full cache after the prompt's
+    `n_prompt` slots (nothing to do when decode ran over the full cache)."""
+    full, cache = session.cache, target.cache
+    if cache is full:
+        return
+    a, b = n_prompt - target.dropped, len(session.tokens) - target.dropped
+    full.k[:, :, n_prompt:len(session.tokens)] = cache.k[:, :, a:b]
+    full.v[:, :, n_prompt:len(session.tokens)] = cache.v[:, :, a:b]
+    full.length = len(session.tokens)
+
+
+def finish_stats(stats, session, target: DecodeTarget, t_decode: float) -> None:
+    """The decode figures of `stats`, once the answer is complete."""
+    device = session.engine.device
+    sync(device)
+    stats.decode_s = time.perf_counter() - t_decode
+    stats.graph_capture_s = session.graphs.capture_s
+    steady = stats.decode_s - stats.graph_capture_s
+    stats.decode_tok_s = stats.decode_tokens / steady if steady > 0 else 0.0
+    stats.context_tokens = session.cache.length
+    stats.decode_context_tokens = target.cache.length
+    stats.peak_mem_bytes = peak_memory(device)
+
+
+class DecodeGraphs:
+    """A session's GPU decode steps, one per cache decode runs over (the full cache, the decode
+    buffer), each captured as a CUDA graph on first use; `capture_s` sums the seconds spent
+    capturing since the caller last reset it."""
+
+    def __init__(self):
+        self.steps = {}  # id(cache) -> GraphedDecode
+        self.capture_s = 0.0
+
+    def step(self, session, cache: KVCache, token: int, pos: int, slot: int, positions_dims: int):
+        """The GPU decode step over `cache`, captured on first use at (token, pos, slot)."""
+        if id(cache) not in self.steps:
+            eng = session.engine
+            t0 = time.perf_counter()
+            self.steps[id(cache)] = GraphedDecode(session.lm, cache, positions_dims, eng.banned, token, pos, slot,
+                                                  eng.capture_stream())
+            sync(eng.device)
+            self.capture_s += time.perf_counter() - t0
+        return self.steps[id(cache)]
+
+    def drop(self, cache) -> None:
+        self.steps.pop(id(cache), None)
 
 
 @dataclass
@@ -140,9 +376,6 @@ class GraphedDecode:
 
     def __init__(self, lm, cache, positions_dims: int, banned, token: int, pos: int, slot: int,
                  capture_stream=None):
-        from tinyvila.kernels.decode_attention import decode_workspace, split_count
-        from tinyvila.kernels.gpu import sm_count
-
         device = cache.k.device
         cfg = lm.cfg
         self.lm, self.cache, self.banned = lm, cache, banned
@@ -156,18 +389,15 @@ class GraphedDecode:
         # greedy(): where the host reads each token, one slot per step in flight
         self._pinned = torch.zeros(2, dtype=torch.long, pin_memory=True)
         self._ready = [torch.cuda.Event(), torch.cuda.Event()]
-        if capture_stream is not None:  # warm up on a side stream (writes land in the slot about to be written)
+        if capture_stream is not None:  # the warm-up's writes land in the slot about to be written
             self._set(token, pos, slot)
-            side = capture_stream  # one per engine: libraries keep per-stream workspaces for good
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(2):
-                    self._step()
-                    self._set(token, pos, slot)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), torch.no_grad():
-                self.logits = self._step()
+
+            def warm_up():
+                self._step()
+                self._set(token, pos, slot)
+
+            # capture_stream: one per engine, as libraries keep per-stream workspaces for good
+            self.graph, self.logits = capture_graph(self._step, device, capture_stream, warm_up, runs=2)
 
     def _set(self, token, pos, slot):
         self.token.fill_(token)

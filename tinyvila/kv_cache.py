@@ -1,22 +1,14 @@
-"""One preallocated KV cache per conversation, laid out in segments.
+"""One preallocated KV cache per conversation.
 
 The cache is allocated once, at the conversation's full context length, so its memory never grows
-or moves (CUDA graphs and compaction in later issues rely on fixed addresses). `segments` records
-what each range of slots holds: the text before the media ("prefix"), each visual item ("visual",
-with the index of its media item) and each turn's text ("text", with its turn number). Dropping a
-turn or compacting visual tokens is then bookkeeping over these ranges, never a re-encode.
+or moves: the captured decode graphs read it at fixed addresses. Slots [0, length) hold the K/V of
+the conversation's tokens in prompt order (`Session.tokens` says what each slot holds); a new turn
+truncates it to the prefix it shares with the new prompt and prefills the rest. Decode retrieval
+gathers a subset of its slots into a second, smaller cache (`gather_into`), the decode buffer.
 """
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class Segment:
-    kind: str  # "prefix" | "visual" | "text"
-    start: int
-    end: int
-    item: int | None = None  # media index for "visual", turn number for "text"
+from tinyvila.kernels.compact_kv import gather_kv
 
 
 class KVCache:
@@ -26,7 +18,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0  # slots [0, length) hold valid K/V
-        self.segments: list[Segment] = []
 
     def layer(self, i: int):
         """This layer's K and V buffers, [H_kv, max_len, D] each."""
@@ -38,20 +29,11 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Forget slots n and beyond (their memory is reused by what is prefilled next)."""
         self.length = min(self.length, n)
-        self.segments = [s for s in self.segments if s.start < n]
-        if self.segments and self.segments[-1].end > n:
-            self.segments[-1].end = n
-
-    def add_segment(self, kind: str, start: int, end: int, item: int | None = None) -> None:
-        if end > start:
-            self.segments.append(Segment(kind, start, end, item))
 
     def gather_into(self, index: torch.Tensor, dst: "KVCache") -> None:
         """Compaction: dst's slots 0..S hold this cache's slots `index` [L, G, S] (G = 1: one list
         per layer; G = n_kv_heads: one per KV head), K/V moved as they are (RoPE already applied)."""
         if self.k.is_cuda:
-            from tinyvila.kernels.compact_kv import gather_kv
-
             gather_kv(self.k, self.v, index, dst.k, dst.v)
         else:
             L, H, _, D = self.k.shape

@@ -1,17 +1,21 @@
-"""Visual sparsity policies (spec: method.md): which visual tokens the LLM sees, and where.
+"""Visual sparsity policies: which visual tokens the LLM sees, and which of them decode attends to.
 
-Stage 1, prefill pruning (query-agnostic): the vision encoder's own attention ranks the tokens of
-each media item (`saliency`, one float per visual position, +inf for structural positions such as
-LLaVA-NeXT's image_newline or VILA's per-frame "\\n"); `select_kept` keeps the top
-ceil((1 - p) * n) of every attention group (anyres tile, base image, frame), or of the whole item
-with `prefill_budget="global"`. The dropped tokens never reach the LLM.
-
-Stage 2, decode retrieval (query-aware) is configured here too (`decode_sparsity`, granularity,
-history); the session does the selecting.
+A `Sparsity` is a policy with two hooks, each an object of one small interface:
+- `at_prefill` (a `PrefillPolicy`): what the LLM sees of each media item. `Dense` keeps every
+  token. `SaliencyTopK` (SparseVILA, query-agnostic): the vision encoder's own attention ranks the
+  tokens of each item (`saliency`, one float per visual position, +inf for structural positions
+  such as LLaVA-NeXT's image_newline or VILA's per-frame "\\n"), and `select_kept` keeps the top
+  ceil((1 - p) * n) of every attention group (anyres tile, base image, frame), or of the whole item
+  with `prefill_budget="global"`; the dropped tokens never reach the LLM. `VisionZip` merges
+  instead. `FastV` keeps every token through the encoder and prunes inside the LLM
+  (`FastV.pruner`, the hook the decoder calls at layer K).
+- `at_decode` (a `DecodePolicy`): what each answer's decode attends to. `AttendAll`, or
+  `Retrieval` (query-aware): per layer (or KV head) the top ceil((1 - d) n) visual tokens by the
+  turn's attention, compacted with all the text into the decode buffer.
 
 p = 0 is the dense path itself (no saliency is computed), so it is token-for-token the dense output.
 
-Two published baselines run in the same pipeline, for side-by-side evaluation (`method`):
+The two published baselines:
 - FastV: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024
   (pkunlp-icler/FastV@d165972). After LLM layer K-1 the last prompt token's attention (mean over
   heads) ranks the visual tokens; the top (1 - R) go on through layers K.., the rest are dropped
@@ -71,8 +75,18 @@ class Sparsity:
 
     @property
     def encoder_prunes(self) -> bool:
-        """The vision encoder's saliency picks the tokens (SparseVILA stage 1, VisionZip)."""
+        """The vision encoder's saliency picks the tokens (SparseVILA's prefill stage, VisionZip)."""
         return self.prefill > 0 and self.method != "fastv"
+
+    @property
+    def at_prefill(self) -> "PrefillPolicy":
+        """The prefill hook: what the LLM sees of each media item."""
+        return PREFILL_POLICIES[self.method](self) if self.prefill > 0 else Dense(self)
+
+    @property
+    def at_decode(self) -> "DecodePolicy":
+        """The decode hook: what each answer's decode attends to."""
+        return Retrieval(self) if self.decode > 0 else AttendAll(self)
 
     @classmethod
     def from_options(cls, sparsity=None, prefill_sparsity=None, decode_sparsity=None, prefill_budget=None,
@@ -182,11 +196,8 @@ def kept_total(groups: torch.Tensor, p: float, budget: str = "group") -> int:
 
 
 def visual_slots(model, item, sparsity: Sparsity) -> int:
-    """LLM positions a media item takes after encoder-side pruning (known before it is encoded);
-    FastV prunes later, inside the LLM."""
-    if not sparsity.encoder_prunes:
-        return item.n_tokens
-    return kept_total(model.visual_groups(item), sparsity.prefill, sparsity.budget)
+    """LLM positions a media item takes under `sparsity`, known before it is encoded."""
+    return sparsity.at_prefill.slots(model, item)
 
 
 def select_kept(saliency: torch.Tensor, groups: torch.Tensor, p: float, budget: str = "group") -> torch.Tensor:
@@ -275,6 +286,134 @@ class VisualTokens:
     @property
     def n_kept(self) -> int:
         return self.kept.numel()
+
+
+# --------------------------------------------------------------------------- the policies' hooks
+
+class PrefillPolicy:
+    """What the LLM sees of each media item. `saliency`: the encoder also returns each token's
+    saliency. The base policy is dense: every visual token, through encoder and LLM alike."""
+    saliency = False
+
+    def __init__(self, sparsity: Sparsity):
+        self.sparsity = sparsity
+
+    def slots(self, model, item) -> int:
+        """LLM positions `item` takes, known before it is encoded."""
+        return item.n_tokens
+
+    def keep(self, model, item, encoded):
+        """After encoding (`encoded`: the features, with `saliency` also the saliency): what the
+        LLM sees of `item`, as (VisualTokens, the kept tokens' features)."""
+        return VisualTokens(item.n_tokens, torch.arange(item.n_tokens)), encoded
+
+    def pruner(self, model, media, fresh, start: int, n_rows: int, device):
+        """The hook the decoder calls inside the prefill pass (FastV), or None."""
+        return None
+
+
+class Dense(PrefillPolicy):
+    pass
+
+
+class SaliencyTopK(PrefillPolicy):
+    """SparseVILA's prefill stage: per attention group (or item, budget "global") the top
+    ceil((1 - p) n) tokens by the encoder's saliency; structural positions always stay."""
+    saliency = True
+
+    def slots(self, model, item) -> int:
+        return kept_total(model.visual_groups(item), self.sparsity.prefill, self.sparsity.budget)
+
+    def keep(self, model, item, encoded):
+        features, saliency = encoded
+        groups = model.visual_groups(item)
+        kept = select_kept(saliency, groups, self.sparsity.prefill, self.sparsity.budget)
+        return VisualTokens(item.n_tokens, kept, saliency, groups), features[kept.to(features.device)]
+
+
+class VisionZip(SaliencyTopK):
+    """The same budget as SaliencyTopK, its contextual share merged (visionzip_merge)."""
+
+    def keep(self, model, item, encoded):
+        features, saliency = encoded
+        groups = model.visual_groups(item)
+        kept, features = visionzip_merge(features, saliency, groups, self.sparsity.prefill)
+        return VisualTokens(item.n_tokens, kept, saliency, groups), features
+
+
+class FastV(PrefillPolicy):
+    """Every token through the encoder; the LLM prunes the items new in a turn at layer K."""
+
+    def pruner(self, model, media, fresh, start: int, n_rows: int, device):
+        """`fresh`: the spans [(start, end, media index)] of the items to prune, in prompt order;
+        h's rows are cache slots start..start + n_rows."""
+        self.sparsity.check_layers(model.language_model.cfg.num_hidden_layers)
+        groups = {j: model.visual_groups(media[j]) for _, _, j in fresh}
+        return FastVPruner(self.sparsity.fastv_layer, self.sparsity.prefill, fresh, groups, start, n_rows, device)
+
+
+class FastVPruner:
+    """FastV inside one prefill pass (DecoderLM.pruned): the top ceil((1 - R) n) of the fresh
+    items' n visual tokens (structural ones aside) by the last row's attention at layer K - 1 go
+    on, jointly across the items as FastV ranks all image tokens of a prompt."""
+
+    def __init__(self, layer: int, ratio: float, fresh, groups: dict, start: int, n_rows: int, device):
+        self.layer, self.ratio, self.fresh, self.groups = layer, ratio, fresh, groups
+        self.start, self.n_rows, self.device = start, n_rows, device
+        self.cpu_slots = torch.cat([torch.arange(s, e) for s, e, _ in fresh])
+        self.slots = self.cpu_slots.to(device)  # the cache slots block K - 1 scores
+        self.ranked = torch.cat([groups[j] >= 0 for _, _, j in fresh])  # structural tokens always stay
+        self.score = self.kept = None
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        """r [H_kv, n]: the mean over the KV heads is the mean over all heads. Returns the rows of
+        h that go on."""
+        self.score = r.float().mean(0).cpu()
+        self.kept = fastv_keep(self.score, self.ranked, self.ratio)
+        rows = torch.ones(self.n_rows, dtype=torch.bool)
+        rows[self.cpu_slots - self.start] = self.kept
+        return torch.nonzero(rows).flatten().to(self.device)
+
+    def items(self, media):
+        """After the pass: (media index, VisualTokens) for each fresh item, as encoder-side pruning
+        would have recorded it, so later turns see the same prompt."""
+        at = 0
+        for s, e, j in self.fresh:
+            n = e - s
+            kept = torch.nonzero(self.kept[at:at + n]).flatten()
+            score = self.score[at:at + n].masked_fill(self.groups[j] < 0, float("inf"))
+            yield j, VisualTokens(media[j].n_tokens, kept, score, self.groups[j])
+            at += n
+
+
+class DecodePolicy:
+    """What decode attends to. The base policy attends to everything the cache holds; a
+    retrieving one (`retrieves`) selects visual tokens from the turn's attention scores."""
+    retrieves = False
+
+    def __init__(self, sparsity: Sparsity):
+        self.sparsity = sparsity
+
+
+class AttendAll(DecodePolicy):
+    pass
+
+
+class Retrieval(DecodePolicy):
+    """Per layer (or KV head) the top ceil((1 - d) n) visual tokens by the turn's attention."""
+    retrieves = True
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [L, H_kv, n_vis] -> the selected visual tokens [L, G, k], sorted indices
+        (G = 1 per layer, H_kv per KV head), ties to the lower index."""
+        k = keep_count(scores.shape[-1], self.sparsity.decode)
+        if self.sparsity.granularity == "layer":
+            scores = scores.mean(1, keepdim=True)  # GQA groups were averaged in the kernel
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        return top.sort(dim=-1).values
+
+
+PREFILL_POLICIES = {"sparsevila": SaliencyTopK, "visionzip": VisionZip, "fastv": FastV}
 
 
 # --------------------------------------------------------------------------- positions after pruning

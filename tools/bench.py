@@ -27,7 +27,6 @@ from PIL import Image
 from tinyvila import __version__
 from tinyvila.engine import resolve_device
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
-from tinyvila.generate import SamplingParams
 from tinyvila.media import open_video
 from tinyvila.models import layers
 from tinyvila.models.llava_next import LlavaNext, LlavaNextConfig
@@ -35,6 +34,7 @@ from tinyvila.models.longvila import LongVILA, VilaConfig
 from tinyvila.models.quantized import W4Linear
 from tinyvila.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, QwenVisionConfig
 from tinyvila.quant.smoothquant import quantize_encoder
+from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
 from tinyvila.sparsity import Sparsity
 from tinyvila.tools import plots
