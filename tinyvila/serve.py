@@ -298,6 +298,7 @@ class Job:
         self.cancelled = threading.Event()
         self.watch = StopWatch(req.stop)
         self.session = None
+        self.task = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -537,7 +538,7 @@ class Server:
             self.jobs.discard(job)
 
     async def stream(self, job: Job, model: str):
-        run = asyncio.ensure_future(self.submit(job))
+        run = job.task = asyncio.ensure_future(self.submit(job))  # referenced: the loop keeps weak ones
         first = asyncio.ensure_future(job.events.get())
         await asyncio.wait([run, first], return_when=asyncio.FIRST_COMPLETED)
         if not first.done():  # refused before it ran (busy)
@@ -572,7 +573,6 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # the client left (or the answer is over: then a no-op)
-            await asyncio.shield(run) if not run.done() else None
 
     def completion(self, value: dict, model: str) -> dict:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
