@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import io
@@ -43,7 +44,6 @@ from .loader import read_json
 try:  # the `serve` extra
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 except ImportError:  # reported by main() as one line
@@ -370,6 +370,7 @@ class Worker:
 
     def __init__(self, engine, lru: SessionLRU):
         self.engine, self.lru = engine, lru
+        self.answers = self.cancelled = 0  # answers given; of those, cut short by a client that left
 
     def run(self, job: Job):
         """("done", payload) or ("error", APIError), also sent as the job's last event."""
@@ -413,8 +414,10 @@ class Worker:
         if tail:
             job.emit("piece", tail)
         text = job.watch.text
+        self.answers += 1
         if job.cancelled.is_set():
             session.close()  # a half answer the client never saw: not worth keeping
+            self.cancelled += result.finish_reason == "cancelled"
         else:
             self.lru.put(req.system, req.turns + [Turn("assistant", text)], session)
         finish = "stop" if job.watch.hit else result.finish_reason
@@ -446,6 +449,7 @@ class Server:
         handlers = {404: self.not_found, 405: self.not_found, Exception: self.crashed}
         self.app = Starlette(routes=routes, exception_handlers=handlers, lifespan=self.lifespan)
 
+    @contextlib.asynccontextmanager
     async def lifespan(self, app):
         print(self.ready_line, flush=True)
         yield
@@ -459,7 +463,10 @@ class Server:
 
     # -- endpoints
     async def health(self, request):
-        return JSONResponse({"status": "ok"})
+        w = self.worker
+        return JSONResponse({"status": "ok", "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
+                             "sessions_evicted": self.lru.evicted, "answers": w.answers,
+                             "answers_cancelled": w.cancelled})
 
     async def models(self, request):
         try:
