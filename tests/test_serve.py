@@ -246,15 +246,6 @@ def long_stream(server, model="tiny-llava"):
     return server.http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
 
 
-def idle_health(server) -> dict:
-    for _ in range(600):
-        health = server.http.get("/health").json()
-        if health["requests_in_flight"] == 0:
-            return health
-        time.sleep(0.1)
-    raise AssertionError(f"the server stays busy: {health}")
-
-
 def test_stop_strings_and_sampling(server, eng, img):
     ref = eng.generate("Describe the image.", images=[img], temperature=0, max_new_tokens=10).text
     stop = ref[len(ref) // 2:len(ref) // 2 + 2]
