@@ -51,6 +51,8 @@ def test_pip_install(tmp_path, editable):
             "tinyvila/models/__init__.py")
     script = subprocess.run([str(env_dir / "bin" / "tinyvila-chat"), "--help"], capture_output=True, text=True)
     assert script.returncode == 0 and "--image" in script.stdout
+    script = subprocess.run([str(env_dir / "bin" / "tinyvila-serve"), "--help"], capture_output=True, text=True)
+    assert script.returncode == 0 and "--allowed-local-media" in script.stdout
 
     unrelated = tmp_path / "elsewhere" / "kernels"
     unrelated.mkdir(parents=True)

@@ -4,6 +4,7 @@ import base64
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import tinyvila
+from tinyvila.serve import session_bytes
 
 try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
     import httpx
@@ -266,7 +268,7 @@ def test_stop_strings_and_sampling(server, eng, img):
 def small_server(llava_vicuna, eng, tmp_path_factory):
     """Room for one conversation's KV cache, no waiting line, 1 MB bodies."""
     with eng.session(max_seq_len=512) as s:
-        one = s.cache.k.nbytes + s.cache.v.nbytes
+        one = session_bytes(s)
     s = LiveServer(tmp_path_factory.mktemp("small"), llava_vicuna, "--max-seq-len", 512, "--session-memory",
                    1.5 * one / 1e9, "--queue", 0, "--max-body-mb", 1)
     yield s
@@ -351,3 +353,21 @@ def test_client_drops_mid_stream(qwen_server):
     assert idle_health(s)["answers_cancelled"] == before + 1  # Session.cancel ended it
     r = s.client().chat.completions.create(model=str(d), messages=[{"role": "user", "content": "Hi"}], **GREEDY)
     assert r.choices[0].message.content == eng.generate("Hi", temperature=0, max_new_tokens=10).text
+
+
+def test_command_line_errors_are_one_line(llava_vicuna):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "tinyvila.serve", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        cases = [(("--queue", -1), "--queue must be >= 0"), (("--sparsity", "bogus"), "unknown sparsity"),
+                 (("--allowed-local-media", ROOT / "no-such-folder"), "--allowed-local-media"),
+                 (("--port", taken.getsockname()[1]), "cannot listen on 127.0.0.1")]
+        for args, message in cases:
+            r = run(llava_vicuna, *args)
+            assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "--session-memory" in r.stdout and "--decode-sparsity" in r.stdout

@@ -185,7 +185,7 @@ class ChatRequest:
 
 
 def parse_request(body: dict, defaults: dict, allowed_dir, max_tokens: int) -> ChatRequest:
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise bad("n must be 1 (one answer per request)")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -250,6 +250,11 @@ class Kept:
     nbytes: int
 
 
+def session_bytes(session) -> int:
+    """What a live session holds: its KV cache, preallocated for its whole context."""
+    return session.cache.k.nbytes + session.cache.v.nbytes
+
+
 class SessionLRU:
     """Live sessions, least recently used first, bounded in count and in KV-cache bytes. Used from
     the worker thread only."""
@@ -274,9 +279,7 @@ class SessionLRU:
         return k.session, len(k.turns)
 
     def put(self, system, turns, session) -> None:
-        cache = session.cache
-        nbytes = cache.k.nbytes + cache.v.nbytes
-        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, nbytes)
+        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session_bytes(session))
         while self.kept and (len(self.kept) > self.max_sessions
                              or sum(k.nbytes for k in self.kept.values()) > self.max_bytes):
             self.kept.popitem(last=False)[1].session.close()
