@@ -38,7 +38,10 @@ setup(
     extras_require={
         # transformers is the reference the tests compare against; the runtime never imports it.
         # protobuf lets transformers read a bare sentencepiece tokenizer.model.
-        "test": ["transformers>=5.0", "protobuf", "pytest>=8", "av", "matplotlib"],
+        "test": ["transformers>=5.0", "protobuf", "pytest>=8", "av", "matplotlib", "starlette>=0.37", "uvicorn>=0.29",
+                 "openai>=1.0"],
+        # tinyvila-serve's HTTP stack.
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
         # tinyvila-eval's plots and tinyvila-bench --plot.
         "eval": ["matplotlib"],
     },
@@ -46,6 +49,7 @@ setup(
         "console_scripts": [
             "tinyvila-chat = tinyvila.chat:main",
             "tinyvila-demo = tinyvila.demo:main",
+            "tinyvila-serve = tinyvila.serve:main",
             "tinyvila-bench = tinyvila.tools.bench:main",
             "tinyvila-quantize = tinyvila.tools.quantize:main",
             "tinyvila-quant-check = tinyvila.tools.quant_check:main",

@@ -54,6 +54,8 @@ def test_pip_install(tmp_path, editable):
     demo = subprocess.run([str(env_dir / "bin" / "tinyvila-demo"), "--device", "cpu"], cwd=tmp_path,
                           capture_output=True, text=True)  # no tests/ fixtures, no transformers needed
     assert demo.returncode == 0 and "answer:" in demo.stdout, demo.stderr
+    script = subprocess.run([str(env_dir / "bin" / "tinyvila-serve"), "--help"], capture_output=True, text=True)
+    assert script.returncode == 0 and "--allowed-local-media" in script.stdout
 
     unrelated = tmp_path / "elsewhere" / "kernels"
     unrelated.mkdir(parents=True)

@@ -1,0 +1,373 @@
+"""tinyvila-serve: a live server on 127.0.0.1 (a free port), driven by the real `openai` client and by
+plain HTTP, against the in-process Engine on the same tiny checkpoints."""
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+import tinyvila
+from tinyvila.serve import session_bytes
+
+try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
+    import httpx
+except ImportError:
+    import httpx2 as httpx
+from fixtures_images import draw_image, write_video
+from fixtures_qwen import build_qwen2_5_vl
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test"
+GREEDY = dict(temperature=0, max_tokens=10)
+
+
+class LiveServer:
+    """`python -m tinyvila.serve` in a subprocess; the port is the one it prints when ready."""
+
+    def __init__(self, tmp: Path, *args):
+        self.stderr = open(tmp / "stderr.txt", "w+")
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinyvila.serve", *map(str, args), "--port", "0",
+                                      "--device", "cpu", "--dtype", "float32"], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        line = self.proc.stdout.readline()  # blocks until ready (or the process died)
+        assert line.startswith("serving "), f"no ready line: {line!r}; stderr: {self.log()}"
+        self.url = line.split(" on ")[1].strip()
+        assert self.url.startswith("http://127.0.0.1:")
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+
+    def log(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def client(self, key=KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.http.close()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        assert "Traceback" not in self.log(), self.log()
+        return code
+
+
+def data_url(img, fmt="PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(text, *urls, kind="image"):
+    return {"role": "user", "content": [{"type": f"{kind}_url", f"{kind}_url": {"url": u}} for u in urls]
+            + [{"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("allowed")
+    draw_image(90, 60, seed=3).save(d / "inside.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(llava_vicuna, media_dir, tmp_path_factory):
+    s = LiveServer(tmp_path_factory.mktemp("server"), llava_vicuna, "--api-key", KEY,
+                   "--served-model-name", "tiny-llava", "--allowed-local-media", media_dir)
+    yield s
+    assert s.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def eng(llava_vicuna):
+    return tinyvila.load(llava_vicuna, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def img():
+    return draw_image(120, 80, seed=1)
+
+
+def ask(server, messages, **kw):
+    return server.client().chat.completions.create(model="tiny-llava", messages=messages, **dict(GREEDY, **kw))
+
+
+def test_models_and_health(server):
+    assert server.http.get("/health").json()["status"] == "ok"
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-llava"]
+
+
+def test_greedy_answers_equal_generate(server, eng, img):
+    r = ask(server, [user("Describe the image.", data_url(img))])
+    ref = eng.generate("Describe the image.", images=[img], temperature=0, max_new_tokens=10)
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ("length" if len(ref.token_ids) == 10 else "stop")
+    assert r.usage.completion_tokens == len(ref.token_ids)
+    assert r.usage.prompt_tokens == ref.stats.prefill_tokens and r.usage.prompt_tokens_details.cached_tokens == 0
+    stats = r.model_extra["tinyvila"]
+    assert stats["visual_tokens"] == ref.stats.visual_tokens > 0
+    r = ask(server, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}])
+    assert r.choices[0].message.content == eng.generate("Hello there", system="Be brief.", temperature=0,
+                                                        max_new_tokens=10).text
+
+
+def test_stream_pieces_join_to_the_answer(server, eng, img):
+    pieces, usage, finish = [], None, None
+    stream = server.client().chat.completions.create(
+        model="tiny-llava", messages=[user("What is it?", data_url(img))], stream=True,
+        stream_options={"include_usage": True}, **GREEDY)
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    ref = eng.generate("What is it?", images=[img], temperature=0, max_new_tokens=10)
+    assert "".join(pieces) == ref.text and len([p for p in pieces if p]) > 1
+    assert finish in ("stop", "length") and usage.completion_tokens == len(ref.token_ids)
+
+
+def test_two_turns_continue_the_session(server, eng, img):
+    url = data_url(draw_image(100, 140, seed=7))
+    first = [user("What is in the picture?", url)]
+    a1 = ask(server, first).choices[0].message.content
+    history = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "And the colours?"}]
+    r2 = ask(server, history)
+    with eng.session(images=[draw_image(100, 140, seed=7)]) as s:
+        assert s.ask("What is in the picture?", temperature=0, max_new_tokens=10).text == a1
+        ref = s.ask("And the colours?", temperature=0, max_new_tokens=10)
+    assert r2.choices[0].message.content == ref.text
+    assert r2.usage.prompt_tokens_details.cached_tokens > 0
+    assert r2.model_extra["tinyvila"]["conversation_continued"] is True
+    assert r2.model_extra["tinyvila"]["vision_s"] == 0.0  # the image was not encoded again
+    assert r2.usage.prompt_tokens == r2.usage.prompt_tokens_details.cached_tokens + ref.stats.prefill_tokens
+
+
+def test_history_the_server_never_produced(server, eng, img):
+    """A client-made assistant turn: a new session prefills the whole conversation."""
+    msgs = [user("Hi", data_url(img)), {"role": "assistant", "content": "A made-up answer."},
+            {"role": "user", "content": "Sure?"}]
+    r = ask(server, msgs)
+    family = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "A made-up answer."}]},
+              {"role": "user", "content": [{"type": "text", "text": "Sure?"}]}]
+    ids = eng.encode_text(eng.render(family))
+    ids = [eng.image_token_id if t == eng.image_token_id else t for t in ids]
+    ref = eng.generate(input_ids=ids, images=[img], temperature=0, max_new_tokens=10)
+    assert r.choices[0].message.content == ref.text
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def post(server, body, key=KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return server.http.post("/v1/chat/completions", content=raw, headers=headers)
+    return server.http.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def bad_images():
+    buf = io.BytesIO()
+    draw_image(64, 64).save(buf, "PNG")
+    png = buf.getvalue()
+    gif = io.BytesIO()
+    draw_image(4, 4).save(gif, "GIF")
+    huge = bytearray(gif.getvalue())
+    huge[6:10] = (30000).to_bytes(2, "little") * 2  # logical screen 30000 x 30000
+    return {"undecodable": b"not an image at all", "truncated": png[: len(png) // 2], "oversized": bytes(huge)}
+
+
+def test_errors_then_a_good_request(server, media_dir, tmp_path):
+    good = {"model": "tiny-llava", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+    msg = lambda content: dict(good, messages=[{"role": "user", "content": content}])  # noqa: E731
+    inline = lambda data: msg([{"type": "image_url", "image_url": {"url": "data:image/png;base64,"  # noqa: E731
+                                                                   + base64.b64encode(data).decode()}}])
+    (tmp_path / "outside.png").write_bytes((media_dir / "inside.png").read_bytes())
+    os.symlink(tmp_path / "outside.png", media_dir / "link.png")
+    file_part = lambda p: msg([{"type": "image_url", "image_url": {"url": f"file://{p}"}}])  # noqa: E731
+    cases = [
+        (None, b"{not json", 400, "malformed_json"),
+        (dict(good, messages=None), None, 400, "missing_messages"),
+        (dict(good, messages=[]), None, 400, "missing_messages"),
+        (msg([{"type": "audio", "audio": "x"}]), None, 400, "unknown_content_part"),
+        (msg([{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]), None, 400,
+         "url_not_supported"),
+        (file_part(f"{media_dir}/../{tmp_path.name}/outside.png"), None, 400, "local_media_not_allowed"),
+        (file_part(tmp_path / "outside.png"), None, 400, "local_media_not_allowed"),
+        (file_part(media_dir / "link.png"), None, 400, "local_media_not_allowed"),
+        (msg("word " * 3000), None, 400, None),
+        (dict(good, temperature=-1), None, 400, None),
+        (dict(good, top_p=2), None, 400, None),
+        (dict(good, max_tokens=0), None, 400, None),
+        (dict(good, n=2), None, 400, None),
+        (dict(good, model="gpt-4o"), None, 404, "model_not_found"),
+        (good, None, 401, "invalid_api_key"),
+    ] + [(inline(data), None, 400, None) for data in bad_images().values()]
+    for i, (body, raw, status, code) in enumerate(cases):
+        r = post(server, body, key=None if status == 401 else KEY, raw=raw)
+        assert r.status_code == status, (i, r.text)
+        err = r.json()["error"]
+        assert err["message"] and "Traceback" not in err["message"] and err["type"]
+        if code:
+            assert err["code"] == code, (i, err)
+        if i == 4:
+            assert "does not fetch" in err["message"]
+        assert post(server, good).status_code == 200  # the server goes on
+    assert post(server, good, key="wrong").status_code == 401
+    assert server.http.get("/v1/nope").status_code == 404
+    r = post(server, file_part(media_dir / "inside.png"))  # inside the folder: allowed
+    assert r.status_code == 200 and r.json()["tinyvila"]["visual_tokens"] > 0
+
+
+def test_eight_concurrent_clients(server, eng):
+    prompts = [f"Tell me about number {i}." for i in range(8)]
+    answers = {}
+
+    def run(p):
+        answers[p] = ask(server, [{"role": "user", "content": p}], max_tokens=6).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in prompts:
+        assert answers[p] == eng.generate(p, temperature=0, max_new_tokens=6).text
+
+
+def long_stream(server, model="tiny-llava"):
+    body = {"model": model, "messages": [{"role": "user", "content": "Count."}], "stream": True,
+            "max_tokens": 100000, "ignore_eos": True, "temperature": 0}
+    return server.http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+
+
+def test_stop_strings_and_sampling(server, eng, img):
+    ref = eng.generate("Describe the image.", images=[img], temperature=0, max_new_tokens=10).text
+    stop = ref[len(ref) // 2:len(ref) // 2 + 2]
+    assert stop.strip(), ref
+    msgs = [user("Describe the image.", data_url(img))]
+    r = ask(server, msgs, stop=[stop, "never-appears"])
+    assert r.choices[0].message.content == ref[:ref.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = server.client().chat.completions.create(model="tiny-llava", messages=msgs, stream=True, stop=stop,
+                                                       **GREEDY)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == ref[:ref.index(stop)]
+    sampled = eng.generate("Describe the image.", images=[img], temperature=0.9, top_k=20, top_p=0.95, seed=5,
+                           max_new_tokens=10).text
+    r = ask(server, msgs, temperature=0.9, top_p=0.95, seed=5, extra_body={"top_k": 20})
+    assert r.choices[0].message.content == sampled
+
+
+@pytest.fixture(scope="module")
+def small_server(llava_vicuna, eng, tmp_path_factory):
+    """Room for one conversation's KV cache, no waiting line, 1 MB bodies."""
+    with eng.session(max_seq_len=512) as s:
+        one = session_bytes(s)
+    s = LiveServer(tmp_path_factory.mktemp("small"), llava_vicuna, "--max-seq-len", 512, "--session-memory",
+                   1.5 * one / 1e9, "--queue", 0, "--max-body-mb", 1)
+    yield s
+    assert s.stop(signal.SIGINT) in (0, 130, -signal.SIGINT)
+
+
+def test_lru_eviction_under_small_session_memory(small_server, img):
+    c = small_server.client()
+    model = str(small_server.client().models.list().data[0].id)
+
+    def turn(history, text):
+        msgs = history + [user(text, data_url(img)) if not history else {"role": "user", "content": text}]
+        r = c.chat.completions.create(model=model, messages=msgs, **GREEDY)
+        return msgs + [{"role": "assistant", "content": r.choices[0].message.content}], r
+
+    a, _ = turn([], "First conversation.")
+    b, _ = turn([], "Second conversation.")  # a's session is closed to make room
+    _, ra = turn(a, "More?")
+    assert ra.usage.prompt_tokens_details.cached_tokens == 0 and not ra.model_extra["tinyvila"]["conversation_continued"]
+    b, _ = turn([], "Second conversation.")  # a's session (turn 2) was evicted by this one
+    _, rb = turn(b, "More?")
+    assert rb.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_busy_server_says_503_and_body_limit_413(small_server):
+    model = small_server.client().models.list().data[0].id
+    with long_stream(small_server, model) as r:
+        next(r.iter_lines())
+        busy = small_server.http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "queue_full"
+    big = small_server.http.post("/v1/chat/completions", content=b"x" * (2 << 20))
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+    for _ in range(20):  # the dropped stream's answer ends at its next token
+        ok = small_server.http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        if ok.status_code != 503:
+            break
+        time.sleep(0.5)
+    assert ok.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    """Qwen2.5-VL: video, and a context (4096) long enough that an answer runs for seconds."""
+    d = tmp_path_factory.mktemp("qwen_serve")
+    build_qwen2_5_vl(d)
+    s = LiveServer(tmp_path_factory.mktemp("qwen_server"), d, "--allowed-local-media", d, "--api-key", KEY)
+    yield s, d, tinyvila.load(d, device="cpu", dtype="float32")
+    assert s.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_video_on_qwen2_5_vl(qwen_server):
+    s, d, eng = qwen_server
+    frames = [draw_image(56, 56, seed=i) for i in range(6)]
+    video = write_video(d / "clip.mp4", frames, fps=4)
+    ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=8)
+    for url in (f"file://{video}", "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()):
+        r = s.client().chat.completions.create(model=str(d), messages=[user("What happens?", url, kind="video")],
+                                               temperature=0, max_tokens=8)
+        assert r.choices[0].message.content == ref.text
+        assert r.model_extra["tinyvila"]["visual_tokens"] == ref.stats.visual_tokens > 0
+
+
+def idle_health(server) -> dict:
+    for _ in range(600):
+        health = server.http.get("/health").json()
+        if health["requests_in_flight"] == 0:
+            return health
+        time.sleep(0.1)
+    raise AssertionError(f"the server stays busy: {health}")
+
+
+def test_client_drops_mid_stream(qwen_server):
+    s, d, eng = qwen_server
+    before = idle_health(s)["answers_cancelled"]
+    with long_stream(s, str(d)) as r:  # thousands of tokens: it would run for seconds
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+    assert idle_health(s)["answers_cancelled"] == before + 1  # Session.cancel ended it
+    r = s.client().chat.completions.create(model=str(d), messages=[{"role": "user", "content": "Hi"}], **GREEDY)
+    assert r.choices[0].message.content == eng.generate("Hi", temperature=0, max_new_tokens=10).text
+
+
+def test_command_line_errors_are_one_line(llava_vicuna):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "tinyvila.serve", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        cases = [(("--queue", -1), "--queue must be >= 0"), (("--sparsity", "bogus"), "unknown sparsity"),
+                 (("--allowed-local-media", ROOT / "no-such-folder"), "--allowed-local-media"),
+                 (("--port", taken.getsockname()[1]), "cannot listen on 127.0.0.1")]
+        for args, message in cases:
+            r = run(llava_vicuna, *args)
+            assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "--session-memory" in r.stdout and "--decode-sparsity" in r.stdout

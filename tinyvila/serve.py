@@ -1,0 +1,667 @@
+"""`tinyvila-serve MODEL` / `python -m tinyvila.serve MODEL`: an OpenAI-compatible chat server.
+
+A chat client resends the whole conversation with every request. The server keeps each
+conversation's session (its encoded media and KV cache) in an LRU; a request whose messages extend
+a kept conversation (same system prompt, same media bytes in the same places, same earlier
+messages, the assistant's own answers included) continues that session, so nothing is encoded or
+prefilled again. Any other request starts a new session over the whole conversation.
+
+Requests run one at a time on the model, in arrival order, in one worker thread; the event loop
+only parses, queues and streams. Nothing is ever fetched: media come as data: URLs, or as file://
+paths inside --allowed-local-media.
+"""
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlparse
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import load
+from .cli_options import add_load_options, load_options
+from .errors import MediaError, TinyVilaError, run_cli
+from .generate import SamplingParams
+from .loader import read_json
+
+try:  # the `serve` extra
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+except ImportError:  # reported by main() as one line
+    uvicorn = None
+
+ROLES = ("system", "developer", "user", "assistant")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
+VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-matroska": ".mkv", "video/avi": ".avi",
+                  "video/x-msvideo": ".avi", "video/quicktime": ".mov"}
+
+
+class APIError(Exception):
+    """A request the server refuses: the HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code=None, headers=None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.headers = status, type, code, headers
+
+    def response(self):
+        body = {"error": {"message": str(self), "type": self.type, "code": self.code, "param": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def bad(message: str, code=None) -> APIError:
+    return APIError(400, message, code=code)
+
+
+# ---------------------------------------------------------------------- the request's conversation
+@dataclass(frozen=True)
+class Media:
+    """One image or video of the conversation; equal when the kind and the bytes are equal."""
+    kind: str  # "image" or "video"
+    digest: str  # sha256 of the bytes
+    data: bytes | None = field(default=None, compare=False, repr=False)  # from a data: URL
+    path: str | None = field(default=None, compare=False)  # a file inside --allowed-local-media
+    mime: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+    media: tuple = ()
+
+
+def parse_url(url, kind: str, allowed_dir: str | None) -> Media:
+    """A media part's URL as a Media: data: URLs, or file:// paths inside the allowed folder."""
+    if not isinstance(url, str) or not url:
+        raise bad(f"{kind}_url needs a url string")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("http", "https"):
+        raise bad(f"this server does not fetch URLs: send the {kind} inline as a data: URL (base64)",
+                  "url_not_supported")
+    if scheme == "data":
+        head, sep, payload = url[5:].partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise bad(f"a {kind} data: URL must be base64 (data:MIME;base64,...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(f"the {kind} data: URL is not valid base64") from None
+        return Media(kind, _digest(data), data=data, mime=head[:-len(";base64")].lower())
+    if scheme == "file":
+        return Media(kind, *_allowed_file(unquote(urlparse(url).path), allowed_dir))
+    raise bad(f"unsupported {kind} URL scheme {scheme or url[:20]!r}: use a data: URL")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _allowed_file(path: str, allowed_dir: str | None):
+    """(digest, data=None, path) for a local file inside `allowed_dir`, symlinks and `..` resolved."""
+    if allowed_dir is None:
+        raise bad("file:// URLs are refused: the server was started without --allowed-local-media",
+                  "local_media_not_allowed")
+    real = os.path.realpath(path)
+    root = os.path.realpath(allowed_dir)
+    if os.path.commonpath([real, root]) != root:
+        raise bad(f"'{path}' is outside the allowed local media folder", "local_media_not_allowed")
+    if not os.path.isfile(real):
+        raise bad(f"'{path}': no such file")
+    with open(real, "rb") as f:
+        return _digest(f.read()), None, real
+
+
+def parse_content(content, role: str, allowed_dir) -> Turn:
+    if isinstance(content, str):
+        return Turn(role, content)
+    if not isinstance(content, list):
+        raise bad(f"a {role} message's content must be a string or a list of parts")
+    texts, media = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "video_url"):
+            ref = part.get(kind)
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            media.append(parse_url(url, kind[:-4], allowed_dir))
+        else:
+            raise bad(f"unknown content part {kind!r} (use text, image_url or video_url)", "unknown_content_part")
+    if media and role != "user":
+        raise bad(f"only user messages may hold images or videos, not {role} messages")
+    # The media go before the text, as the chat and Session.ask place them.
+    return Turn(role, "\n".join(texts), tuple(media))
+
+
+def parse_messages(messages, allowed_dir):
+    """(system prompt or None, [Turn]) from the request's messages."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "missing_messages")
+    system, turns = None, []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise bad(f"message {i}: role must be one of {', '.join(ROLES)}")
+        turn = parse_content(m.get("content"), role, allowed_dir)
+        if role in ("system", "developer"):
+            if i != 0:
+                raise bad("a system message may only come first")
+            system = turn.text or None
+        else:
+            turns.append(turn)
+    if not turns or turns[-1].role != "user":
+        raise bad("the last message must be the user's")
+    return system, turns
+
+
+# ---------------------------------------------------------------------- sampling
+@dataclass
+class ChatRequest:
+    system: str | None
+    turns: list
+    params: SamplingParams
+    stop: list
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(body: dict, defaults: dict, allowed_dir, max_tokens: int) -> ChatRequest:
+    if body.get("n") not in (None, 1):
+        raise bad("n must be 1 (one answer per request)")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop must be a string or a list of non-empty strings")
+    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    sampling = dict(defaults, **{k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None})
+    try:
+        params = SamplingParams.from_options(max_new_tokens=max_tokens if tokens is None else tokens,
+                                             ignore_eos=bool(body.get("ignore_eos", False)), **sampling)
+    except TinyVilaError as e:
+        raise bad(str(e).replace("max_new_tokens", "max_tokens")) from None
+    system, turns = parse_messages(body.get("messages"), allowed_dir)
+    options = body.get("stream_options") or {}
+    return ChatRequest(system, turns, params, stop, bool(body.get("stream", False)),
+                    isinstance(options, dict) and bool(options.get("include_usage")))
+
+
+def sampling_defaults(engine) -> dict:
+    """OpenAI's defaults: the checkpoint's generation_config, else temperature 1."""
+    config = read_json(engine.path / "generation_config.json", required=False)
+    out = {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return {"temperature": 1.0, **out}
+
+
+class StopWatch:
+    """Cuts the answer at the first stop string; holds back text that may begin one."""
+
+    def __init__(self, stops: list):
+        self.stops, self.text, self.sent, self.hit = stops, "", 0, False
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def push(self, piece: str) -> str:
+        """The text that can be sent now."""
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.text, self.hit = self.text[:min(found)], True
+            return self.flush()
+        end = len(self.text) - self.hold
+        return self._take(end)
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+
+# ---------------------------------------------------------------------- conversations kept
+@dataclass
+class Kept:
+    system: str | None
+    turns: list
+    session: object
+    nbytes: int
+
+
+def session_bytes(session) -> int:
+    """What a live session holds: its KV cache, preallocated for its whole context."""
+    return session.cache.k.nbytes + session.cache.v.nbytes
+
+
+class SessionLRU:
+    """Live sessions, least recently used first, bounded in count and in KV-cache bytes. Used from
+    the worker thread only."""
+
+    def __init__(self, max_sessions: int, max_bytes: float):
+        self.max_sessions, self.max_bytes = max_sessions, max_bytes
+        self.kept = OrderedDict()
+        self.evicted = 0
+
+    def take(self, system, turns):
+        """(session, number of turns it holds) for the longest kept conversation that `turns`
+        extends; the session leaves the LRU. (None, 0) when none matches."""
+        best = None
+        for key, k in self.kept.items():
+            n = len(k.turns)
+            if k.system == system and n < len(turns) and turns[:n] == k.turns and (
+                    best is None or n > len(self.kept[best].turns)):
+                best = key
+        if best is None:
+            return None, 0
+        k = self.kept.pop(best)
+        return k.session, len(k.turns)
+
+    def put(self, system, turns, session) -> None:
+        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session_bytes(session))
+        while self.kept and (len(self.kept) > self.max_sessions
+                             or sum(k.nbytes for k in self.kept.values()) > self.max_bytes):
+            self.kept.popitem(last=False)[1].session.close()
+            self.evicted += 1
+
+    def close_all(self) -> None:
+        while self.kept:
+            self.kept.popitem()[1].session.close()
+
+
+# ---------------------------------------------------------------------- the model's worker thread
+class Job:
+    """One request's answer. Runs in the worker thread; `events` (streaming only) carries its text
+    to the event loop. cancel() may be called from the loop at any time."""
+
+    def __init__(self, req: ChatRequest, loop, streaming: bool):
+        self.req, self.loop = req, loop
+        self.events = asyncio.Queue() if streaming else None
+        self.cancelled = threading.Event()
+        self.watch = StopWatch(req.stop)
+        self.session = None
+        self.task = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, kind: str, value) -> None:
+        if self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def on_piece(self, piece: str) -> None:
+        """The session's callback, in the worker thread, during the answer."""
+        text = self.watch.push(piece)
+        if text:
+            self.emit("piece", text)
+        if self.watch.hit or self.cancelled.is_set():
+            self.session.cancel()
+
+
+def new_session(engine, req: ChatRequest, temp_files: list):
+    """A session holding all of the conversation's media, in prompt order."""
+    media = [m for t in req.turns for m in t.media]
+    kinds = [m.kind for m in media]
+    if kinds == sorted(kinds, key=lambda k: k == "video"):  # images then videos: the context fits them all
+        return engine.session(images=[image_source(m) for m in media if m.kind == "image"],
+                              videos=[video_source(m, temp_files) for m in media if m.kind == "video"],
+                              system=req.system)
+    session = engine.session(system=req.system)
+    attach(session, media, temp_files)
+    return session
+
+
+def attach(session, media, temp_files: list) -> None:
+    for m in media:
+        if m.kind == "image":
+            session.add_image(image_source(m))
+        else:
+            session.add_video(video_source(m, temp_files))
+
+
+def image_source(m: Media):
+    if m.path is not None:
+        return m.path
+    try:
+        return Image.open(io.BytesIO(m.data))
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"the image is too large ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise MediaError("the image_url data is not an image, or an unsupported image format") from None
+
+
+def video_source(m: Media, temp_files: list) -> str:
+    """A video's file: decoders read files, so inline bytes go to a temporary one for the request."""
+    if m.path is not None:
+        return m.path
+    fd, path = tempfile.mkstemp(prefix="tinyvila-serve-", suffix=VIDEO_SUFFIXES.get(m.mime, ".mp4"))
+    temp_files.append(path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(m.data)
+    return path
+
+
+def render(session, req: ChatRequest) -> list:
+    """The whole conversation as the family's chat messages, as Session.ask would build them."""
+    head = [session.message("system", req.system)] if req.system else []
+    return head + [session.message(t.role, t.text, t.media) for t in req.turns]
+
+
+class Worker:
+    """The model and its kept conversations; answer() runs in the single worker thread."""
+
+    def __init__(self, engine, lru: SessionLRU):
+        self.engine, self.lru = engine, lru
+        self.answers = self.cancelled = 0  # answers given; of those, cut short by a client that left
+
+    def run(self, job: Job):
+        """("done", payload) or ("error", APIError), also sent as the job's last event."""
+        try:
+            out = ("done", self.answer(job))
+        except APIError as e:
+            out = ("error", e)
+        except TinyVilaError as e:
+            out = ("error", bad(str(e)))
+        except torch.cuda.OutOfMemoryError:
+            out = ("error", APIError(500, "out of GPU memory; try a smaller image or fewer turns", "server_error"))
+        except Exception as e:  # a bug: logged here, never shown to the client
+            print(f"tinyvila-serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc()
+            out = ("error", APIError(500, "internal server error", "server_error"))
+        job.emit(*out)
+        return out
+
+    def answer(self, job: Job) -> dict:
+        req, engine = job.req, self.engine
+        if job.cancelled.is_set():  # the client left while the request waited
+            raise APIError(499, "the client closed the connection", "cancelled")
+        session, known = self.lru.take(req.system, req.turns)
+        temp_files = []
+        try:
+            if session is None:
+                session = new_session(engine, req, temp_files)
+            else:
+                attach(session, [m for t in req.turns[known:] for m in t.media], temp_files)
+            job.session = session
+            ids = engine.encode_text(engine.render(render(session, req)))
+            result = session.complete(ids, req.params, job.on_piece)
+        except BaseException:
+            if session is not None:
+                session.close()
+            raise
+        finally:
+            for path in temp_files:
+                os.unlink(path)
+        tail = job.watch.flush()
+        if tail:
+            job.emit("piece", tail)
+        text = job.watch.text
+        self.answers += 1
+        if job.cancelled.is_set():
+            session.close()  # a half answer the client never saw: not worth keeping
+            self.cancelled += result.finish_reason == "cancelled"
+        else:
+            self.lru.put(req.system, req.turns + [Turn("assistant", text)], session)
+        finish = "stop" if job.watch.hit else result.finish_reason
+        stats = result.stats
+        prompt = stats.context_tokens - stats.decode_tokens  # the cache holds the prompt, then the answer
+        return {"text": text, "finish_reason": finish, "prompt_tokens": prompt, "completion_tokens": len(result.token_ids),
+                "cached_tokens": max(0, prompt - stats.prefill_tokens), "stats": stats.to_dict(),
+                "continued": known > 0}
+
+
+# ---------------------------------------------------------------------- HTTP
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class Server:
+    def __init__(self, engine, args, name: str):
+        self.engine, self.name, self.args = engine, name, args
+        self.lru = SessionLRU(args.max_sessions, args.session_memory * 1e9)
+        self.worker = Worker(engine, self.lru)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tinyvila-model")  # FIFO: arrival order
+        self.in_flight = 0  # running + waiting; touched on the event loop only
+        self.jobs = set()
+        self.defaults = sampling_defaults(engine)
+        self.max_body = int(args.max_body_mb * 2 ** 20)
+        self.ready_line = ""
+        routes = [Route("/health", self.health), Route("/v1/models", self.models),
+                  Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        handlers = {404: self.not_found, 405: self.not_found, Exception: self.crashed}
+        self.app = Starlette(routes=routes, exception_handlers=handlers, lifespan=self.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        print(self.ready_line, flush=True)
+        yield
+        for job in list(self.jobs):  # stop answers in progress; their sessions close
+            job.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.lru.close_all()
+
+    # -- endpoints
+    async def health(self, request):
+        w = self.worker
+        return JSONResponse({"status": "ok", "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
+                             "sessions_evicted": self.lru.evicted, "answers": w.answers,
+                             "answers_cancelled": w.cancelled})
+
+    async def models(self, request):
+        try:
+            self.check_key(request)
+        except APIError as e:
+            return e.response()
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": 0, "owned_by": "tinyvila"}]})
+
+    async def chat(self, request):
+        try:
+            self.check_key(request)
+            body = await self.read_json(request)
+            if not isinstance(body.get("model"), str):
+                raise bad("model is required")
+            if body["model"] != self.name:
+                raise APIError(404, f"the model '{body['model']}' does not exist here (this server has "
+                               f"'{self.name}')", code="model_not_found")
+            req = parse_request(body, self.defaults, self.args.allowed_local_media, self.engine.max_seq_len)
+            job = Job(req, asyncio.get_running_loop(), req.stream)
+            if req.stream:
+                return await self.stream(job, body["model"])
+            kind, value = await self.submit(job)
+            if kind == "error":
+                raise value
+            return JSONResponse(self.completion(value, body["model"]))
+        except APIError as e:
+            return e.response()
+
+    async def not_found(self, request, exc):
+        return APIError(exc.status_code, f"no route {request.method} {request.url.path}", code="not_found").response()
+
+    async def crashed(self, request, exc):
+        print(f"tinyvila-serve: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return APIError(500, "internal server error", "server_error").response()
+
+    # -- helpers
+    def check_key(self, request) -> None:
+        key = self.args.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                           "authentication_error", "invalid_api_key")
+
+    async def read_json(self, request) -> dict:
+        too_big = APIError(413, f"the request body is over {self.args.max_body_mb:g} MB", code="body_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise too_big
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise bad("the request body is not valid JSON", "malformed_json") from None
+        if not isinstance(data, dict):
+            raise bad("the request body must be a JSON object", "malformed_json")
+        return data
+
+    async def submit(self, job: Job):
+        """Run the job after those before it; ("done", payload) or ("error", APIError)."""
+        if self.in_flight > self.args.queue:  # one answering, --queue waiting
+            raise APIError(503, f"the server is busy ({self.args.queue} requests waiting); retry shortly",
+                           "server_busy", "queue_full", headers={"Retry-After": "1"})
+        self.in_flight += 1
+        self.jobs.add(job)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.run, job)
+        finally:
+            self.in_flight -= 1
+            self.jobs.discard(job)
+
+    async def stream(self, job: Job, model: str):
+        run = job.task = asyncio.ensure_future(self.submit(job))  # referenced: the loop keeps weak ones
+        first = asyncio.ensure_future(job.events.get())
+        await asyncio.wait([run, first], return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():  # refused before it ran (busy)
+            first.cancel()
+            kind, value = run.result() if run.exception() is None else ("error", run.exception())
+            raise value if kind == "error" else RuntimeError("a streamed job ended without events")
+        if first.result()[0] == "error":
+            raise first.result()[1]
+        return StreamingResponse(self.events(job, first.result(), model, run), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def events(self, job: Job, item, model: str, run):
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": model}
+
+        def chunk(delta, finish=None, **extra):
+            return sse(dict(head, choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                            **extra))
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while item[0] == "piece":
+                yield chunk({"content": item[1]})
+                item = await job.events.get()
+            kind, value = item
+            if kind == "error":  # after the answer began: reported in the stream, as OpenAI does
+                yield sse({"error": {"message": str(value), "type": value.type, "code": value.code}})
+            else:
+                yield chunk({}, value["finish_reason"], tinyvila=self.own_stats(value))
+                if job.req.include_usage:
+                    yield sse(dict(head, choices=[], usage=self.usage(value)))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client left (or the answer is over: then a no-op)
+
+    def completion(self, value: dict, model: str) -> dict:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": value["text"]},
+                                             "finish_reason": value["finish_reason"], "logprobs": None}],
+                "usage": self.usage(value), "tinyvila": self.own_stats(value)}
+
+    @staticmethod
+    def usage(value: dict) -> dict:
+        return {"prompt_tokens": value["prompt_tokens"], "completion_tokens": value["completion_tokens"],
+                "total_tokens": value["prompt_tokens"] + value["completion_tokens"],
+                "prompt_tokens_details": {"cached_tokens": value["cached_tokens"]}}
+
+    @staticmethod
+    def own_stats(value: dict) -> dict:
+        return dict(value["stats"], cached_tokens=value["cached_tokens"], conversation_continued=value["continued"])
+
+
+# ---------------------------------------------------------------------- command line
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tinyvila-serve", description="Serve a vision-language model over an "
+                                "OpenAI-compatible HTTP API.")
+    add = p.add_argument
+    add("model", metavar="MODEL", help="hub id or local checkpoint directory")
+    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    add("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    add("--api-key", help="require Authorization: Bearer KEY on /v1 requests")
+    add("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    add("--allowed-local-media", metavar="DIR", help="file:// media URLs may name files inside DIR (default: none)")
+    add("--max-sessions", type=int, default=16, help="conversations kept live (default 16)")
+    add("--session-memory", type=float, default=8.0, metavar="GB",
+        help="KV-cache memory the kept conversations may hold (default 8)")
+    add("--queue", type=int, default=64, help="requests that may wait; more get 503 (default 64)")
+    add("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
+    add("--debug", action="store_true", help="show tracebacks of startup errors")
+    add_load_options(p)
+    args = p.parse_args(argv)
+    for name in ("max_sessions", "session_memory", "queue", "max_body_mb"):
+        if getattr(args, name) < 0:
+            p.exit(2, f"error: --{name.replace('_', '-')} must be >= 0\n")
+    if not 0 <= args.port < 65536:
+        p.exit(2, f"error: --port must be in 0..65535, got {args.port}\n")
+    if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):
+        p.exit(2, f"error: --allowed-local-media: no folder '{args.allowed_local_media}'\n")
+    return args
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a taken port fails at once."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise TinyVilaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(128)
+    return sock
+
+
+def serve(args) -> None:
+    options = load_options(args)  # a bad sparsity policy fails before anything loads
+    sock = bind(args.host, args.port)
+    engine = load(args.model, **options)
+    server = Server(engine, args, args.served_model_name or args.model)
+    host, port = sock.getsockname()[:2]
+    server.ready_line = f"serving {server.name} on http://{f'[{host}]' if ':' in host else host}:{port}"
+    config = uvicorn.Config(server.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if uvicorn is None:
+        print("error: tinyvila-serve needs starlette and uvicorn: pip install 'tinyvila[serve]'", file=sys.stderr)
+        return 2
+    return run_cli(lambda: serve(args), args.debug, "try a smaller model or a quantized checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
