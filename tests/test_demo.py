@@ -83,7 +83,7 @@ def test_the_checkpoint_is_real_transformers_gives_the_same_greedy_tokens(kept):
     ids = eng.encode_text(text)
     assert AutoTokenizer.from_pretrained(folder)(text).input_ids == ids
     with eng.session(images=[img]) as s:
-        keys, _ = s._expand(ids, s.pending)
+        keys, _ = s.expand(ids, s.pending)
     expanded = torch.tensor([[k if k >= 0 else eng.image_token_id for k in keys]])
     pixels = pil_image_processor().from_pretrained(folder)(images=[img], return_tensors="pt")
     model, info = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32,

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlparse
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from . import load
+from . import __version__, load
 from .cli_options import add_load_options, load_options
 from .errors import MediaError, TinyVilaError, run_cli
 from .generate import SamplingParams
@@ -618,6 +618,7 @@ def parse_args(argv):
     add("--queue", type=int, default=64, help="requests that may wait; more get 503 (default 64)")
     add("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
     add("--debug", action="store_true", help="show tracebacks of startup errors")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
     add_load_options(p)
     args = p.parse_args(argv)
     for name in ("max_sessions", "session_memory", "queue", "max_body_mb"):

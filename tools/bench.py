@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import tinyvila
 from tinyvila import __version__
 from tinyvila.engine import resolve_device
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
@@ -314,8 +315,7 @@ def conversation(engine, items, ids, params, context, sparsity, turns, timer):
         if turn:
             kept = turn_ids if sparsity.history == "keep" else ids[:-len(QUESTION)]
             turn_ids = kept + session.last_result.token_ids * (sparsity.history == "keep") + QUESTION
-        for _ in session._turn(turn_ids, list(items), params, None, None):
-            pass
+        session.complete(turn_ids, params)  # media + pending: the items, whatever the history
         yield turn + 1, session.last_result.stats, timer.take()
     session.close()
 
