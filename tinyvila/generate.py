@@ -33,6 +33,11 @@ class Prompt:
     keys: list
     spans: list
     positions: torch.Tensor | None = None
+    layout: object = None  # session.Layout: the media layout's slots, computed once per layout
+
+    def vis_slots(self, device) -> torch.Tensor:
+        """The cache slots of the visual tokens, in order."""
+        return self.layout.vis_slots if self.layout is not None else visual_slots(self.spans, device)
 
     @property
     def vis_end(self) -> int:
@@ -126,8 +131,10 @@ def check_fits(session, keys: list) -> None:
 def reused_prefix(cached: list, keys: list, spans: list) -> int:
     """How many leading cache slots the prompt `keys` can keep from a cache holding `cached`: the
     longest common prefix, at least one token left to prefill, never ending inside a visual item."""
-    p = 0
+    p, block = 0, 256
     limit = min(len(cached), len(keys) - 1)  # always prefill at least one token
+    while p + block <= limit and cached[p:p + block] == keys[p:p + block]:  # list compares run in C
+        p += block
     while p < limit and cached[p] == keys[p]:
         p += 1
     for s, e, _ in spans:
@@ -142,6 +149,7 @@ def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fr
     have recorded it, and the prompt is expanded again. Returns (last logits, the prompt as the
     cache now holds it, retrieval scores or None)."""
     eng = session.engine
+    prompt.layout = session.layout(prompt.spans, media, len(prompt.keys))
     fresh_spans = [(s, e, j) for s, e, j in prompt.spans if j in fresh]
     pruner = session.sparsity.at_prefill.pruner(eng.model, media, fresh_spans, start, len(prompt.keys) - start,
                                                 eng.device) if fresh_spans else None
@@ -149,7 +157,7 @@ def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fr
     if pruner is not None:
         session.keep_pruned(pruner.items(media))
         keys, spans = session.expand(ids, media)
-        prompt = Prompt(keys, spans, session.positions(keys, spans, media))
+        prompt = Prompt(keys, spans, session.positions(keys, spans, media), session.layout(spans, media, len(keys)))
     return logits, prompt, scores
 
 
@@ -173,7 +181,7 @@ def prefill(session, prompt: Prompt, start: int, pruner=None):
         lm.fill(h[:cut], positions[..., start:start + cut], cache, start)
     rest = (h[cut:], positions[..., start + cut:], cache, start + cut)
     if retrieve:
-        return lm.scored(*rest, visual_slots(spans, h.device), max(0, vis_end - start - cut))
+        return lm.scored(*rest, prompt.vis_slots(h.device), max(0, vis_end - start - cut))
     if pruner is not None:
         return lm.pruned(*rest, pruner), None
     return lm(*rest), None
@@ -195,15 +203,22 @@ def attended_cache(session, prompt: Prompt, scores, max_new_tokens: int) -> Deco
     selected = session.sparsity.at_decode.select(scores)  # [L, G, k] indices into the visual tokens
     session.last_selection = (selected[:, 0] if session.sparsity.granularity == "layer" else selected).cpu()
     n_full = len(prompt.keys)
-    vis_slots = visual_slots(prompt.spans, session.cache.k.device)
-    text = torch.ones(n_full, dtype=torch.bool, device=vis_slots.device)
-    text[vis_slots] = False
-    text_slots = torch.nonzero(text).flatten()
+    vis_slots = prompt.vis_slots(session.cache.k.device)
+    text_slots = text_slots_of(prompt, vis_slots)
     L, G = selected.shape[:2]
     index = torch.cat([text_slots.expand(L, G, -1), vis_slots[selected]], dim=-1).sort(dim=-1).values
     buffer = decode_buffer(session, index.shape[-1] + max_new_tokens + 1)
     session.cache.gather_into(index, buffer)
     return DecodeTarget(buffer, n_full - buffer.length)
+
+
+def text_slots_of(prompt: Prompt, vis_slots: torch.Tensor) -> torch.Tensor:
+    """The cache slots of the prompt's text tokens, in order (from the layout's spans when known)."""
+    if prompt.layout is not None:
+        return prompt.layout.text_slots(len(prompt.keys))
+    text = torch.ones(len(prompt.keys), dtype=torch.bool, device=vis_slots.device)
+    text[vis_slots] = False
+    return torch.nonzero(text).flatten()
 
 
 def decode_buffer(session, needed: int) -> KVCache:

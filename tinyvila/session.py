@@ -40,6 +40,7 @@ class Session:
         self.graphs = DecodeGraphs()  # the GPU decode steps, captured on first use
         self.decode_buffer = None  # decode retrieval's compact cache (allocated on first use)
         self.last_selection = None  # per layer, the visual tokens the last answer's decode attended to
+        self._layout = {}  # media layout -> its positions and slots, computed once (Session.layout)
         text = self.lm.cfg
         self.cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, max_seq_len,
                              engine.device, engine.dtype)
@@ -63,6 +64,7 @@ class Session:
         """Forget the conversation (history, media and cache); the system prompt stays."""
         self.messages, self.media, self.pending, self.features, self.tokens = [], [], [], {}, []
         self._visual = {}
+        self._layout = {}
         self.cache.truncate(0)
         self.turns = 0
 
@@ -237,12 +239,30 @@ class Session:
         for j, visual in items:
             self.features[j] = self.features[j][visual.kept.to(self.features[j].device)]
             self._visual[j] = visual
+        self._layout = {}  # what was kept changed: positions are placed anew
 
     def positions(self, keys, spans, media) -> torch.Tensor:
-        """RoPE positions of the prompt, the pruned items placed per the position mode."""
-        pruned = {j: self._visual[j] for _, _, j in spans if self._visual[j].saliency is not None}
-        return self.engine.model.positions(len(keys), spans, media, self.engine.device, pruned,
-                                           self.sparsity.position_mode)
+        """RoPE positions of the prompt, the pruned items placed per the position mode: a slice of
+        the layout's positions (Session.layout), so no per-turn work."""
+        return self.layout(spans, media, len(keys)).positions[..., :len(keys)]
+
+    def layout(self, spans, media, n_tokens: int) -> "Layout":
+        """What depends only on the media layout (the visual spans, their items and what was kept
+        of them), computed once per layout rather than once per turn: RoPE positions for the whole
+        context, and the visual slots. A token's position depends only on the tokens before it
+        (the cached K/V, rotated once, rely on that already), so the positions of a longer prompt
+        with the same layout extend those of a shorter one, whatever the family does after media."""
+        key = tuple((s, e, j, id(media[j]), id(self._visual.get(j))) for s, e, j in spans)
+        layout = self._layout.get(key)
+        if layout is None or layout.positions.shape[-1] < n_tokens:
+            pruned = {j: self._visual[j] for _, _, j in spans if self._visual[j].saliency is not None}
+            n = max(n_tokens, self.cache.max_len if self.cache is not None else 0)
+            device = self.engine.device
+            positions = self.engine.model.positions(n, spans, media, device, pruned, self.sparsity.position_mode)
+            vis = torch.cat([torch.arange(s, e) for s, e, _ in spans]) if spans else torch.zeros(0, dtype=torch.long)
+            layout = Layout(positions, vis.to(device), max((e for _, e, _ in spans), default=0))
+            self._layout = {key: layout}  # one layout at a time: a conversation's media rarely change
+        return layout
 
     @torch.no_grad()  # as every forward here: no autograd graph, even for weights that require grad
     def embed(self, keys: list, spans: list, start: int) -> torch.Tensor:
@@ -254,6 +274,23 @@ class Session:
             if e > start:
                 h[max(s, start) - start:e - start] = self.features[j][max(s, start) - s:].to(h.dtype)
         return h
+
+
+class Layout:
+    """A media layout's RoPE positions over the whole context ([n] or [3, n], on the device), its
+    visual slots in order (on the device) and where its last item ends."""
+
+    def __init__(self, positions: torch.Tensor, vis_slots: torch.Tensor, vis_end: int):
+        self.positions, self.vis_slots, self.vis_end = positions, vis_slots, vis_end
+
+    def text_slots(self, n_tokens: int) -> torch.Tensor:
+        """The slots 0..n_tokens that hold no visual token, in order (built from the spans)."""
+        if not hasattr(self, "_text_before"):
+            text = torch.ones(self.vis_end, dtype=torch.bool)
+            text[self.vis_slots.cpu()] = False
+            self._text_before = torch.nonzero(text).flatten().to(self.vis_slots.device)
+        tail = torch.arange(self.vis_end, n_tokens, device=self.vis_slots.device)
+        return torch.cat([self._text_before, tail])
 
 
 def _a(kind: str) -> str:
