@@ -150,6 +150,8 @@ def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fr
     cache now holds it, retrieval scores or None)."""
     eng = session.engine
     prompt.layout = session.layout(prompt.spans, media, len(prompt.keys))
+    if session.short_prefills is not None:
+        session.short_prefills.turn_started()
     fresh_spans = [(s, e, j) for s, e, j in prompt.spans if j in fresh]
     pruner = session.sparsity.at_prefill.pruner(eng.model, media, fresh_spans, start, len(prompt.keys) - start,
                                                 eng.device) if fresh_spans else None
@@ -176,6 +178,11 @@ def prefill(session, prompt: Prompt, start: int, pruner=None):
     cut = cut if cut < len(keys) - start and pruner is None else 0
     cache.truncate(start)
     session.tokens = session.tokens[:start]
+    short = session.short_prefills
+    if short is not None and pruner is None and not cut and start >= vis_end:  # text only: a question
+        out = short.run(session, prompt, start, retrieve)
+        if out is not None:
+            return out
     h = session.embed(keys, spans, start)
     if cut:
         lm.fill(h[:cut], positions[..., start:start + cut], cache, start)
@@ -304,6 +311,10 @@ def finish_stats(stats, session, target: DecodeTarget, t_decode: float) -> None:
     sync(device)
     stats.decode_s = time.perf_counter() - t_decode
     stats.graph_capture_s = session.graphs.capture_s
+    if session.short_prefills is not None:
+        short = session.short_prefills
+        stats.prefill_graphed, stats.prefill_graph_capture_s, stats.prefill_graph_bytes = (
+            short.used and short.graphed, short.capture_s, short.bytes)
     steady = stats.decode_s - stats.graph_capture_s
     stats.decode_tok_s = stats.decode_tokens / steady if steady > 0 else 0.0
     stats.context_tokens = session.cache.length
@@ -335,6 +346,103 @@ class DecodeGraphs:
         self.steps.pop(id(cache), None)
 
 
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # token counts of the short prefills, each padded to the next
+MAX_PREFILL_GRAPHS = 8  # per session: buckets x visual-token counts, the least recently used dropped
+
+
+class PrefillGraphs:
+    """A session's short prefills: runs of at most 512 text tokens after the media (a follow-up
+    question over a cached image, a text-only first turn) through DecoderLM.static_prefill, padded
+    to a bucket, retrieval scores included. With `graphed` (a GPU engine loaded with
+    prefill_graphs=True) each (bucket, scored visual count) is captured as a CUDA graph on first
+    use, all in one memory pool, and replayed after: one launch instead of dozens per layer.
+    Without, the same static work runs as it is (how the CPU tests check it)."""
+
+    def __init__(self, graphed: bool):
+        self.graphed = graphed
+        self.entries = {}  # (bucket, padded visual count or None, positions dims) -> StaticPrefill
+        self.pool = None  # the graphs' shared memory pool (their replays never overlap)
+        self.bytes = 0  # GPU memory reserved by the captures, over the session
+        self.capture_s = 0.0  # capturing in the current turn
+        self.used = False  # the current turn's prefill ran here
+
+    def turn_started(self) -> None:
+        self.capture_s, self.used = 0.0, False
+
+    def run(self, session, prompt: Prompt, start: int, scored: bool):
+        """prefill()'s result for prompt.keys[start:] (text only), or None when the run is too
+        long for a bucket or its padding would pass the end of the cache: it then goes eagerly."""
+        n = len(prompt.keys) - start
+        bucket = next((b for b in PREFILL_BUCKETS if n <= b), None)
+        cache = session.cache
+        if bucket is None or start + bucket > cache.max_len or prompt.layout is None:
+            return None
+        vis = prompt.layout.vis_slots if scored else None
+        n_vis = None if vis is None else -(-vis.numel() // 256) * 256  # padded: few distinct graphs
+        key = (bucket, n_vis, prompt.positions.dim())
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            if len(self.entries) >= MAX_PREFILL_GRAPHS:
+                self.entries.pop(next(iter(self.entries)))
+            entry = StaticPrefill(session.lm, cache, bucket, prompt.positions.dim(), n_vis)
+        self.entries[key] = entry  # most recently used last
+        entry.set(prompt.keys[start:], prompt.layout.positions[..., start:start + bucket], start, vis)
+        if self.graphed and entry.graph is None:
+            self._capture(session, entry)
+        logits, scores = entry()
+        cache.length = start + n
+        self.used = True
+        return logits, (None if scores is None else scores[..., :vis.numel()])
+
+    def _capture(self, session, entry) -> None:
+        device = session.engine.device
+        t0 = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        entry.graph, entry.out = capture_graph(entry.run, device, session.engine.capture_stream(), pool=self.pool)
+        sync(device)
+        self.bytes += torch.cuda.memory_reserved(device) - reserved
+        self.capture_s += time.perf_counter() - t0
+
+
+class StaticPrefill:
+    """The fixed buffers of one short-prefill shape (StaticPrefill.run reads them) and, once
+    captured, its CUDA graph, whose replays rewrite `out`."""
+
+    def __init__(self, lm, cache: KVCache, bucket: int, positions_dims: int, n_vis: int | None):
+        device = cache.k.device
+        self.lm, self.cache = lm, cache
+        self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
+        self.positions = torch.zeros((3, bucket) if positions_dims == 2 else (bucket,), dtype=torch.long,
+                                     device=device)
+        self.start = torch.zeros(1, dtype=torch.int32, device=device)
+        self.count = torch.ones(1, dtype=torch.int32, device=device)
+        self.vis = None if n_vis is None else torch.zeros(n_vis, dtype=torch.long, device=device)
+        self.graph = self.out = None
+
+    def set(self, ids: list, positions: torch.Tensor, start: int, vis: torch.Tensor | None) -> None:
+        """The run's inputs: its token ids (padded with 0 here), RoPE positions over the whole bucket
+        (the layout's, past the prompt too), first slot, the visual slots to score."""
+        bucket = self.ids.numel()
+        self.ids.copy_(torch.tensor(ids + [0] * (bucket - len(ids))), non_blocking=True)
+        self.positions.copy_(positions)
+        self.start.fill_(start)
+        self.count.fill_(len(ids))
+        if vis is not None:
+            self.vis[:vis.numel()] = vis
+
+    def run(self):
+        return self.lm.static_prefill(self.ids, self.positions, self.cache, self.start, self.count, self.vis)
+
+    def __call__(self):
+        """(logits [1, V], r [L, H_kv, padded n_vis] or None)."""
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.out
+
+
 @dataclass
 class Stats:
     """What one answer cost. Times in seconds; `prefill_tokens` counts only this turn's new tokens."""
@@ -349,6 +457,9 @@ class Stats:
     decode_s: float = 0.0  # all of decode, the one-time graph capture included
     decode_tok_s: float = 0.0  # steady rate: decode_tokens / (decode_s - graph_capture_s)
     graph_capture_s: float = 0.0  # capturing the GPU decode step (once per conversation and buffer)
+    prefill_graphed: bool = False  # this turn's prefill replayed a captured short-prefill graph
+    prefill_graph_capture_s: float = 0.0  # capturing short-prefill graphs in this turn (once per bucket)
+    prefill_graph_bytes: int = 0  # GPU memory the session's short-prefill graphs hold (their shared pool)
     context_tokens: int = 0  # tokens in the KV cache at the end of the answer
     decode_context_tokens: int = 0  # of those, what decode attends to (fewer under retrieval)
     peak_mem_bytes: int = 0

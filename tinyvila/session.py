@@ -13,7 +13,7 @@ import threading
 import torch
 
 from .errors import ContextError, TinyVilaError
-from .generate import DecodeGraphs, GenerationResult, generate, sync
+from .generate import DecodeGraphs, GenerationResult, PrefillGraphs, generate, sync
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .sparsity import Sparsity, visual_slots
@@ -38,6 +38,9 @@ class Session:
         self.busy = False
         self.cancel_requested = threading.Event()  # set by cancel(), from any thread
         self.graphs = DecodeGraphs()  # the GPU decode steps, captured on first use
+        # short prefills as CUDA graphs (opt-in: load(..., prefill_graphs=True)); None: all eager
+        graphed = getattr(engine, "prefill_graphs", False) and engine.capture_stream() is not None
+        self.short_prefills = PrefillGraphs(graphed=True) if graphed else None
         self.decode_buffer = None  # decode retrieval's compact cache (allocated on first use)
         self.last_selection = None  # per layer, the visual tokens the last answer's decode attended to
         self._layout = {}  # media layout -> its positions and slots, computed once (Session.layout)
@@ -116,6 +119,7 @@ class Session:
     def close(self) -> None:
         self.cache = self.decode_buffer = None  # release the preallocated caches and the captured graphs
         self.graphs = DecodeGraphs()
+        self.short_prefills = None
 
     def __enter__(self):
         return self
