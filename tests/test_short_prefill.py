@@ -163,3 +163,25 @@ def test_reused_prefix_across_blocks():
         assert reused_prefix(cached, keys, []) == cut
     assert reused_prefix(cached, cached + [1], []) == 1000
     assert reused_prefix(cached, cached + [1], [(600, 1001, 0)]) == 600  # never inside a visual item
+
+
+def test_prefill_graphs_are_opt_in_everywhere(llava_vicuna):
+    """Off unless asked for (load, chat, serve, bench); asked for on a CPU they change nothing."""
+    import argparse
+    import subprocess
+    import sys
+
+    from tinyvila.cli_options import add_load_options, load_options
+
+    parser = argparse.ArgumentParser()
+    add_load_options(parser)
+    assert "prefill_graphs" not in load_options(parser.parse_args([]))
+    assert load_options(parser.parse_args(["--prefill-graphs"]))["prefill_graphs"] is True
+    assert not tinyvila.load(llava_vicuna, device="cpu", dtype="float32").prefill_graphs
+    eng = tinyvila.load(llava_vicuna, device="cpu", dtype="float32", prefill_graphs=True)
+    with eng.session() as s:
+        assert eng.prefill_graphs and s.short_prefills is None  # CUDA graphs only on a GPU
+    proc = subprocess.run([sys.executable, "-m", "tinyvila.chat", str(llava_vicuna), "--device", "cpu",
+                           "--prefill-graphs", "-p", "Hi", "-n", "2", "-q"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr

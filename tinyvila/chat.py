@@ -100,6 +100,8 @@ def build_parser():
         metavar="{layer,kv_head}", help="one decode selection per layer (default) or per KV head")
     add("--history", metavar="{keep,evict}", help="keep (default) earlier questions and answers, or evict them "
         "after each answer (the media stay)")
+    add("--prefill-graphs", "--prefill_graphs", dest="prefill_graphs", action="store_true",
+        help="run short prefills (follow-up questions) as CUDA graphs on a GPU (default: off)")
     add("--save-kept", "--save_kept", dest="save_kept", metavar="FILE.png",
         help="draw the visual tokens prefill pruning kept over the image (or the video's frames)")
     add("--no-stream", "--no_stream", dest="stream", action="store_false", help="print answers when complete")
@@ -371,7 +373,7 @@ def run(args) -> None:
     media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
     start = time.perf_counter()
     engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                  progress=False if args.quiet else None, **media)
+                  progress=False if args.quiet else None, prefill_graphs=args.prefill_graphs, **media)
     if not args.quiet:
         print(load_summary(engine, time.perf_counter() - start), file=sys.stderr)
     chat = Chat(engine, args)

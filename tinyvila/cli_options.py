@@ -33,6 +33,8 @@ def add_load_options(parser) -> None:
         help="fraction of the kept visual tokens each answer's decode skips (overrides the preset)")
     add("--retrieval-granularity", "--retrieval_granularity", dest="retrieval_granularity", choices=GRANULARITIES,
         help="one decode selection per layer (default) or per KV head")
+    add("--prefill-graphs", "--prefill_graphs", dest="prefill_graphs", action="store_true",
+        help="run short prefills (follow-up questions) as CUDA graphs on a GPU (default: off)")
     add("--history", choices=HISTORIES, help="keep (default) earlier questions and answers, or evict them "
         "after each answer (the media stay)")
 
@@ -43,4 +45,5 @@ def load_options(args) -> dict:
     sparsity = {k: getattr(args, k) for k in SPARSITY_OPTIONS if getattr(args, k, None) is not None}
     Sparsity.from_options(**sparsity)
     options = {k: getattr(args, k) for k in ("device", "dtype", "max_seq_len") + MEDIA_OPTIONS}
+    options["prefill_graphs"] = getattr(args, "prefill_graphs", False) or None  # None: the engine's default
     return {k: v for k, v in dict(options, **sparsity).items() if v is not None}
