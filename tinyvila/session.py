@@ -263,8 +263,7 @@ class Session:
             n = max(n_tokens, self.cache.max_len if self.cache is not None else 0)
             device = self.engine.device
             positions = self.engine.model.positions(n, spans, media, device, pruned, self.sparsity.position_mode)
-            vis = torch.cat([torch.arange(s, e) for s, e, _ in spans]) if spans else torch.zeros(0, dtype=torch.long)
-            layout = Layout(positions, vis.to(device), max((e for _, e, _ in spans), default=0))
+            layout = Layout(positions, spans, device)
             self._layout = {key: layout}  # one layout at a time: a conversation's media rarely change
         return layout
 
@@ -281,20 +280,24 @@ class Session:
 
 
 class Layout:
-    """A media layout's RoPE positions over the whole context ([n] or [3, n], on the device), its
-    visual slots in order (on the device) and where its last item ends."""
+    """A media layout's RoPE positions over the whole context ([n] or [3, n]), its visual slots in
+    order, the text slots before its last item ends (`vis_end`), all on the device."""
 
-    def __init__(self, positions: torch.Tensor, vis_slots: torch.Tensor, vis_end: int):
-        self.positions, self.vis_slots, self.vis_end = positions, vis_slots, vis_end
+    def __init__(self, positions: torch.Tensor, spans: list, device):
+        self.positions = positions
+        self.vis_end = max((e for _, e, _ in spans), default=0)
+        vis, text, done = [], [], 0
+        for s, e, _ in sorted(spans):
+            text.append(torch.arange(done, s))
+            vis.append(torch.arange(s, e))
+            done = e
+        empty = torch.zeros(0, dtype=torch.long)
+        self.vis_slots = torch.cat(vis or [empty]).to(device)
+        self._text_before = torch.cat(text or [empty]).to(device)
 
     def text_slots(self, n_tokens: int) -> torch.Tensor:
-        """The slots 0..n_tokens that hold no visual token, in order (built from the spans)."""
-        if not hasattr(self, "_text_before"):
-            text = torch.ones(self.vis_end, dtype=torch.bool)
-            text[self.vis_slots.cpu()] = False
-            self._text_before = torch.nonzero(text).flatten().to(self.vis_slots.device)
-        tail = torch.arange(self.vis_end, n_tokens, device=self.vis_slots.device)
-        return torch.cat([self._text_before, tail])
+        """The slots 0..n_tokens that hold no visual token, in order."""
+        return torch.cat([self._text_before, torch.arange(self.vis_end, n_tokens, device=self._text_before.device)])
 
 
 def _a(kind: str) -> str:
