@@ -91,6 +91,7 @@ class Engine:
         # also short prefills (follow-up questions) as CUDA graphs: opt-in until measured on a GPU
         self.prefill_graphs = bool(options.pop("prefill_graphs", False)) and self.cuda_graphs
         self._capture_stream = None
+        self._prefill_pool = None
         self.defaults = self._check_options(options)  # max_seq_len included; None values dropped
         self.explicit_max_seq_len = "max_seq_len" in self.defaults
         self.max_seq_len = int(self.defaults.pop("max_seq_len", None) or min(text.max_position_embeddings,
@@ -146,6 +147,14 @@ class Engine:
         if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream(self.device)
         return self._capture_stream
+
+    def prefill_graph_pool(self):
+        """The memory pool every session's short-prefill graphs share (generate.PrefillGraphs):
+        one forward runs at a time per engine and each replay's outputs are read before the next
+        replay, so the graphs can reuse each other's scratch memory."""
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        return self._prefill_pool
 
     def _banned_ids(self, vocab_size: int):
         """Ids sampling must never produce: embedding rows without a token string (checkpoints pad

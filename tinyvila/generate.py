@@ -356,12 +356,13 @@ class PrefillGraphs:
     to a bucket, retrieval scores included. With `graphed` (a GPU engine loaded with
     prefill_graphs=True) each (bucket, scored visual count) is captured as a CUDA graph on first
     use, all in one memory pool, and replayed after: one launch instead of dozens per layer.
-    Without, the same static work runs as it is (how the CPU tests check it)."""
+    Without, the same static work runs as it is (how the CPU tests check it). The pool is shared,
+    so a replay may overwrite another graph's outputs: each replay's are read at once."""
 
     def __init__(self, graphed: bool):
         self.graphed = graphed
         self.entries = {}  # (bucket, padded visual count or None, positions dims) -> StaticPrefill
-        self.pool = None  # the graphs' shared memory pool (their replays never overlap)
+        self.pool = None  # the graphs' memory pool, the engine's (their replays never overlap)
         self.bytes = 0  # GPU memory reserved by the captures, over the session
         self.capture_s = 0.0  # capturing in the current turn
         self.used = False  # the current turn's prefill ran here
@@ -398,8 +399,9 @@ class PrefillGraphs:
         device = session.engine.device
         t0 = time.perf_counter()
         reserved = torch.cuda.memory_reserved(device)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:  # the engine's, shared by its sessions (a bench's stand-in engine has none)
+            shared = getattr(session.engine, "prefill_graph_pool", None)
+            self.pool = shared() if shared is not None else torch.cuda.graph_pool_handle()
         entry.graph, entry.out = capture_graph(entry.run, device, session.engine.capture_stream(), pool=self.pool)
         sync(device)
         self.bytes += torch.cuda.memory_reserved(device) - reserved
