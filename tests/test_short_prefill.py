@@ -113,7 +113,8 @@ def conversation(eng, static: bool, questions, **options):
     return out
 
 
-@pytest.mark.parametrize("name,options", [("llava", {}), ("qwen", dict(sparsity="image"))])
+@pytest.mark.parametrize("name,options", [("llava", {}), ("qwen", dict(sparsity="image")),
+                                          ("llava", dict(decode_sparsity=0.5, history="evict"))])
 def test_follow_ups_on_the_short_path_equal_the_eager_ones(engines, name, options):
     """A session mixing short and long turns: the image turn and the long question go eagerly,
     the short follow-ups through static_prefill; answers, caches and decode selections agree."""
@@ -125,7 +126,7 @@ def test_follow_ups_on_the_short_path_equal_the_eager_ones(engines, name, option
         assert ids_a == ids_b
         torch.testing.assert_close(cache_b, cache_a, atol=1e-5, rtol=1e-5)
         assert (sel_a is None) == (sel_b is None) and (sel_a is None or torch.equal(sel_a, sel_b))
-    assert eager[0][2] is not None if options else eager[0][2] is None  # the image preset retrieves
+    assert (eager[0][2] is not None) == bool(options)  # decode retrieval selects
 
 
 def test_a_text_only_first_turn_takes_the_short_path(engines):
