@@ -461,7 +461,8 @@ class DecoderLM(nn.Module):
     """Llama / Mistral / Qwen2 decoder over a preallocated KV cache (batch 1).
 
     Prefill: `forward` (logits), `fill` (the cache only), `scored` (logits and every layer's
-    retrieval scores of the visual tokens), `pruned` (FastV's pruning hook inside the pass).
+    retrieval scores of the visual tokens), `pruned` (FastV's pruning hook inside the pass),
+    `static_prefill` (a short run of text tokens with fixed shapes, for a CUDA graph).
     Decode: `decode_step`, the graph-capturable GPU step."""
 
     def __init__(self, cfg: TextConfig):
