@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import tinyvila
-from tinyvila.serve import session_bytes
 
 try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
     import httpx
@@ -88,7 +87,8 @@ def server(llava_vicuna, media_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eng(llava_vicuna):
-    return tinyvila.load(llava_vicuna, device="cpu", dtype=torch.float32)
+    """The reference: the server's default for a conversation with images is the chat's image preset."""
+    return tinyvila.load(llava_vicuna, device="cpu", dtype=torch.float32, sparsity="image")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,8 @@ def ask(server, messages, **kw):
 
 
 def test_models_and_health(server):
-    assert server.http.get("/health").json()["status"] == "ok"
+    health = server.http.get("/health").json()
+    assert health["status"] == "ok" and health["device"] == "cpu" and health["dtype"] == "float32"
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny-llava"]
 
@@ -268,7 +269,7 @@ def test_stop_strings_and_sampling(server, eng, img):
 def small_server(llava_vicuna, eng, tmp_path_factory):
     """Room for one conversation's KV cache, no waiting line, 1 MB bodies."""
     with eng.session(max_seq_len=512) as s:
-        one = session_bytes(s)
+        one = s.cache.nbytes()
     s = LiveServer(tmp_path_factory.mktemp("small"), llava_vicuna, "--max-seq-len", 512, "--session-memory",
                    1.5 * one / 1e9, "--queue", 0, "--max-body-mb", 1)
     yield s
@@ -317,12 +318,39 @@ def test_video_on_qwen2_5_vl(qwen_server):
     s, d, eng = qwen_server
     frames = [draw_image(56, 56, seed=i) for i in range(6)]
     video = write_video(d / "clip.mp4", frames, fps=4)
-    ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=8)
+    ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=8, sparsity="video")
+    assert ref.stats.visual_tokens_kept < ref.stats.visual_tokens  # the video preset pruned it
     for url in (f"file://{video}", "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()):
         r = s.client().chat.completions.create(model=str(d), messages=[user("What happens?", url, kind="video")],
                                                temperature=0, max_tokens=8)
         assert r.choices[0].message.content == ref.text
         assert r.model_extra["tinyvila"]["visual_tokens"] == ref.stats.visual_tokens > 0
+        assert r.model_extra["tinyvila"]["visual_tokens_kept"] == ref.stats.visual_tokens_kept
+
+
+def test_a_conversation_continues_only_under_its_policy(qwen_server):
+    """An image conversation runs under the image preset; a follow-up that adds a video needs the
+    video preset, so it starts a new session rather than continuing the image one."""
+    s, d, eng = qwen_server
+    video = write_video(d / "clip2.mp4", [draw_image(56, 56, seed=20 + i) for i in range(4)], fps=4)
+    picture = data_url(draw_image(84, 56, seed=11))
+    client = s.client()
+    first = [user("What is this?", picture)]
+    a1 = client.chat.completions.create(model=str(d), messages=first, temperature=0, max_tokens=6)
+    with eng.session(images=[draw_image(84, 56, seed=11)], sparsity="image") as ref:
+        assert a1.choices[0].message.content == ref.ask("What is this?", temperature=0, max_new_tokens=6).text
+    assert a1.model_extra["tinyvila"]["visual_tokens_kept"] == ref.last_result.stats.visual_tokens_kept
+    history = first + [{"role": "assistant", "content": a1.choices[0].message.content},
+                       user("And now?", f"file://{video}", kind="video")]
+    r2 = client.chat.completions.create(model=str(d), messages=history, temperature=0, max_tokens=6)
+    assert r2.model_extra["tinyvila"]["conversation_continued"] is False
+    assert r2.usage.prompt_tokens_details.cached_tokens == 0
+    with eng.session(images=[draw_image(84, 56, seed=11)], sparsity="video") as ref:
+        ref.ask("What is this?", temperature=0, max_new_tokens=6)
+        ref.messages[-1] = ref.message("assistant", a1.choices[0].message.content)
+        ref.add_video(str(video))
+        expected = ref.ask("And now?", temperature=0, max_new_tokens=6)
+    assert r2.choices[0].message.content == expected.text
 
 
 def idle_health(server) -> dict:

@@ -36,7 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__, load
-from .cli_options import add_load_options, load_options
+from .cli_options import add_load_options, check_sparsity, load_options, sparsity_options
 from .errors import MediaError, TinyVilaError, run_cli
 from .generate import SamplingParams
 from .loader import read_json
@@ -247,12 +247,7 @@ class Kept:
     system: str | None
     turns: list
     session: object
-    nbytes: int
-
-
-def session_bytes(session) -> int:
-    """What a live session holds: its KV cache, preallocated for its whole context."""
-    return session.cache.k.nbytes + session.cache.v.nbytes
+    nbytes: int  # its KV cache, preallocated for the whole context
 
 
 class SessionLRU:
@@ -264,14 +259,15 @@ class SessionLRU:
         self.kept = OrderedDict()
         self.evicted = 0
 
-    def take(self, system, turns):
+    def take(self, system, turns, sparsity):
         """(session, number of turns it holds) for the longest kept conversation that `turns`
-        extends; the session leaves the LRU. (None, 0) when none matches."""
+        extends under the same sparsity policy; the session leaves the LRU. (None, 0) when none
+        matches."""
         best = None
         for key, k in self.kept.items():
             n = len(k.turns)
-            if k.system == system and n < len(turns) and turns[:n] == k.turns and (
-                    best is None or n > len(self.kept[best].turns)):
+            extends = k.system == system and n < len(turns) and turns[:n] == k.turns
+            if extends and k.session.sparsity == sparsity and (best is None or n > len(self.kept[best].turns)):
                 best = key
         if best is None:
             return None, 0
@@ -279,7 +275,7 @@ class SessionLRU:
         return k.session, len(k.turns)
 
     def put(self, system, turns, session) -> None:
-        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session_bytes(session))
+        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session.cache.nbytes())
         while self.kept and (len(self.kept) > self.max_sessions
                              or sum(k.nbytes for k in self.kept.values()) > self.max_bytes):
             self.kept.popitem(last=False)[1].session.close()
@@ -319,15 +315,15 @@ class Job:
             self.session.cancel()
 
 
-def new_session(engine, req: ChatRequest, temp_files: list):
+def new_session(engine, req: ChatRequest, sparsity: dict, temp_files: list):
     """A session holding all of the conversation's media, in prompt order."""
     media = [m for t in req.turns for m in t.media]
     kinds = [m.kind for m in media]
     if kinds == sorted(kinds, key=lambda k: k == "video"):  # images then videos: the context fits them all
         return engine.session(images=[image_source(m) for m in media if m.kind == "image"],
                               videos=[video_source(m, temp_files) for m in media if m.kind == "video"],
-                              system=req.system)
-    session = engine.session(system=req.system)
+                              system=req.system, **sparsity)
+    session = engine.session(system=req.system, **sparsity)
     attach(session, media, temp_files)
     return session
 
@@ -369,11 +365,17 @@ def render(session, req: ChatRequest) -> list:
 
 
 class Worker:
-    """The model and its kept conversations; answer() runs in the single worker thread."""
+    """The model and its kept conversations; run() is the one place a job runs, in the single
+    worker thread."""
 
-    def __init__(self, engine, lru: SessionLRU):
-        self.engine, self.lru = engine, lru
-        self.answers = self.cancelled = 0  # answers given; of those, cut short by a client that left
+    def __init__(self, engine, lru: SessionLRU, args):
+        self.engine, self.lru, self.args = engine, lru, args
+        self.answers = self.cancelled = 0  # answers given; requests cut short by a client that left
+
+    def sparsity(self, req: ChatRequest) -> dict:
+        """The conversation's sparsity options, as the chat picks them: --sparsity, else the video
+        preset for a conversation with a video, the image preset for any other."""
+        return sparsity_options(self.args, any(m.kind == "video" for t in req.turns for m in t.media))
 
     def run(self, job: Job):
         """("done", payload) or ("error", APIError), also sent as the job's last event."""
@@ -395,12 +397,14 @@ class Worker:
     def answer(self, job: Job) -> dict:
         req, engine = job.req, self.engine
         if job.cancelled.is_set():  # the client left while the request waited
+            self.cancelled += 1
             raise APIError(499, "the client closed the connection", "cancelled")
-        session, known = self.lru.take(req.system, req.turns)
+        sparsity = self.sparsity(req)
+        session, known = self.lru.take(req.system, req.turns, engine.sparsity.overridden(**sparsity))
         temp_files = []
         try:
             if session is None:
-                session = new_session(engine, req, temp_files)
+                session = new_session(engine, req, sparsity, temp_files)
             else:
                 attach(session, [m for t in req.turns[known:] for m in t.media], temp_files)
             job.session = session
@@ -440,7 +444,7 @@ class Server:
     def __init__(self, engine, args, name: str):
         self.engine, self.name, self.args = engine, name, args
         self.lru = SessionLRU(args.max_sessions, args.session_memory * 1e9)
-        self.worker = Worker(engine, self.lru)
+        self.worker = Worker(engine, self.lru, args)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="tinyvila-model")  # FIFO: arrival order
         self.in_flight = 0  # running + waiting; touched on the event loop only
         self.jobs = set()
@@ -467,7 +471,9 @@ class Server:
     # -- endpoints
     async def health(self, request):
         w = self.worker
-        return JSONResponse({"status": "ok", "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
+        return JSONResponse({"status": "ok", "model": self.name, "device": str(self.engine.device),
+                             "dtype": str(self.engine.dtype).removeprefix("torch."),
+                             "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
                              "sessions_evicted": self.lru.evicted, "answers": w.answers,
                              "answers_cancelled": w.cancelled})
 
@@ -492,7 +498,7 @@ class Server:
             job = Job(req, asyncio.get_running_loop(), req.stream)
             if req.stream:
                 return await self.stream(job, body["model"])
-            kind, value = await self.submit(job)
+            kind, value = await self.submit_watching(job, request)
             if kind == "error":
                 raise value
             return JSONResponse(self.completion(value, body["model"]))
@@ -547,6 +553,19 @@ class Server:
             self.in_flight -= 1
             self.jobs.discard(job)
 
+    async def submit_watching(self, job: Job, request):
+        """submit(), the job cancelled if the client disconnects before its answer is ready."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await self.submit(job)
+        finally:
+            watcher.cancel()
+
     async def stream(self, job: Job, model: str):
         run = job.task = asyncio.ensure_future(self.submit(job))  # referenced: the loop keeps weak ones
         first = asyncio.ensure_future(job.events.get())
@@ -574,6 +593,7 @@ class Server:
                 yield chunk({"content": item[1]})
                 item = await job.events.get()
             kind, value = item
+            await asyncio.shield(run)  # out of the in-flight count before the client hears the end
             if kind == "error":  # after the answer began: reported in the stream, as OpenAI does
                 yield sse({"error": {"message": str(value), "type": value.type, "code": value.code}})
             else:
@@ -645,9 +665,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(args) -> None:
-    options = load_options(args)  # a bad sparsity policy fails before anything loads
+    check_sparsity(args)  # a bad sparsity policy fails before anything loads
     sock = bind(args.host, args.port)
-    engine = load(args.model, **options)
+    engine = load(args.model, **load_options(args))
     server = Server(engine, args, args.served_model_name or args.model)
     host, port = sock.getsockname()[:2]
     server.ready_line = f"serving {server.name} on http://{f'[{host}]' if ':' in host else host}:{port}"
