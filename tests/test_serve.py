@@ -1,5 +1,6 @@
 """tinyvila-serve: a live server on 127.0.0.1 (a free port), driven by the real `openai` client and by
 plain HTTP, against the in-process Engine on the same tiny checkpoints."""
+import asyncio
 import base64
 import io
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import tinyvila
+from tinyvila.serve import bind
 
 try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
     import httpx
@@ -403,3 +405,27 @@ def test_command_line_errors_are_one_line(llava_vicuna):
             assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run("--help")
     assert r.returncode == 0 and "--session-memory" in r.stdout and "--decode-sparsity" in r.stdout
+
+
+def test_connections_are_not_delayed_by_nagle():
+    """Streamed pieces are small writes: each connection the server accepts has TCP_NODELAY, else
+    on a keep-alive connection a piece waits for the client's delayed ACK (~40 ms)."""
+
+    async def accepted_nodelay():
+        sock = bind("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                raw = transport.get_extra_info("socket")
+                seen.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 30)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

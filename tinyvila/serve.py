@@ -655,7 +655,9 @@ def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads so a taken port fails at once."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on each connection (it checks the proto),
+        # so a streamed piece is not held back by Nagle's algorithm waiting for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:

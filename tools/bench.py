@@ -450,6 +450,8 @@ def parse_args(argv):
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each setting's latency breakdown (needs matplotlib)")
+    p.add_argument("--serve", nargs="?", metavar="URL", help="instead: tinyvila-serve over HTTP against in-process "
+                   "(see tinyvila-bench --serve --help)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -505,6 +507,11 @@ def report(args, rows, model, hf) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--serve" or a.startswith("--serve=") for a in argv):  # over HTTP: another benchmark
+        from tinyvila.tools import serve_bench
+
+        return serve_bench.main(argv)
     args = parse_args(argv)
 
     def body():
