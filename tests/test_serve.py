@@ -3,6 +3,7 @@ plain HTTP, against the in-process Engine on the same tiny checkpoints."""
 import asyncio
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -376,6 +378,17 @@ def test_client_drops_mid_stream(qwen_server):
     assert r.choices[0].message.content == eng.generate("Hi", temperature=0, max_new_tokens=10).text
 
 
+def test_client_drops_a_non_streamed_request(qwen_server):
+    s, d, eng = qwen_server
+    before = idle_health(s)["answers_cancelled"]
+    body = {"model": str(d), "messages": [{"role": "user", "content": "Count."}], "max_tokens": 100000,
+            "ignore_eos": True, "temperature": 0}
+    with httpx.Client(base_url=s.url, timeout=httpx.Timeout(60, read=1)) as impatient:
+        with pytest.raises(httpx.ReadTimeout):  # it gives up long before thousands of tokens
+            impatient.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert idle_health(s)["answers_cancelled"] == before + 1  # cancelled, not answered to the end
+
+
 def test_busy_server_says_503(qwen_server):
     s, d, eng = qwen_server
     hi = {"model": str(d), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -387,6 +400,49 @@ def test_busy_server_says_503(qwen_server):
         assert busy.json()["error"]["code"] == "queue_full"
     idle_health(s)  # the dropped stream's answer ends at its next token
     assert s.http.post("/v1/chat/completions", json=hi, headers=auth).status_code == 200
+
+
+def test_done_is_sent_after_the_request_left_the_queue(eng):
+    """The stream's [DONE] waits until its request no longer counts in flight, even when the worker
+    thread is slow to return after its last event (here held back on purpose)."""
+    from tinyvila.serve import ChatRequest, Job, Server, Turn
+
+    args = SimpleNamespace(max_sessions=1, session_memory=1.0, queue=0, max_body_mb=1.0, api_key=None,
+                           allowed_local_media=None, sparsity=None)
+
+    class LateWorker:
+        def run(self, job):
+            payload = {"text": "x", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1,
+                       "cached_tokens": 0, "stats": {}, "continued": False}
+            job.emit("piece", "x")
+            job.emit("done", payload)
+            threading.Event().wait(0.3)  # returns late: without the wait for it, [DONE] would come first
+            return "done", payload
+
+    async def in_flight_at_done():
+        srv = Server(eng, args, "m")
+        srv.worker = LateWorker()
+        req = ChatRequest(None, [Turn("user", "Hi")], None, [], True, False)
+        response = await srv.stream(Job(req, asyncio.get_running_loop(), True), "m")
+        seen = [(chunk, srv.in_flight) async for chunk in response.body_iterator]
+        srv.pool.shutdown()
+        return seen
+
+    seen = asyncio.run(in_flight_at_done())
+    assert seen[-1] == ("data: [DONE]\n\n", 0)
+
+
+def test_next_request_right_after_done_is_served(qwen_server):
+    """With --queue 0 a request sent the moment the last one's stream ends must not find it still
+    counted in flight."""
+    s, d, eng = qwen_server
+    hi = {"model": str(d), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for _ in range(5):
+        with s.http.stream("POST", "/v1/chat/completions", json=dict(hi, stream=True), headers=auth) as r:
+            assert r.status_code == 200
+            assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+        assert s.http.post("/v1/chat/completions", json=hi, headers=auth).status_code == 200
 
 
 def test_command_line_errors_are_one_line(llava_vicuna):
@@ -429,3 +485,34 @@ def test_connections_are_not_delayed_by_nagle():
         return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_bench_serve_starts_a_server_and_prints_both_sides(llava_vicuna, tmp_path, capsys):
+    from tinyvila.tools import bench
+
+    out_json = tmp_path / "serve.json"
+    assert bench.main(["--serve", "--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image",
+                       "64x48", "--new-tokens", "4", "--runs", "1", "--concurrency", "2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"in-process", "HTTP, cached conversation", "HTTP, no cached session"} <= set(rows), out
+    assert "n/a" not in out and "TTFT - in-process" in out
+    record = json.loads(out_json.read_text())
+    assert len(record["in_process"]) == 1 and len(record["http"]) == 2  # one timed run per client
+    for run in record["http"]:
+        assert run["cached"]["tinyvila"]["conversation_continued"] and run["cached"]["usage"][
+            "prompt_tokens_details"]["cached_tokens"] > 0
+        assert run["cold"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert run["cold"]["tinyvila"]["vision_s"] > 0 == run["cached"]["tinyvila"]["vision_s"]
+        assert run["cached"]["usage"]["prompt_tokens"] == run["cold"]["usage"]["prompt_tokens"]  # the same turn
+
+
+def test_bench_serve_on_a_running_server(server, capsys):
+    from tinyvila.tools import bench
+
+    assert bench.main(["--serve", server.url, "--api-key", KEY, "--image", "64x48", "--new-tokens", "3",
+                       "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| in-process | n/a |" in out and "| HTTP, cached conversation |" in out
+    assert bench.main(["--serve", server.url, "--api-key", "wrong", "--image", "64x48", "--runs", "1"]) == 2
+    assert "401" in capsys.readouterr().err
