@@ -27,6 +27,7 @@ except ImportError:
     import httpx2 as httpx
 from fixtures_images import draw_image, write_video
 from fixtures_qwen import build_qwen2_5_vl
+from fixtures_vila import build_vila
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test"
@@ -355,6 +356,25 @@ def test_a_conversation_continues_only_under_its_policy(qwen_server):
         ref.add_video(str(video))
         expected = ref.ask("And now?", temperature=0, max_new_tokens=6)
     assert r2.choices[0].message.content == expected.text
+
+
+def test_video_on_longvila(tmp_path_factory):
+    """LongVILA (qwen2 backbone): a video by file:// and inline, under the server's video preset."""
+    d = tmp_path_factory.mktemp("vila_serve")
+    path = build_vila(str(d), backbone="qwen2").path
+    video = write_video(d / "clip.mp4", [draw_image(64, 48, seed=k) for k in range(12)])
+    s = LiveServer(tmp_path_factory.mktemp("vila_server"), path, "--allowed-local-media", d, "--max-frames", 4)
+    try:
+        eng = tinyvila.load(path, device="cpu", dtype="float32", max_frames=4)
+        ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=6, sparsity="video")
+        assert 0 < ref.stats.visual_tokens_kept < ref.stats.visual_tokens and ref.text.strip()
+        for url in (f"file://{video}", "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()):
+            r = s.client().chat.completions.create(model=str(path), messages=[user("What happens?", url, kind="video")],
+                                                   temperature=0, max_tokens=6)
+            assert r.choices[0].message.content == ref.text
+            assert r.model_extra["tinyvila"]["visual_tokens_kept"] == ref.stats.visual_tokens_kept
+    finally:
+        assert s.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 
 
 def idle_health(server) -> dict:
