@@ -271,10 +271,12 @@ def test_stop_strings_and_sampling(server, eng, img):
 
 
 @pytest.fixture(scope="module")
-def small_server(llava_vicuna, eng, tmp_path_factory):
-    """Room for one conversation's KV cache, no waiting line, 1 MB bodies."""
-    with eng.session(max_seq_len=512) as s:
-        one = s.cache.nbytes()
+def small_server(llava_vicuna, eng, img, tmp_path_factory):
+    """Room for one conversation (its KV cache and decode buffer), no waiting line, 1 MB bodies."""
+    with eng.session(images=[img], max_seq_len=512) as s:
+        s.ask("Hi", temperature=0, max_new_tokens=2)
+        one = s.nbytes()
+        assert one > s.cache.nbytes()  # the image preset's decode retrieval holds a decode buffer too
     s = LiveServer(tmp_path_factory.mktemp("small"), llava_vicuna, "--max-seq-len", 512, "--session-memory",
                    1.5 * one / 1e9, "--queue", 0, "--max-body-mb", 1)
     yield s

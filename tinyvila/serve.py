@@ -247,7 +247,7 @@ class Kept:
     system: str | None
     turns: list
     session: object
-    nbytes: int  # its KV cache, preallocated for the whole context
+    nbytes: int  # its KV cache, preallocated for the whole context, and decode buffer
 
 
 class SessionLRU:
@@ -275,7 +275,7 @@ class SessionLRU:
         return k.session, len(k.turns)
 
     def put(self, system, turns, session) -> None:
-        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session.cache.nbytes())
+        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session.nbytes())
         while self.kept and (len(self.kept) > self.max_sessions
                              or sum(k.nbytes for k in self.kept.values()) > self.max_bytes):
             self.kept.popitem(last=False)[1].session.close()

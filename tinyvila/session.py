@@ -115,6 +115,10 @@ class Session:
         self.cache = self.decode_buffer = None  # release the preallocated caches and the captured graphs
         self.graphs = DecodeGraphs()
 
+    def nbytes(self) -> int:
+        """The device memory the session holds: its KV cache and its decode buffer (0 once closed)."""
+        return sum(c.nbytes() for c in (self.cache, self.decode_buffer) if c is not None)
+
     def __enter__(self):
         return self
 
