@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import tinyvila
-from tinyvila.serve import bind
+from tinyvila.serve import Turn, bind
 
 try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
     import httpx
@@ -360,11 +360,17 @@ def test_a_conversation_continues_only_under_its_policy(qwen_server):
     assert r2.choices[0].message.content == expected.text
 
 
-def test_video_on_longvila(tmp_path_factory):
-    """LongVILA (qwen2 backbone): a video by file:// and inline, under the server's video preset."""
+@pytest.fixture(scope="module")
+def vila_video(tmp_path_factory):
+    """A tiny LongVILA (qwen2 backbone) checkpoint folder and a 12-frame video inside it."""
     d = tmp_path_factory.mktemp("vila_serve")
     path = build_vila(str(d), backbone="qwen2").path
-    video = write_video(d / "clip.mp4", [draw_image(64, 48, seed=k) for k in range(12)])
+    return d, path, write_video(d / "clip.mp4", [draw_image(64, 48, seed=k) for k in range(12)])
+
+
+def test_video_on_longvila(vila_video, tmp_path_factory):
+    """LongVILA: a video by file:// and inline, under the server's video preset."""
+    d, path, video = vila_video
     s = LiveServer(tmp_path_factory.mktemp("vila_server"), path, "--allowed-local-media", d, "--max-frames", 4)
     try:
         eng = tinyvila.load(path, device="cpu", dtype="float32", max_frames=4)
@@ -377,6 +383,46 @@ def test_video_on_longvila(tmp_path_factory):
             assert r.model_extra["tinyvila"]["visual_tokens_kept"] == ref.stats.visual_tokens_kept
     finally:
         assert s.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_a_session_is_sized_for_all_of_its_media(vila_video):
+    """A kept session's context was sized for the media it had: a follow-up bringing a video that
+    does not fit it is answered by a new session sized for the whole conversation; so is a new
+    conversation whose video comes before an image. Run on the worker itself, with the text room
+    beyond the media (8192 tokens by default) cut to lie between what each prompt needs without
+    and with its media."""
+    from tinyvila.sampling import SamplingParams
+    from tinyvila.serve import ChatRequest, Job, SessionLRU, Worker, parse_args, parse_url
+
+    d, path, video = vila_video
+    eng = tinyvila.load(path, device="cpu", dtype="float32", max_frames=4)
+    args = parse_args([str(path), "--sparsity", "dense"])
+    clip = parse_url(f"file://{video}", "video", str(d))
+    picture = parse_url(data_url(draw_image(56, 56, seed=4)), "image", None)
+
+    def run(worker, turns):
+        req = ChatRequest(None, turns, SamplingParams(max_new_tokens=3, temperature=0), [], False, False)
+        kind, value = worker.run(Job(req, None, False))
+        assert kind == "done", value
+        return value
+
+    def roomy_answer(turns):  # the answer with the default room; the room that makes this case
+        value = run(Worker(eng, SessionLRU(4, 1e12), args), turns)
+        return value, value["prompt_tokens"] - value["stats"]["visual_tokens"] // 2
+
+    first = [Turn("user", "Hi")]
+    a1 = run(Worker(eng, SessionLRU(4, 1e12), args), first)["text"]
+    follow_up = first + [Turn("assistant", a1), Turn("user", "What happens?", (clip,))]
+    mixed = [Turn("user", "What happens?", (clip,)), Turn("assistant", "A clip."), Turn("user", "And here?", (picture,))]
+    for turns, kept_first in ((follow_up, True), (mixed, False)):
+        ref, room = roomy_answer(turns)
+        eng.max_seq_len = room
+        worker = Worker(eng, SessionLRU(4, 1e12), args)
+        if kept_first:
+            assert run(worker, first)["text"] == a1  # kept, its context sized for no media
+        out = run(worker, turns)
+        assert out["text"] == ref["text"] and not out["continued"]
+        assert out["prompt_tokens"] == ref["prompt_tokens"] > room
 
 
 def idle_health(server) -> dict:

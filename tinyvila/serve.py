@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import __version__, load
 from .cli_options import add_load_options, check_sparsity, load_options, sparsity_options
-from .errors import MediaError, TinyVilaError, run_cli
+from .errors import ContextError, MediaError, TinyVilaError, run_cli
 from .generate import SamplingParams
 from .loader import read_json
 
@@ -316,24 +316,25 @@ class Job:
 
 
 def new_session(engine, req: ChatRequest, sparsity: dict, temp_files: list):
-    """A session holding all of the conversation's media, in prompt order."""
-    media = [m for t in req.turns for m in t.media]
-    kinds = [m.kind for m in media]
-    if kinds == sorted(kinds, key=lambda k: k == "video"):  # images then videos: the context fits them all
-        return engine.session(images=[image_source(m) for m in media if m.kind == "image"],
-                              videos=[video_source(m, temp_files) for m in media if m.kind == "video"],
-                              system=req.system, **sparsity)
-    session = engine.session(system=req.system, **sparsity)
-    attach(session, media, temp_files)
+    """A session holding all of the conversation's media, in prompt order, its context sized for
+    them all (as Engine.session sizes it for the media it is given)."""
+    options = {k: v for k, v in engine.defaults.items() if k in engine.model.media_options}
+    items = [engine.load_media(**{f"{m.kind}s": [source(m, temp_files)]}, **options)[0]
+             for t in req.turns for m in t.media]
+    context = engine.default_context(items, engine.sparsity.overridden(**sparsity))
+    session = engine.session(system=req.system, max_seq_len=context, **sparsity)
+    session.pending = items  # the media of the conversation's user messages, in order
     return session
 
 
 def attach(session, media, temp_files: list) -> None:
     for m in media:
-        if m.kind == "image":
-            session.add_image(image_source(m))
-        else:
-            session.add_video(video_source(m, temp_files))
+        add = session.add_image if m.kind == "image" else session.add_video
+        add(source(m, temp_files))
+
+
+def source(m: Media, temp_files: list):
+    return image_source(m) if m.kind == "image" else video_source(m, temp_files)
 
 
 def image_source(m: Media):
@@ -394,26 +395,40 @@ class Worker:
         job.emit(*out)
         return out
 
+    def respond(self, job: Job, session, known: int, sparsity: dict, temp_files: list):
+        """(result, session, turns continued): the kept session continued, unless the new media do
+        not fit its context (sized for the media it had): then, as with no kept session, a new
+        session over the whole conversation, its context sized for all of its media."""
+        try:
+            if session is not None:
+                try:
+                    attach(session, [m for t in job.req.turns[known:] for m in t.media], temp_files)
+                    return self.complete(job, session), session, known
+                except ContextError:
+                    session.close()
+            session = None
+            session = new_session(self.engine, job.req, sparsity, temp_files)
+            return self.complete(job, session), session, 0
+        except BaseException:
+            if session is not None:
+                session.close()
+            raise
+
+    def complete(self, job: Job, session):
+        job.session = session
+        ids = self.engine.encode_text(self.engine.render(render(session, job.req)))
+        return session.complete(ids, job.req.params, job.on_piece)
+
     def answer(self, job: Job) -> dict:
         req, engine = job.req, self.engine
         if job.cancelled.is_set():  # the client left while the request waited
             self.cancelled += 1
             raise APIError(499, "the client closed the connection", "cancelled")
         sparsity = self.sparsity(req)
-        session, known = self.lru.take(req.system, req.turns, engine.sparsity.overridden(**sparsity))
+        kept, known = self.lru.take(req.system, req.turns, engine.sparsity.overridden(**sparsity))
         temp_files = []
         try:
-            if session is None:
-                session = new_session(engine, req, sparsity, temp_files)
-            else:
-                attach(session, [m for t in req.turns[known:] for m in t.media], temp_files)
-            job.session = session
-            ids = engine.encode_text(engine.render(render(session, req)))
-            result = session.complete(ids, req.params, job.on_piece)
-        except BaseException:
-            if session is not None:
-                session.close()
-            raise
+            result, session, known = self.respond(job, kept, known, sparsity, temp_files)
         finally:
             for path in temp_files:
                 os.unlink(path)
