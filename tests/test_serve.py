@@ -462,9 +462,9 @@ def test_busy_server_says_503(qwen_server):
     hi = {"model": str(d), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     auth = {"Authorization": f"Bearer {KEY}"}
     with long_stream(s, str(d)) as r:  # thousands of tokens: still answering when the next request comes
-        next(r.iter_lines())
+        assert r.status_code == 200 and next(r.iter_lines()).startswith("data: {")
         busy = s.http.post("/v1/chat/completions", json=hi, headers=auth)
-        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", (busy.text, s.http.get("/health").json())
         assert busy.json()["error"]["code"] == "queue_full"
     idle_health(s)  # the dropped stream's answer ends at its next token
     assert s.http.post("/v1/chat/completions", json=hi, headers=auth).status_code == 200
@@ -527,8 +527,11 @@ def test_command_line_errors_are_one_line(llava_vicuna):
         for args, message in cases:
             r = run(llava_vicuna, *args)
             assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run("--help")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tinyvila.serve", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--session-memory" in r.stdout and "--decode-sparsity" in r.stdout
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "tinyvila.cli_options" in imported and "torch" not in imported  # --help answers at once
 
 
 def test_connections_are_not_delayed_by_nagle():

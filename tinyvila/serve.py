@@ -32,13 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__, load
 from .cli_options import add_load_options, check_sparsity, load_options, sparsity_options
-from .errors import ContextError, MediaError, TinyVilaError, run_cli
-from .generate import SamplingParams
+from .errors import ContextError, MediaError, TinyVilaError, out_of_memory, run_cli
 from .loader import read_json
 
 try:  # the `serve` extra
@@ -178,13 +176,15 @@ def parse_messages(messages, allowed_dir):
 class ChatRequest:
     system: str | None
     turns: list
-    params: SamplingParams
+    params: object  # SamplingParams
     stop: list
     stream: bool
     include_usage: bool
 
 
 def parse_request(body: dict, defaults: dict, allowed_dir, max_tokens: int) -> ChatRequest:
+    from .sampling import SamplingParams  # torch, loaded with the model: --help does not wait for it
+
     if body.get("n") not in (None, 1):
         raise bad("n must be 1 (one answer per request)")
     stop = body.get("stop") or []
@@ -386,12 +386,12 @@ class Worker:
             out = ("error", e)
         except TinyVilaError as e:
             out = ("error", bad(str(e)))
-        except torch.cuda.OutOfMemoryError:
-            out = ("error", APIError(500, "out of GPU memory; try a smaller image or fewer turns", "server_error"))
-        except Exception as e:  # a bug: logged here, never shown to the client
-            print(f"tinyvila-serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-            traceback.print_exc()
-            out = ("error", APIError(500, "internal server error", "server_error"))
+        except Exception as e:
+            memory = out_of_memory(e, "try a smaller image or fewer turns")
+            if memory is None:  # a bug: logged here, never shown to the client
+                print(f"tinyvila-serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+                traceback.print_exc()
+            out = ("error", APIError(500, memory or "internal server error", "server_error"))
         job.emit(*out)
         return out
 
