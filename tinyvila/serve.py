@@ -4,7 +4,9 @@ A chat client resends the whole conversation with every request. The server keep
 conversation's session (its encoded media and KV cache) in an LRU; a request whose messages extend
 a kept conversation (same system prompt, same media bytes in the same places, same earlier
 messages, the assistant's own answers included) continues that session, so nothing is encoded or
-prefilled again. Any other request starts a new session over the whole conversation.
+prefilled again. Any other request starts a new session over the whole conversation. As in the
+chat, a conversation runs under the image sparsity preset, or the video one when it holds a video
+(unless --sparsity says otherwise), and is continued only under that same policy.
 
 Requests run one at a time on the model, in arrival order, in one worker thread; the event loop
 only parses, queues and streams. Nothing is ever fetched: media come as data: URLs, or as file://
