@@ -40,6 +40,9 @@ TEXT_DEFAULTS = {
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   sliding_window=None, qkv_bias=True, o_bias=False),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, head_dim=128, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                  sliding_window=None, qkv_bias=False, o_bias=False, qk_norm=True),
 }
 
 
@@ -64,11 +67,13 @@ class TextConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     mrope_section: list | None = None  # Qwen2.5-VL multimodal RoPE: frequencies per (t, h, w)
+    mrope_interleaved: bool = False  # Qwen3-VL: the (t, h, w) frequencies alternate instead of forming chunks
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
 
     @classmethod
     def from_dict(cls, d: dict, model_type: str | None = None, tie_word_embeddings: bool | None = None):
         model_type = model_type or d.get("model_type") or "llama"
-        base = "qwen2" if model_type.startswith("qwen2") else model_type
+        base = "qwen2" if model_type.startswith("qwen2") else "qwen3" if model_type.startswith("qwen3") else model_type
         if base not in TEXT_DEFAULTS:
             raise CheckpointError(f"unsupported language model type {model_type!r} "
                                   f"(supported: {', '.join(TEXT_DEFAULTS)})")
@@ -79,6 +84,8 @@ class TextConfig:
             v["qkv_bias"] = v["o_bias"] = bool(d["attention_bias"])
         if base == "mistral" and "sliding_window" in d:
             v["sliding_window"] = d["sliding_window"]  # an explicit null disables it
+        if base == "qwen3":
+            v["sliding_window"] = None
         if base == "qwen2":  # Qwen2 uses its window only when use_sliding_window is set
             v["sliding_window"] = d.get("sliding_window") if d.get("use_sliding_window") else None
         # RoPE: transformers 4.x spells rope_theta / rope_scaling, 5.x rope_parameters.
@@ -87,6 +94,7 @@ class TextConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if "mrope_section" in rope:
             v["mrope_section"] = list(rope["mrope_section"])
+            v["mrope_interleaved"] = bool(rope.get("mrope_interleaved", False))
             kind = "default"
         v["rope_scaling"] = None if kind in ("default", "mrope", None) else dict(rope, rope_type=kind)
         if tie_word_embeddings is not None and "tie_word_embeddings" not in d:
@@ -297,16 +305,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return inv
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None):
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None, interleaved=False):
     """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T]."""
     if positions.dim() == 1:
         freqs = positions.float()[:, None] * inv_freq[None, :]
+    elif interleaved:  # Qwen3-VL: frequency i takes h if i % 3 == 1, w if 2 (up to 3x their sections), else t
+        per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
+        axis = mrope_axes(mrope_section, inv_freq.numel()).to(per_axis.device)
+        freqs = per_axis.gather(0, axis.expand(1, per_axis.shape[1], -1))[0]
     else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
         per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
         chunks = per_axis.split(list(mrope_section), dim=-1)
         freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def mrope_axes(mrope_section, n_freqs: int) -> torch.Tensor:
+    """Interleaved M-RoPE: the position axis (0 t, 1 h, 2 w) of each of the n_freqs frequencies."""
+    axis = torch.zeros(n_freqs, dtype=torch.long)
+    axis[1:mrope_section[1] * 3:3] = 1
+    axis[2:mrope_section[2] * 3:3] = 2
+    return axis
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -327,6 +347,18 @@ class Attention(nn.Module):
         q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3: RMSNorm over each head of q and k, before RoPE
+        norm = (lambda: RMSNorm(cfg.head_dim, cfg.rms_norm_eps)) if cfg.qk_norm else (lambda: None)
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def _qk_normed(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The fused projection [T, (H + 2 H_kv) D] with q and k RMS-normed per head (Qwen3)."""
+        if self.q_norm is None:
+            return qkv
+        T, D = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.n_heads * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q, k = self.q_norm(q.reshape(T, -1, D)), self.k_norm(k.reshape(T, -1, D))
+        return torch.cat([q.reshape(T, -1), k.reshape(T, -1), v], dim=-1)
 
     def forward(self, x, cos, sin, kv, start: int, mask) -> torch.Tensor:
         """Attention of x's T tokens (cache slots start..start+T) over the cache."""
@@ -347,7 +379,7 @@ class Attention(nn.Module):
         """Project x, rotate q and k, write k and v to cache slots start..: (q [H, T, D], this
         layer's K and V caches [H_kv, S_max, D])."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+        q, k, v = self._qk_normed(self.qkv_proj(x)).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                           self.n_kv * self.head_dim], dim=-1)
         q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
         if x.is_cuda:  # rotate in place with one Triton kernel each
@@ -395,7 +427,7 @@ class Attention(nn.Module):
         """One token (x [1, C]) at cache slot `slot` (device tensor), Triton kernels only between
         the projections: graph-capturable, no host sync."""
         k_cache, v_cache = kv
-        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
+        q = rope_append(self._qk_normed(self.qkv_proj(x)), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
         return self.o_proj(out.reshape(1, -1))
 
@@ -460,6 +492,24 @@ class DecoderLM(nn.Module):
             return F.linear(h, self.embed_tokens.weight).float()
         return self.lm_head(h).float()
 
+    deepstack_layers = 0  # Qwen3-VL: the first layers whose outputs get visual features added (set by the family)
+
+    def embed_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input rows of a prompt to prefill: embed(ids), followed by `deepstack_layers` zero blocks
+        of C columns where a DeepStack model's media features write what is added after each of
+        its first layers (text rows add nothing)."""
+        h = self.embed(ids)
+        if not self.deepstack_layers:
+            return h
+        return torch.cat([h, h.new_zeros(h.shape[0], self.deepstack_layers * h.shape[1])], dim=1)
+
+    def split_deepstack(self, h: torch.Tensor):
+        """Rows [T, (1+D) C] from embed_prompt -> (h [T, C], DeepStack additions [T, D, C] or None)."""
+        C = self.cfg.hidden_size
+        if h.shape[1] == C:
+            return h, None
+        return h[:, :C], h[:, C:].view(h.shape[0], -1, C)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids (media tokens) may lie outside the table: clamp, the caller overwrites them.
         return self.embed_tokens(ids.clamp(0, self.cfg.vocab_size - 1))
@@ -483,13 +533,14 @@ class DecoderLM(nn.Module):
         """cos/sin [T, head_dim] for positions [T] or [3, T], in the activation dtype."""
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section, self.cfg.mrope_interleaved)
         return cos.to(dtype), sin.to(dtype)
 
-    def fused_blocks(self, h: torch.Tensor, attend, prune=None) -> torch.Tensor:
+    def fused_blocks(self, h: torch.Tensor, attend, prune=None, extra=None) -> torch.Tensor:
         """All decoder blocks with the residual adds, norms and SwiGLU fused (Triton, GPU), the
         final norm included. attend(i, layer, x) is the attention of block i on its normed input.
-        prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on."""
+        prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on.
+        extra(i): rows added to block i's output, or None (DeepStack)."""
         eps, delta = self.cfg.rms_norm_eps, None  # each norm also adds the block output before it
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune[0]:
@@ -501,6 +552,9 @@ class DecoderLM(nn.Module):
                 x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
             x, h = add_rmsnorm(h, attend(i, layer, x), layer.post_attention_layernorm.weight, eps)
             delta = layer.mlp(x)
+            added = extra(i) if extra is not None else None
+            if added is not None:
+                delta = delta + added
         return add_rmsnorm(h, delta, self.norm.weight, eps)[0]
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last"):
@@ -536,9 +590,14 @@ class DecoderLM(nn.Module):
         Triton blocks); returns (hidden states, scores). score: {block index: (vis_slots,
         score_from)}, the blocks whose attention also scores visual tokens, their r in `scores`.
         prune: (K, choose): before block K, choose(the last r) gives the rows that go on."""
+        h, stack = self.split_deepstack(h)
         cos, sin = self.rope_tables(positions, h.dtype)
-        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device)}
+        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device), "stack": stack}
         window, scores, score = self.cfg.sliding_window, [], score or {}
+
+        def extra(i):  # what DeepStack adds to block i's output (for the rows still going on)
+            stack = state["stack"]
+            return stack[:, i] if stack is not None and i < stack.shape[1] else None
 
         def attend(i, block, x):  # block: the whole DecoderLayer, or its Attention in fused_blocks
             args = (x, state["cos"], state["sin"], cache.layer(i), start, state["mask"])
@@ -554,18 +613,22 @@ class DecoderLM(nn.Module):
             n = rows.numel()
             state["cos"], state["sin"] = state["cos"][rows], state["sin"][rows]
             state["mask"] = self.attention_mask(n, start, h.device)
+            if state["stack"] is not None:
+                state["stack"] = state["stack"][rows]
             cache.k[:K, :, start:start + n] = cache.k[:K, :, start + rows]
             cache.v[:K, :, start:start + n] = cache.v[:K, :, start + rows]
             return rows
 
         hook = None if prune is None else (prune[0], rows_of)
         if h.is_cuda:
-            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook)
+            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook, extra)
         else:
             for i, layer in enumerate(self.layers):
                 if hook is not None and i == hook[0]:
                     h = h[rows_of()]
                 h = attend(i, layer, h)
+                if extra(i) is not None:
+                    h = h + extra(i)
             h = self.norm(h)
         cache.length = start + h.shape[0]
         return h, scores

@@ -249,7 +249,7 @@ class Session:
         """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""
         lm, device = self.lm, self.engine.device
         ids = torch.tensor([max(k, 0) for k in keys[start:]], device=device)
-        h = lm.embed(ids)
+        h = lm.embed_prompt(ids)  # wider than C for DeepStack: its features fill the extra columns
         for s, e, j in spans:
             if e > start:
                 h[max(s, start) - start:e - start] = self.features[j][max(s, start) - s:].to(h.dtype)
