@@ -1,0 +1,171 @@
+"""Qwen3-VL parity with transformers on tiny random checkpoints (fp32, CPU): pixels, grids,
+expanded ids, interleaved M-RoPE positions, logits (DeepStack included) and greedy tokens."""
+import json
+
+import pytest
+import torch
+
+import tinyvila
+from fixtures_images import draw_image
+from fixtures_qwen3 import build_qwen3_vl
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """Two checkpoints: untied lm_head (8B-like) and tied embeddings (2B/4B-like)."""
+    out = {}
+    for name, tied in {"untied": False, "tied": True}.items():
+        d = tmp_path_factory.mktemp(f"qwen3_{name}")
+        _, ids = build_qwen3_vl(d, tied=tied, seed=int(tied))
+        out[name] = (d, ids, tinyvila.load(d, device="cpu", dtype="float32"))
+    return out
+
+
+_HF = {}
+
+
+def hf_model(path):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    if path not in _HF:
+        _HF[path] = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return _HF[path]
+
+
+def hf_inputs(path, ids, messages, images=()):
+    """transformers' tokenizer, chat template and PIL image processor, each <|image_pad|> expanded
+    to t*h*w/4 of them as Qwen3VLProcessor does (its video half needs torchvision)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(path)
+    template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    inputs = dict(Qwen2VLImageProcessorPil.from_pretrained(path)(images=list(images), return_tensors="pt")) \
+        if images else {}
+    pieces = text.split("<|image_pad|>")
+    counts = [int(g.prod()) // 4 for g in inputs.get("image_grid_thw", [])]
+    text = pieces[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:]))
+    inputs["input_ids"] = tok(text, return_tensors="pt")["input_ids"]
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == ids["image_pad"]).int()
+    return inputs
+
+
+def user(n_images, text, kind="image"):
+    return {"role": "user", "content": [{"type": kind}] * n_images + [{"type": "text", "text": text}]}
+
+
+def hf_greedy(model, inputs, n, banned):
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=banned, eos_token_id=None,
+                         repetition_penalty=1.0, pad_token_id=0, temperature=None, top_k=None, top_p=None)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def banned_ids(eng):
+    return eng.banned.nonzero().flatten().tolist()
+
+
+def test_config_and_stop_ids(qwen3):
+    _, ids, eng = qwen3["untied"]
+    text = eng.model.cfg.text
+    assert text.qk_norm and text.mrope_interleaved and text.mrope_section == [6, 5, 5] and text.head_dim == 32
+    assert eng.model.language_model.deepstack_layers == 2
+    assert eng.stop_ids == {ids["im_end"], ids["endoftext"]}
+    assert qwen3["tied"][2].model.cfg.text.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_text_only_parity(qwen3, name):
+    path, ids, eng = qwen3[name]
+    inputs = hf_inputs(path, ids, [user(0, "Say something about colours.")])
+    model = hf_model(path)
+    with torch.no_grad():
+        ref = model(input_ids=inputs["input_ids"]).logits[0]
+    assert (eng.logits("Say something about colours.") - ref).abs().max().item() <= 1e-4
+    r = eng.generate("Say something about colours.", max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert r.token_ids == hf_greedy(model, {"input_ids": inputs["input_ids"]}, 12, banned_ids(eng))
+
+
+@pytest.mark.parametrize("name,size", [("untied", (200, 150)), ("untied", (90, 260)), ("tied", (140, 140))])
+def test_image_parity_with_transformers(qwen3, name, size):
+    path, ids, eng = qwen3[name]
+    img = draw_image(*size, seed=sum(size))
+    model = hf_model(path)
+    inputs = hf_inputs(path, ids, [user(1, "What is shown here?")], [img])
+
+    item = eng.model.prepare_image(img)
+    assert item.grid == tuple(inputs["image_grid_thw"][0].tolist())
+    assert torch.allclose(item.pixels, inputs["pixel_values"], atol=1e-5)
+    with eng.session(images=[img]) as s:
+        keys, spans = s.expand(eng.encode_text(eng.render([user(1, "What is shown here?")])), s.pending)
+        positions = eng.model.positions(len(keys), spans, s.pending, "cpu")
+    assert [k if k >= 0 else ids["image_pad"] for k in keys] == inputs["input_ids"][0].tolist()
+    ref_pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"])
+    assert torch.equal(positions, ref_pos[:, 0])
+
+    ours = eng.logits("What is shown here?", images=[img])
+    with torch.no_grad():
+        ref = model(**inputs).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+    r = eng.generate("What is shown here?", images=[img], max_new_tokens=16, temperature=0, ignore_eos=True)
+    assert r.token_ids == hf_greedy(model, inputs, 16, banned_ids(eng))
+    assert r.stats.visual_tokens == item.n_tokens
+
+
+def test_encoder_features_equal_transformers(qwen3):
+    """Main merger output, then each DeepStack merger's, per visual token."""
+    path, _, eng = qwen3["untied"]
+    items = [eng.model.prepare_image(draw_image(120, 90, seed=1)), eng.model.prepare_image(draw_image(64, 200, seed=2))]
+    with torch.no_grad():
+        out = hf_model(path).model.visual(torch.cat([it.pixels for it in items]),
+                                          grid_thw=torch.tensor([it.grid for it in items]))
+    ref = torch.cat([out.pooler_output] + list(out.deepstack_features), dim=1)
+    ours = torch.cat(eng.model.encode(items))
+    assert ours.shape == (sum(it.n_tokens for it in items), 3 * 64)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_deepstack_changes_the_answer(qwen3):
+    """Without the DeepStack additions the logits move: the parity tests above do check them."""
+    _, _, eng = qwen3["untied"]
+    img = draw_image(160, 128, seed=9)
+    with_stack = eng.logits("What is shown here?", images=[img])
+    lm = eng.model.language_model
+    split = lm.split_deepstack
+    lm.split_deepstack = lambda h: (split(h)[0], None)
+    try:
+        without = eng.logits("What is shown here?", images=[img])
+    finally:
+        del lm.split_deepstack
+    assert (with_stack - without).abs().max().item() > 1e-2
+
+
+def test_different_images_give_different_answers(qwen3):
+    _, _, eng = qwen3["untied"]
+    a = eng.logits("What is shown here?", images=[draw_image(128, 128, seed=1)])[-1]
+    b = eng.logits("What is shown here?", images=[draw_image(128, 128, seed=2)])[-1]
+    assert (a - b).abs().max().item() > 1e-2
+
+
+def test_two_images_in_one_prompt(qwen3):
+    path, ids, eng = qwen3["untied"]
+    imgs = [draw_image(120, 90, seed=1), draw_image(60, 160, seed=2)]
+    inputs = hf_inputs(path, ids, [user(2, "Compare them.")], imgs)
+    model = hf_model(path)
+    with torch.no_grad():
+        ref = model(**inputs).logits[0]
+    assert (eng.logits("Compare them.", images=imgs) - ref).abs().max().item() <= 1e-4
+    r = eng.generate("Compare them.", images=imgs, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert r.token_ids == hf_greedy(model, inputs, 12, banned_ids(eng))
+
+
+def test_two_turn_session_equals_one_shot(qwen3):
+    path, ids, eng = qwen3["tied"]
+    img = draw_image(224, 200, seed=5)
+    with eng.session(images=[img]) as s:
+        first = s.ask("Describe it.", max_new_tokens=6, temperature=0, ignore_eos=True)
+        second = s.ask("And the colours?", max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert second.stats.vision_s == 0 and second.stats.prefill_tokens < second.stats.visual_tokens
+    messages = [user(1, "Describe it."), {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+                user(0, "And the colours?")]
+    assert second.token_ids == hf_greedy(hf_model(path), hf_inputs(path, ids, messages, [img]), 10, banned_ids(eng))
