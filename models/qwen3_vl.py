@@ -14,9 +14,11 @@ max(h, w) / merge ids later.
 Checkpoint keys: `model.visual.*`, `model.language_model.*`, `lm_head.*` (hub and transformers
 saves alike); a missing lm_head means tied embeddings (2B, 4B).
 """
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,9 +29,10 @@ from tinyvila.sparsity import compact_grid
 
 from .layers import TextConfig, activation
 from .quantized import act_input, norm_input
-from .qwen2_5_vl import (QwenMedia, Qwen2_5_VL, VisionAttention, canonical_name, full_bounds, patch_positions,
-                         preprocess_image, num_tokens, segment_groups, weight_has_lm_head)
 from .layers import DecoderLM, GraphCache
+from .qwen2_5_vl import (MAX_RATIO, QwenMedia, QwenMediaError, Qwen2_5_VL, VisionAttention, _frames_to_uint8,
+                         full_bounds, patch_positions, patchify, resize_frames_bicubic, segment_groups,
+                         weight_has_lm_head)
 
 HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's image mean and std
 
@@ -83,6 +86,11 @@ class Qwen3VLConfig:
     max_pixels: int = 16777216
     image_mean: tuple = HALF
     image_std: tuple = HALF
+    # videos: transformers' Qwen3VLVideoProcessor defaults unless video_preprocessor_config.json says
+    video_min_pixels: int = 128 * 32 * 32
+    video_max_pixels: int = 768 * 32 * 32
+    video_mean: tuple = HALF
+    video_std: tuple = HALF
 
 
 def parse_config(path: Path, config: dict) -> Qwen3VLConfig:
@@ -102,6 +110,8 @@ def parse_config(path: Path, config: dict) -> Qwen3VLConfig:
                               f"model's hidden_size {text.hidden_size}")
     pre = read_json(path / "preprocessor_config.json", required=False)
     size = pre.get("size") or {}
+    video = read_json(path / "video_preprocessor_config.json", required=False)
+    video_size = video.get("size") or {}
     return Qwen3VLConfig(
         text=text, vision=vision,
         image_token_id=int(config.get("image_token_id", 151655)),
@@ -110,7 +120,75 @@ def parse_config(path: Path, config: dict) -> Qwen3VLConfig:
         vision_end_token_id=int(config.get("vision_end_token_id", 151653)),
         min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge") or 65536),
         max_pixels=int(pre.get("max_pixels") or size.get("longest_edge") or 16777216),
-        image_mean=tuple(pre.get("image_mean", HALF)), image_std=tuple(pre.get("image_std", HALF)))
+        image_mean=tuple(pre.get("image_mean", HALF)), image_std=tuple(pre.get("image_std", HALF)),
+        video_min_pixels=int(video_size.get("shortest_edge") or 128 * 32 * 32),
+        video_max_pixels=int(video_size.get("longest_edge") or 768 * 32 * 32),
+        video_mean=tuple(video.get("image_mean", HALF)), video_std=tuple(video.get("image_std", HALF)))
+
+
+# --------------------------------------------------------------------------- video preprocessing
+#
+# As transformers 5.25's Qwen3VLVideoProcessor and Qwen3VLProcessor: frames sampled at `fps` (2)
+# from the file's rate, one size for the clip from a budget over all its frames, bicubic resize,
+# x/255, (x - mean) / std, the frame count padded to even with the last frame, patchify. Each
+# frame pair is one LLM item, preceded in the prompt by its timestamp as text ("<1.5 seconds>":
+# the mean time of its two frames).
+
+FPS = 2.0
+MIN_FRAMES, MAX_FRAMES = 4, 768
+
+
+def video_frame_indices(total_frames: int, video_fps: float, fps=FPS, max_frames=MAX_FRAMES):
+    """The frames to decode: int(seconds * fps) of them, at least 4, at most max_frames and the
+    whole video, evenly spread (numpy's linspace, rounded)."""
+    n = int(total_frames / video_fps * fps)
+    n = min(max(n, MIN_FRAMES), max_frames, total_frames)
+    return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+
+
+def frame_pair_times(indices: list, video_fps: float, temporal: int = 2) -> list:
+    """Seconds of each frame pair: the mean of its frames' times (the last frame repeats to pad)."""
+    indices = list(indices) + [indices[-1]] * (-len(indices) % temporal)
+    times = [i / video_fps for i in indices]
+    return [(times[k] + times[k + temporal - 1]) / 2 for k in range(0, len(times), temporal)]
+
+
+def video_size(num_frames, height, width, factor, temporal, min_pixels, max_pixels):
+    """(h, w) for every frame of a clip: multiples of `factor`, the clip's padded frames x h x w
+    within [min_pixels, max_pixels] (the video smart_resize of transformers' Qwen3VL)."""
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise QwenMediaError(f"video frames are {width}x{height} pixels: their aspect ratio is over {MAX_RATIO}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    t = round(num_frames / temporal) * temporal
+    if t * h * w > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def preprocess_video(frames, min_pixels, max_pixels, mean, std, patch=16, temporal=2, merge=2):
+    """Sampled RGB frames -> (rows [t*gh*gw, 3*temporal*patch*patch], grid (t, gh, gw)), the rows
+    of frame pair k contiguous."""
+    first = np.asarray(frames[0])
+    height, width = first.shape[:2]
+    if len(frames) < temporal:
+        raise QwenMediaError(f"a video needs at least {temporal} frames, got {len(frames)}")
+    h, w = video_size(len(frames), height, width, patch * merge, temporal, min_pixels, max_pixels)
+    x = resize_frames_bicubic(_frames_to_uint8(frames, height, width), h, w).float()
+    m = (torch.tensor(mean, dtype=torch.float32) * 255).view(1, 3, 1, 1)
+    sd = (torch.tensor(std, dtype=torch.float32) * 255).view(1, 3, 1, 1)
+    x = (x - m) / sd
+    if len(frames) % temporal:
+        x = torch.cat([x, x[-1:].expand(temporal - len(frames) % temporal, -1, -1, -1)])
+    rows, grid = patchify(x, patch, temporal, merge)
+    return rows.contiguous(), grid
 
 
 # --------------------------------------------------------------------------- vision encoder
@@ -257,11 +335,17 @@ class VisionTransformer(nn.Module):
 
 # --------------------------------------------------------------------------- the model
 
+@dataclass
+class FramePair(QwenMedia):
+    """One frame pair of a video (kind "video", grid (1, h, w)): an LLM item of its own, its
+    timestamp written as text before it."""
+    seconds: float = 0.0
+
+
 class Qwen3VL(Qwen2_5_VL):
-    """Media preparation, encoding and panels as Qwen2.5-VL (its preprocessing at patch 16 with
-    mean and std 0.5); its own encoder, decoder options and positions."""
+    """Image preparation, encoding and panels as Qwen2.5-VL (its preprocessing at patch 16 with
+    mean and std 0.5); its own encoder, decoder options, videos and positions."""
     name = "Qwen3-VL"
-    media_options = ("min_pixels", "max_pixels")
 
     def __init__(self, cfg: Qwen3VLConfig):
         nn.Module.__init__(self)
@@ -269,11 +353,36 @@ class Qwen3VL(Qwen2_5_VL):
         self.visual = VisionTransformer(cfg.vision)
         self.language_model = DecoderLM(cfg.text)
         self.language_model.deepstack_layers = len(cfg.vision.deepstack_visual_indexes)
-        self.image_token_id, self.video_token_id = cfg.image_token_id, None
+        self.image_token_id, self.video_token_id = cfg.image_token_id, cfg.video_token_id
 
     @classmethod
     def config_from_dir(cls, path: Path, config: dict) -> Qwen3VLConfig:
         return parse_config(path, config)
+
+    def prepare_video(self, video, fps=None, max_frames=None, min_pixels=None, max_pixels=None, **_) -> list:
+        """A file is sampled at `fps` (2.0) from its own rate, at most `max_frames` frames; a frame
+        list is taken as already sampled at `fps`. Returns one FramePair per two frames."""
+        v, fps = self.cfg.vision, fps or FPS
+        if video.kind == "frames":
+            indices, rate = list(range(video.num_frames)), fps
+        else:
+            rate = video.fps or fps
+            indices = video_frame_indices(video.num_frames, rate, fps, max_frames or MAX_FRAMES)
+        if len(indices) < v.temporal_patch_size:
+            raise QwenMediaError(f"video '{video.name}' has {video.num_frames} frame(s); Qwen3-VL needs at least "
+                                 f"{v.temporal_patch_size} (pass a single frame as an image instead)")
+        pixels, (t, h, w) = preprocess_video(
+            video.frames(indices), min_pixels or self.cfg.video_min_pixels, max_pixels or self.cfg.video_max_pixels,
+            self.cfg.video_mean, self.cfg.video_std, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+        n = h * w // v.spatial_merge_size ** 2
+        return [FramePair("video", rows, (1, h, w), n, seconds=sec)
+                for rows, sec in zip(pixels.split(h * w), frame_pair_times(indices, rate, v.temporal_patch_size))]
+
+    def media_content(self, item) -> list:
+        """A frame pair's timestamp comes before it, as text (Qwen3VLProcessor's "<1.5 seconds>")."""
+        if isinstance(item, FramePair):
+            return [{"type": "text", "text": f"<{item.seconds:.1f} seconds>"}, {"type": "video"}]
+        return [{"type": item.kind}]
 
     def positions(self, n_tokens: int, spans, media, device, kept=None, mode="compact") -> torch.Tensor:
         """M-RoPE ids [3, n_tokens]. Each item (an image, a video's frame pair) is a grid of

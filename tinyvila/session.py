@@ -129,7 +129,8 @@ class Session:
         model = self.engine.model
         if getattr(model, "string_content", False):
             return {"role": role, "content": "".join(model.media_text(m) for m in media) + text}
-        return {"role": role, "content": [{"type": m.kind} for m in media] + [{"type": "text", "text": text}]}
+        content = [part for m in media for part in model.media_content(m)]
+        return {"role": role, "content": content + [{"type": "text", "text": text}]}
 
     def user_message(self, question: str, media: list) -> dict:
         """The user's turn. A question that already holds the placeholders (one per media item) is
