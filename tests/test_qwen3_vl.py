@@ -169,3 +169,111 @@ def test_two_turn_session_equals_one_shot(qwen3):
     messages = [user(1, "Describe it."), {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
                 user(0, "And the colours?")]
     assert second.token_ids == hf_greedy(hf_model(path), hf_inputs(path, ids, messages, [img]), 10, banned_ids(eng))
+
+
+# ---------------------------------------------------------------------------------- video
+
+def hf_video_ids(path, messages, pairs, image_tokens=()):
+    """input_ids as Qwen3VLProcessor writes them: each video wrapper of the template replaced by
+    "<t seconds><|vision_start|>" + pads + "<|vision_end|>" per frame pair (its video processor needs
+    torchvision, so the replacement is done here, with the processor's own timestamp function)."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    tok = AutoTokenizer.from_pretrained(path)
+    template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    for indices, fps, n in pairs:
+        times = Qwen3VLProcessor._calculate_timestamps(None, indices, fps, 2)
+        text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", "".join(
+            f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>" for t in times), 1)
+    pieces = text.split("<|image_pad|>")
+    text = pieces[0] + "".join("<|image_pad|>" * n + p for n, p in zip(image_tokens, pieces[1:]))
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def test_video_timestamps_positions_and_greedy(qwen3):
+    path, ids, eng = qwen3["untied"]
+    frames = [draw_image(112, 84, seed=k) for k in range(7)]  # odd: the last frame repeats
+    with eng.session(videos=[frames]) as s:
+        pairs = list(s.pending)
+        keys, spans = s.expand(eng.encode_text(eng.render([s.user_message("What happens?", s.pending)])), pairs)
+        positions = eng.model.positions(len(keys), spans, pairs, "cpu")
+    assert len(pairs) == 4 and [p.seconds for p in pairs] == [0.25, 1.25, 2.25, 3.0]
+    n = pairs[0].n_tokens
+    input_ids = hf_video_ids(path, [user(1, "What happens?", kind="video")], [(list(range(7)), 2.0, n)])
+    assert [k if k >= 0 else ids["video_pad"] for k in keys] == input_ids[0].tolist()
+    grid = torch.tensor([[len(pairs), *pairs[0].grid[1:]]])
+    mm = (input_ids == ids["video_pad"]).int() * 2
+    model = hf_model(path)
+    ref_pos, _ = model.model.get_rope_index(input_ids, mm, video_grid_thw=grid)
+    assert torch.equal(positions, ref_pos[:, 0])
+    inputs = dict(input_ids=input_ids, pixel_values_videos=torch.cat([p.pixels for p in pairs]), video_grid_thw=grid,
+                  mm_token_type_ids=mm)
+    with torch.no_grad():
+        ref = model(**inputs).logits[0]
+    assert (eng.logits("What happens?", videos=[frames]) - ref).abs().max().item() <= 1e-4
+    r = eng.generate("What happens?", videos=[frames], max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert r.token_ids == hf_greedy(model, inputs, 10, banned_ids(eng))
+
+
+def test_image_and_video_in_one_prompt(qwen3):
+    """DeepStack rows of images and videos land at their own positions."""
+    path, ids, eng = qwen3["untied"]
+    img, frames = draw_image(112, 84, seed=11), [draw_image(84, 84, seed=k) for k in range(4)]
+    with eng.session(images=[img], videos=[frames]) as s:
+        image, *pairs = s.pending
+    hf_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"},
+                                                {"type": "text", "text": "Which matches?"}]}]
+    input_ids = hf_video_ids(path, hf_messages, [(list(range(4)), 2.0, pairs[0].n_tokens)], [image.n_tokens])
+    mm = (input_ids == ids["image_pad"]).int() + 2 * (input_ids == ids["video_pad"]).int()
+    with torch.no_grad():
+        ref = hf_model(path)(input_ids=input_ids, pixel_values=image.pixels, image_grid_thw=torch.tensor([image.grid]),
+                             pixel_values_videos=torch.cat([p.pixels for p in pairs]),
+                             video_grid_thw=torch.tensor([[len(pairs), *pairs[0].grid[1:]]]),
+                             mm_token_type_ids=mm).logits[0]
+    ours = eng.logits("Which matches?", images=[img], videos=[frames])
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_video_sampling_and_size():
+    from tinyvila.models.qwen3_vl import frame_pair_times, video_frame_indices, video_size
+
+    assert video_frame_indices(240, 24.0) == [round(i * 239 / 19) for i in range(20)]  # 10 s at 2 fps
+    assert len(video_frame_indices(30, 30.0)) == 4  # 1 s: at least 4 frames
+    assert len(video_frame_indices(3000, 10.0, max_frames=16)) == 16
+    assert frame_pair_times([0, 12, 24], 24.0) == [0.25, 1.0]
+    h, w = video_size(8, 480, 640, 32, 2, 128 * 32 * 32, 768 * 32 * 32)
+    assert h % 32 == 0 and w % 32 == 0 and 8 * h * w <= 768 * 32 * 32
+
+
+def test_video_file_through_decord(qwen3, tmp_path):
+    from fixtures_images import write_video
+
+    path = write_video(tmp_path / "clip.mp4", [draw_image(112, 84, seed=k) for k in range(24)], fps=8)
+    _, _, eng = qwen3["untied"]
+    with eng.session(videos=[path]) as s:
+        pairs = list(s.pending)  # 3 s at 8 fps -> 6 frames at 2 fps -> 3 pairs
+        r = s.ask("What happens?", max_new_tokens=4, temperature=0, ignore_eos=True)
+    from tinyvila.models.qwen3_vl import frame_pair_times, video_frame_indices
+
+    assert [p.seconds for p in pairs] == frame_pair_times(video_frame_indices(24, 8.0), 8.0) == [0.3125, 1.4375, 2.5625]
+    assert r.stats.visual_tokens == sum(p.n_tokens for p in pairs) and len(r.token_ids) == 4
+
+
+def test_bad_videos_in_the_cli(qwen3, tmp_path):
+    """A corrupt video and a video with zero frames: one error line, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    from fixtures_images import write_zero_frame_video
+
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    zero = write_zero_frame_video(tmp_path / "zero.mp4")
+    for path in (corrupt, zero):
+        proc = subprocess.run([sys.executable, "-m", "tinyvila.chat", str(qwen3["untied"][0]), "--video", str(path),
+                               "-p", "What happens?", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], proc.stderr
