@@ -277,3 +277,114 @@ def test_bad_videos_in_the_cli(qwen3, tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], proc.stderr
+
+
+# ---------------------------------------------------------------------------------- sparsity
+
+def hf_saliency(path, item):
+    """Mean attention each patch receives in transformers' last vision block (the one the merger
+    reads), over its image or frame pair, mean over heads, averaged over each merge group."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    visual = hf_model(path).model.visual
+    seen = {}
+    attn = visual.blocks[-1].attn
+    hook = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(kwargs, x=args[0] if args else None),
+                                      with_kwargs=True)
+    try:
+        with torch.no_grad():
+            visual(item.pixels, grid_thw=torch.tensor([item.grid]))
+    finally:
+        hook.remove()
+    x = seen["x"] if seen["x"] is not None else seen["hidden_states"]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *seen["position_embeddings"])
+    cu = seen["cu_seqlens"].tolist()
+    col = torch.zeros(x.shape[0])
+    for s, e in zip(cu[:-1], cu[1:]):
+        scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * attn.scaling
+        col[s:e] = scores.softmax(-1).mean((0, 1))
+    return col.view(-1, 4).mean(-1)
+
+
+def test_saliency_matches_transformers(qwen3):
+    path, _, eng = qwen3["untied"]
+    with eng.session(prefill_sparsity=0.5, images=[draw_image(200, 150, seed=1)]) as s:
+        item = s.pending[0]
+        s.ask("Describe it.", max_new_tokens=2)
+        v = s.visual[0]
+    saliency = hf_saliency(path, item)
+    assert torch.allclose(v.saliency, saliency, rtol=1e-4, atol=1e-8)
+    k = -(-item.n_tokens // 2)
+    assert v.kept.tolist() == sorted(saliency.topk(k).indices.tolist())
+
+
+def test_p0_and_d0_are_token_for_token_dense(qwen3):
+    _, _, eng = qwen3["untied"]
+    media = dict(images=[draw_image(150, 120, seed=4)], videos=[[draw_image(96, 64, seed=k) for k in range(4)]])
+    dense = eng.generate("Describe it.", max_new_tokens=8, ignore_eos=True, temperature=0, **media)
+    zero = eng.generate("Describe it.", max_new_tokens=8, ignore_eos=True, temperature=0, prefill_sparsity=0.0,
+                        decode_sparsity=0.0, position_mode="original", **media)
+    assert dense.token_ids == zero.token_ids and dense.stats.prefill_tokens == zero.stats.prefill_tokens
+
+
+@pytest.mark.parametrize("mode", ["compact", "original"])
+def test_pruned_prompt_carries_the_kept_deepstack_rows(qwen3, mode):
+    """Under prefill pruning the LLM sees the kept tokens' main and DeepStack features only, at the
+    position mode's ids: the logits equal transformers' language model fed exactly those."""
+    path, ids, eng = qwen3["untied"]
+    img = draw_image(200, 150, seed=7)
+    with eng.session(prefill_sparsity=0.6, position_mode=mode, images=[img]) as s:
+        item = s.pending[0]
+        ids_ = eng.encode_text(eng.render([s.user_message("What is shown here?", s.pending)]))
+        s.encode_new(s.expand(ids_, s.pending)[1], s.pending)
+        keys, spans = s.expand(ids_, s.pending)
+        h, positions = s.inputs(ids_)
+        ours = s.logits(ids_)
+        kept = s.visual[0].kept
+    full = eng.model.encode([item])[0]
+    assert kept.numel() < item.n_tokens and spans[0][1] - spans[0][0] == kept.numel()
+    # main and DeepStack columns follow the kept tokens (the saliency pass rounds a little differently)
+    assert s.features[0].shape == (kept.numel(), 3 * 64) and torch.allclose(s.features[0], full[kept], atol=1e-5)
+    vis = torch.tensor([k < 0 for k in keys])
+    C = eng.model.cfg.text.hidden_size
+    model = hf_model(path)
+    with torch.no_grad():
+        embeds = model.model.language_model.embed_tokens(torch.tensor([max(k, 0) for k in keys]))
+        embeds[vis] = full[kept, :C]
+        stack = [full[kept, C * (i + 1):C * (i + 2)] for i in range(2)]
+        out = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None],
+                                         visual_pos_masks=vis[None], deepstack_visual_embeds=stack)
+        ref = model.lm_head(out.last_hidden_state)[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_positions_of_a_pruned_item_hand_checked(qwen3):
+    from tinyvila.sparsity import VisualTokens
+
+    model = qwen3["untied"][2].model
+    # 4x6 patches -> 2x3 tokens after 3 text tokens, then 2 text tokens; kept (0,0), (0,2), (1,2).
+    img = type("Item", (), dict(grid=(1, 4, 6), n_tokens=6))()
+    kept = {0: VisualTokens(6, torch.tensor([0, 2, 5]))}
+    compact = model.positions(8, [(3, 6, 0)], [img], "cpu", kept, "compact")
+    assert compact.tolist() == [[0, 1, 2, 3, 3, 3, 5, 6],
+                                [0, 1, 2, 3, 3, 4, 5, 6],
+                                [0, 1, 2, 3, 4, 4, 5, 6]]
+    original = model.positions(8, [(3, 6, 0)], [img], "cpu", kept, "original")
+    assert original.tolist() == [[0, 1, 2, 3, 3, 3, 6, 7],
+                                 [0, 1, 2, 3, 3, 4, 6, 7],
+                                 [0, 1, 2, 3, 5, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("preset", ["image", "video", "fastv", "fastv:k=1,r=0.5", "visionzip"])
+def test_sparsity_presets_run_and_prune(qwen3, preset):
+    _, _, eng = qwen3["untied"]
+    media = dict(images=[draw_image(224, 200, seed=3)], videos=[[draw_image(96, 64, seed=k) for k in range(4)]])
+    with eng.session(sparsity=preset, **media) as s:
+        first = s.ask("Describe them.", max_new_tokens=6, ignore_eos=True, temperature=0)
+        second = s.ask("And then?", max_new_tokens=6, ignore_eos=True, temperature=0)
+    assert first.stats.visual_tokens_kept < first.stats.visual_tokens
+    assert len(first.token_ids) == len(second.token_ids) == 6
+    if preset in ("image", "video"):
+        assert first.stats.visual_tokens_selected < first.stats.visual_tokens_kept
