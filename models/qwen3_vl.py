@@ -98,7 +98,7 @@ def parse_config(path: Path, config: dict) -> Qwen3VLConfig:
     if "tie_word_embeddings" not in text_fields:
         text_fields["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     text = TextConfig.from_dict(text_fields, "qwen3")
-    text.qk_norm, text.mrope_interleaved = True, True  # transformers interleaves whatever the flag says
+    text.mrope_interleaved = True  # transformers interleaves whatever the flag says
     text.mrope_section = text.mrope_section or [24, 20, 20]
     if sum(text.mrope_section) * 2 != text.head_dim:
         raise CheckpointError(f"mrope_section {text.mrope_section} does not cover head_dim {text.head_dim}")

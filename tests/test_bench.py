@@ -125,3 +125,17 @@ def test_bench_checks_the_plot_path_before_running(path, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # no checkpoint needed: it stops before loading one
         bench.main(["--model", str(tmp_path / "nowhere"), "--device", "cpu", "--plot", str(tmp_path / path)])
     assert e.value.code == 2 and "--plot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"])
+def test_qwen3_archs_have_transformers_parameter_shapes(arch):
+    """Built on the meta device (no memory): every parameter of transformers' model of the same
+    config has its counterpart, q/k/v and gate/up fused."""
+    import torch
+
+    model = bench.build(arch, torch.device("meta"), torch.bfloat16)
+    with torch.device("meta"):
+        ref = bench.hf_model(arch, "meta", torch.bfloat16)
+    ours = sum(p.numel() for p in model.parameters())
+    theirs = sum(p.numel() for n, p in ref.named_parameters())
+    assert ours == theirs and model.language_model.deepstack_layers == 3
