@@ -338,8 +338,9 @@ class VisionTransformer(nn.Module):
 @dataclass
 class FramePair(QwenMedia):
     """One frame pair of a video (kind "video", grid (1, h, w)): an LLM item of its own, its
-    timestamp written as text before it."""
+    timestamp written as text before it. `part`: its index in the video."""
     seconds: float = 0.0
+    part: int = 0
 
 
 class Qwen3VL(Qwen2_5_VL):
@@ -375,8 +376,9 @@ class Qwen3VL(Qwen2_5_VL):
             video.frames(indices), min_pixels or self.cfg.video_min_pixels, max_pixels or self.cfg.video_max_pixels,
             self.cfg.video_mean, self.cfg.video_std, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
         n = h * w // v.spatial_merge_size ** 2
-        return [FramePair("video", rows, (1, h, w), n, seconds=sec)
-                for rows, sec in zip(pixels.split(h * w), frame_pair_times(indices, rate, v.temporal_patch_size))]
+        times = frame_pair_times(indices, rate, v.temporal_patch_size)
+        return [FramePair("video", rows, (1, h, w), n, seconds=sec, part=k)
+                for k, (rows, sec) in enumerate(zip(pixels.split(h * w), times))]
 
     def media_content(self, item) -> list:
         """A frame pair's timestamp comes before it, as text (Qwen3VLProcessor's "<1.5 seconds>")."""

@@ -388,3 +388,32 @@ def test_sparsity_presets_run_and_prune(qwen3, preset):
     assert len(first.token_ids) == len(second.token_ids) == 6
     if preset in ("image", "video"):
         assert first.stats.visual_tokens_selected < first.stats.visual_tokens_kept
+
+
+# ---------------------------------------------------------------------------------- the server
+
+def test_image_and_video_through_the_server(qwen3, tmp_path):
+    """The OpenAI-compatible server runs the family's media as the engine does (a video's frame
+    pairs and their timestamps included)."""
+    import base64
+    import signal
+
+    from fixtures_images import write_video
+    from test_serve import KEY, LiveServer, data_url, user as chat_user
+
+    path, _, eng = qwen3["tied"]
+    img = draw_image(120, 90, seed=2)
+    video = write_video(tmp_path / "clip.mp4", [draw_image(96, 64, seed=k) for k in range(8)], fps=4)
+    server = LiveServer(tmp_path, path, "--api-key", KEY)
+    try:
+        for media, url, kind in ((dict(images=[img]), data_url(img), "image"),
+                                 (dict(videos=[str(video)]),
+                                  "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode(), "video")):
+            ref = eng.generate("What is it?", temperature=0, max_new_tokens=8, **media)
+            r = server.client().chat.completions.create(model=str(path), messages=[chat_user("What is it?", url,
+                                                                                             kind=kind)],
+                                                        temperature=0, max_tokens=8)
+            assert r.choices[0].message.content == ref.text
+            assert r.model_extra["tinyvila"]["visual_tokens"] == ref.stats.visual_tokens > 0
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)

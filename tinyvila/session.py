@@ -141,6 +141,17 @@ class Session:
                                 f"media item(s) were given")
         return self.message("user", question, () if given else media)
 
+    def source_items(self) -> list:
+        """The media items of the conversation grouped per image or video given, in prompt order
+        (a family may split one video into several items: Qwen3-VL's frame pairs)."""
+        groups = []
+        for item in self.media + self.pending:
+            if getattr(item, "part", 0) and groups:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
+
     def history_start(self) -> list:
         """The messages a conversation starts with: the system prompt, if any."""
         return [self.message("system", self.system)] if self.system else []
