@@ -417,3 +417,56 @@ def test_image_and_video_through_the_server(qwen3, tmp_path):
             assert r.model_extra["tinyvila"]["visual_tokens"] == ref.stats.visual_tokens > 0
     finally:
         assert server.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------------- GPU (pytest -m gpu)
+
+GPU_GREEDY = dict(temperature=0, max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", ["dense", "image", "fastv:k=1,r=0.5"])
+def test_gpu_fast_path_matches_cpu(qwen3, sparsity):
+    """The fused Triton blocks (DeepStack added inside them, FastV pruning before a DeepStack
+    layer), the q/k-norm before the RoPE kernels and the decode graph, in fp32 against the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path, _, cpu = qwen3["untied"]
+    gpu = tinyvila.load(path, device="cuda", dtype="float32")
+    media = dict(images=[draw_image(200, 150, seed=1)], videos=[[draw_image(112, 84, seed=k) for k in range(6)]])
+    a = cpu.logits("What?", sparsity=sparsity, **media) if sparsity != "fastv:k=1,r=0.5" else None
+    if a is not None:
+        b = gpu.logits("What?", sparsity=sparsity, **media).cpu()
+        assert (a - b).abs().max() < 1e-3
+    ref = cpu.generate("What happens?", sparsity=sparsity, **GPU_GREEDY, **media)
+    out = gpu.generate("What happens?", sparsity=sparsity, **GPU_GREEDY, **media)
+    assert out.token_ids == ref.token_ids and out.stats.visual_tokens_kept == ref.stats.visual_tokens_kept
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_conversation_with_image_and_video(qwen3):
+    path, _, cpu = qwen3["tied"]
+    media = dict(images=[draw_image(200, 150, seed=1)], videos=[[draw_image(112, 84, seed=k) for k in range(6)]])
+    bf16 = tinyvila.load(path, device="cuda", dtype="bfloat16")
+    ref = cpu.logits("What?", **media)
+    cos = torch.nn.functional.cosine_similarity(ref, bf16.logits("What?", **media).cpu().float(), dim=-1)
+    assert cos.min() > 0.99
+    with bf16.session(**media) as s:
+        r = s.ask("What happens?", **GPU_GREEDY)
+        r2 = s.ask("And then?", **GPU_GREEDY)
+    assert len(r.token_ids) == len(r2.token_ids) == 12 and r2.stats.vision_s == 0
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_encoder_equals_eager(qwen3):
+    """The ViT (DeepStack mergers included) replayed as a CUDA graph per image size gives the eager
+    features and saliency."""
+    path = qwen3["untied"][0]
+    graphed = tinyvila.load(path, device="cuda", dtype="float16")
+    eager = tinyvila.load(path, device="cuda", dtype="float16", cuda_graphs=False)
+    for img in (draw_image(200, 150, seed=1), draw_image(112, 112, seed=2), draw_image(200, 150, seed=3)):
+        for saliency in (False, True):
+            a = graphed.model.encode([graphed.model.prepare_image(img)], saliency=saliency)[0]
+            b = eager.model.encode([eager.model.prepare_image(img)], saliency=saliency)[0]
+            for x, y in zip(a, b) if saliency else [(a, b)]:
+                assert torch.equal(x, y)
+    assert graphed.model.visual.graphed and not eager.model.visual.graphed
