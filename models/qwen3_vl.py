@@ -23,13 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyvila.errors import CheckpointError, TinyVilaError
-from tinyvila.loader import read_json, weight_files
+from tinyvila.errors import CheckpointError
+from tinyvila.loader import read_json
 from tinyvila.sparsity import compact_grid
 
-from .layers import TextConfig, activation
+from .layers import DecoderLM, GraphCache, TextConfig, activation
 from .quantized import act_input, norm_input
-from .layers import DecoderLM, GraphCache
 from .qwen2_5_vl import (MAX_RATIO, QwenMedia, QwenMediaError, Qwen2_5_VL, VisionAttention, _frames_to_uint8,
                          full_bounds, patch_positions, patchify, resize_frames_bicubic, segment_groups,
                          weight_has_lm_head)
@@ -349,7 +348,7 @@ class Qwen3VL(Qwen2_5_VL):
     name = "Qwen3-VL"
 
     def __init__(self, cfg: Qwen3VLConfig):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not Qwen2_5_VL's: it would build the Qwen2.5 encoder
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision)
         self.language_model = DecoderLM(cfg.text)
