@@ -379,8 +379,8 @@ class Attention(nn.Module):
         """Project x, rotate q and k, write k and v to cache slots start..: (q [H, T, D], this
         layer's K and V caches [H_kv, S_max, D])."""
         T = x.shape[0]
-        q, k, v = self._qk_normed(self.qkv_proj(x)).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                          self.n_kv * self.head_dim], dim=-1)
+        q, k, v = self._qk_normed(self.qkv_proj(x)).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
         q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
         if x.is_cuda:  # rotate in place with one Triton kernel each
             q, k = rope_(q, cos, sin).transpose(0, 1), rope_(k, cos, sin).transpose(0, 1)
