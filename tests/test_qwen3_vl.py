@@ -377,6 +377,19 @@ def test_positions_of_a_pruned_item_hand_checked(qwen3):
                                  [0, 1, 2, 3, 5, 5, 6, 7]]
 
 
+def test_evicted_history_second_turn_equals_a_fresh_one(qwen3):
+    """history="evict" with decode retrieval: the media are prefilled apart from the question
+    (DeepStack rows with them), and the next turn reuses them as a fresh conversation would."""
+    _, _, eng = qwen3["untied"]
+    img = draw_image(200, 160, seed=12)
+    opts = dict(history="evict", decode_sparsity=0.5)
+    with eng.session(images=[img], **opts) as s:
+        s.ask("Describe it.", max_new_tokens=5, ignore_eos=True, temperature=0)
+        second = s.ask("What colour?", max_new_tokens=8, ignore_eos=True, temperature=0)
+    fresh = eng.generate("What colour?", images=[img], max_new_tokens=8, ignore_eos=True, temperature=0, **opts)
+    assert second.stats.vision_s == 0 and second.token_ids == fresh.token_ids
+
+
 @pytest.mark.parametrize("preset", ["image", "video", "fastv", "fastv:k=1,r=0.5", "visionzip"])
 def test_sparsity_presets_run_and_prune(qwen3, preset):
     _, _, eng = qwen3["untied"]
