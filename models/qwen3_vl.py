@@ -153,8 +153,9 @@ def frame_pair_times(indices: list, video_fps: float, temporal: int = 2) -> list
 
 
 def video_size(num_frames, height, width, factor, temporal, min_pixels, max_pixels):
-    """(h, w) for every frame of a clip: multiples of `factor`, the clip's padded frames x h x w
-    within [min_pixels, max_pixels] (the video smart_resize of transformers' Qwen3VL)."""
+    """(h, w) for every frame of a clip: multiples of `factor`, its frame count (rounded to a
+    multiple of `temporal`) x h x w within [min_pixels, max_pixels] (the video smart_resize of
+    transformers' Qwen3VL; a side under `factor` is first scaled up, aspect kept)."""
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
