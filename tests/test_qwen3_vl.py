@@ -483,3 +483,24 @@ def test_gpu_graphed_encoder_equals_eager(qwen3):
             for x, y in zip(a, b) if saliency else [(a, b)]:
                 assert torch.equal(x, y)
     assert graphed.model.visual.graphed and not eager.model.visual.graphed
+
+
+def test_eval_runs_images_and_videos(qwen3, tmp_path, capsys):
+    """tinyvila-eval through the family interface: an image sample and a video sample (its frame
+    pairs), dense and the video preset."""
+    from fixtures_images import write_video
+    from tinyvila.tools.eval import main
+
+    draw_image(150, 120, seed=1).save(tmp_path / "img.png")
+    write_video(tmp_path / "clip.mp4", [draw_image(96, 64, seed=k) for k in range(12)], fps=4)
+    samples = [{"id": "i", "image": "img.png", "question": "What colour?", "answers": ["red"], "metric": "exact"},
+               {"id": "v", "video": "clip.mp4", "num_frames": 6, "question": "Which? A. x B. y", "answers": ["B"],
+                "metric": "choice"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    out = tmp_path / "out"
+    assert main([str(qwen3["untied"][0]), "--data", str(data), "--configs", "dense,sparsevila:video", "--out",
+                 str(out), "--device", "cpu", "--max-new-tokens", "3", "--no-plots"]) == 0
+    records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert sorted((r["config"], r["id"]) for r in records) == [("dense", "i"), ("dense", "v"),
+                                                                ("sparsevila:video", "i"), ("sparsevila:video", "v")]
