@@ -305,14 +305,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return inv
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None, interleaved=False):
-    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T]."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None, mrope_axis=None):
+    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T].
+    mrope_axis (interleaved M-RoPE, Qwen3-VL): each frequency's position axis (mrope_axes), on
+    the positions' device."""
     if positions.dim() == 1:
         freqs = positions.float()[:, None] * inv_freq[None, :]
-    elif interleaved:  # Qwen3-VL: frequency i takes h if i % 3 == 1, w if 2 (up to 3x their sections), else t
+    elif mrope_axis is not None:
         per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
-        axis = mrope_axes(mrope_section, inv_freq.numel()).to(per_axis.device)
-        freqs = per_axis.gather(0, axis.expand(1, per_axis.shape[1], -1))[0]
+        freqs = per_axis.gather(0, mrope_axis.expand(1, per_axis.shape[1], -1))[0]
     else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
         per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
         chunks = per_axis.split(list(mrope_section), dim=-1)
@@ -322,8 +323,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=
 
 
 def mrope_axes(mrope_section, n_freqs: int) -> torch.Tensor:
-    """Interleaved M-RoPE: the position axis (0 t, 1 h, 2 w) of each of the n_freqs frequencies."""
-    axis = torch.zeros(n_freqs, dtype=torch.long)
+    """Interleaved M-RoPE: the position axis (0 t, 1 h, 2 w) of each of the n_freqs frequencies:
+    h for i % 3 == 1 and w for i % 3 == 2 up to 3x their sections, t elsewhere."""
+    axis = torch.zeros(n_freqs, dtype=torch.long, device="cpu")  # models are built under torch.device("meta")
     axis[1:mrope_section[1] * 3:3] = 1
     axis[2:mrope_section[2] * 3:3] = 2
     return axis
@@ -485,6 +487,7 @@ class DecoderLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._mrope_axis = mrope_axes(cfg.mrope_section, cfg.head_dim // 2) if cfg.mrope_interleaved else None
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits for final hidden states h [T, C] (the output layer may be 4-bit)."""
@@ -531,9 +534,11 @@ class DecoderLM(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, dtype):
         """cos/sin [T, head_dim] for positions [T] or [3, T], in the activation dtype."""
-        if self._inv_freq.device != positions.device:
+        if self._inv_freq.device != positions.device:  # moved once, before any CUDA graph capture
             self._inv_freq = self._inv_freq.to(positions.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section, self.cfg.mrope_interleaved)
+        if self._mrope_axis is not None and self._mrope_axis.device != positions.device:
+            self._mrope_axis = self._mrope_axis.to(positions.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section, self._mrope_axis)
         return cos.to(dtype), sin.to(dtype)
 
     def fused_blocks(self, h: torch.Tensor, attend, prune=None, extra=None) -> torch.Tensor:

@@ -73,6 +73,23 @@ def test_config_and_stop_ids(qwen3):
     assert qwen3["tied"][2].model.cfg.text.tie_word_embeddings
 
 
+def test_interleaved_mrope_tables_equal_transformers():
+    """The real sections (head_dim 128, [24, 20, 20]) on random (t, h, w) positions."""
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from tinyvila.models.layers import mrope_axes, rope_cos_sin, rope_inv_freq
+
+    cfg = Qwen3VLTextConfig(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                           "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    positions = torch.randint(0, 500, (3, 40))
+    ref_cos, ref_sin = Qwen3VLTextRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), positions[:, None])
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(128, 5000000.0, None), [24, 20, 20], mrope_axes([24, 20, 20], 64))
+    assert torch.allclose(cos, ref_cos[0], atol=1e-6) and torch.allclose(sin, ref_sin[0], atol=1e-6)
+    chunked, _ = rope_cos_sin(positions, rope_inv_freq(128, 5000000.0, None), [24, 20, 20])
+    assert not torch.allclose(chunked, cos, atol=1e-3)  # Qwen2.5-VL's layout differs
+
+
 @pytest.mark.parametrize("name", ["untied", "tied"])
 def test_text_only_parity(qwen3, name):
     path, ids, eng = qwen3[name]
