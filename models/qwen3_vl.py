@@ -257,7 +257,7 @@ class PatchMerger(nn.Module):
 
     def forward(self, x):
         x = self.norm(x.reshape(-1, self.width)) if self.postshuffle else self.norm(x).reshape(-1, self.width)
-        return self.linear_fc2(act_input("gelu", F.gelu, self.linear_fc1(x), self.linear_fc2))
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
 class VisionTransformer(nn.Module):
