@@ -521,3 +521,27 @@ def test_eval_runs_images_and_videos(qwen3, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert sorted((r["config"], r["id"]) for r in records) == [("dense", "i"), ("dense", "v"),
                                                                 ("sparsevila:video", "i"), ("sparsevila:video", "v")]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe"),
+     "unsupported architecture 'Qwen3VLMoeForConditionalGeneration'"),
+    (lambda c: c["vision_config"].update(deepstack_visual_indexes=[0, 9]), "deepstack_visual_indexes"),
+    (lambda c: c["text_config"]["rope_parameters"].update(mrope_section=[8, 5, 5]), "does not cover head_dim"),
+    (lambda c: c["vision_config"].update(out_hidden_size=32), "out_hidden_size 32"),
+])
+def test_bad_configs_are_clear_errors(qwen3, tmp_path, change, message):
+    """The MoE models and inconsistent configs: one CheckpointError naming the problem."""
+    import shutil
+
+    from tinyvila.errors import CheckpointError
+
+    src = qwen3["untied"][0]
+    dst = tmp_path / "bad"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    change(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as e:
+        tinyvila.load(dst, device="cpu")
+    assert "\n" not in str(e.value)
