@@ -545,3 +545,22 @@ def test_bad_configs_are_clear_errors(qwen3, tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message) as e:
         tinyvila.load(dst, device="cpu")
     assert "\n" not in str(e.value)
+
+
+def test_quantized_w4a16_llm_and_w8a8_encoder_load_and_answer(qwen3, tmp_path):
+    """tinyvila-quantize's AWQ LLM and SmoothQuant encoder on the tiny checkpoint: the result loads
+    with 4-bit decoder linears and int8 encoder linears, and stays close to the 16-bit model."""
+    from tinyvila.models.quantized import W4Linear, W8A8Linear
+    from tinyvila.tools.quantize import quantize
+
+    path, _, eng = qwen3["untied"]
+    out = quantize(path, tmp_path / "q", group_size=32, calib_samples=2, calib_seqlen=128, device="cpu",
+                   w8a8_vision=True, progress=False, log=lambda m: None)
+    q = tinyvila.load(out, device="cpu", dtype="float32")
+    kinds = {type(m) for m in q.model.modules()}
+    assert W4Linear in kinds and W8A8Linear in kinds
+    assert isinstance(q.model.visual.blocks[0].mlp.linear_fc1, W8A8Linear)
+    img = draw_image(160, 120, seed=6)
+    a, b = eng.logits("What is it?", images=[img]), q.logits("What is it?", images=[img])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).mean() > 0.9
+    assert len(q.generate("What is it?", images=[img], max_new_tokens=4, ignore_eos=True).token_ids) == 4
