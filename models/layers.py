@@ -429,7 +429,8 @@ class Attention(nn.Module):
         """One token (x [1, C]) at cache slot `slot` (device tensor), Triton kernels only between
         the projections: graph-capturable, no host sync."""
         k_cache, v_cache = kv
-        q = rope_append(self._qk_normed(self.qkv_proj(x)), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
+        norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv, norms)
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
         return self.o_proj(out.reshape(1, -1))
 

@@ -90,6 +90,28 @@ def test_interleaved_mrope_tables_equal_transformers():
     assert not torch.allclose(chunked, cos, atol=1e-3)  # Qwen2.5-VL's layout differs
 
 
+def test_decode_step_kernels_equal_the_prefill_path(qwen3):
+    """Attention.decode (RoPE-append with the q/k norms fused, decode attention kernel; Triton
+    interpreted on the CPU) gives the output and cache row of the module path for the next token."""
+    from tinyvila.kv_cache import KVCache
+
+    lm = qwen3["untied"][2].model.language_model
+    cfg, attn = lm.cfg, lm.layers[0].self_attn
+    torch.manual_seed(0)
+    x = torch.randn(6, cfg.hidden_size)
+    positions = torch.stack([torch.arange(6), torch.arange(6) * 2, torch.arange(6) * 3])
+    cos, sin = lm.rope_tables(positions, x.dtype)
+    caches = [KVCache(1, cfg.num_key_value_heads, cfg.head_dim, 16, torch.device("cpu"), torch.float32) for _ in "ab"]
+    with torch.no_grad():
+        ref = attn(x, cos, sin, caches[0].layer(0), 0, lm.attention_mask(6, 0, x.device))[-1:]
+        attn(x[:5], cos[:5], sin[:5], caches[1].layer(0), 0, lm.attention_mask(5, 0, x.device))
+        slot = torch.tensor([5])
+        out = attn.decode(x[5:], cos[5:], sin[5:], caches[1].layer(0), slot, torch.tensor([6], dtype=torch.int32),
+                          None, None)
+    assert (out - ref).abs().max() <= 1e-4
+    assert torch.allclose(caches[1].k[0, :, 5], caches[0].k[0, :, 5], atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["untied", "tied"])
 def test_text_only_parity(qwen3, name):
     path, ids, eng = qwen3[name]
