@@ -364,7 +364,9 @@ def video_source(m: Media, temp_files: list) -> str:
 def render(session, req: ChatRequest) -> list:
     """The whole conversation as the family's chat messages, as Session.ask would build them."""
     head = [session.message("system", req.system)] if req.system else []
-    return head + [session.message(t.role, t.text, t.media) for t in req.turns]
+    sources = iter(session.source_items())  # the family's items of each image or video, in order
+    return head + [session.message(t.role, t.text, [item for _ in t.media for item in next(sources)])
+                   for t in req.turns]
 
 
 class Worker:
