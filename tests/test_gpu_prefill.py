@@ -11,6 +11,7 @@ from tinyvila.kv_cache import KVCache
 
 from fixtures_images import draw_image
 from fixtures_qwen import build_qwen2_5_vl
+from fixtures_qwen3 import build_qwen3_vl
 
 pytestmark = pytest.mark.gpu
 LONG = "Now tell me everything again, " * 30  # past the largest bucket: eager
@@ -18,10 +19,11 @@ QUESTIONS = ("Describe it.", "What colour is the top left corner?", "And the bot
 
 
 @pytest.fixture(scope="module")
-def qwen_path(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen_gpu_prefill")
-    build_qwen2_5_vl(d)
-    return d
+def paths(llava_mistral, tmp_path_factory):
+    qwen, qwen3 = tmp_path_factory.mktemp("qwen_gpu_prefill"), tmp_path_factory.mktemp("qwen3_gpu_prefill")
+    build_qwen2_5_vl(qwen)
+    build_qwen3_vl(qwen3)
+    return {"llava": llava_mistral, "qwen": qwen, "qwen3": qwen3}
 
 
 def conversation(eng, **options):
@@ -34,12 +36,12 @@ def conversation(eng, **options):
     return out
 
 
-@pytest.mark.parametrize("which", ["llava", "qwen"])
+@pytest.mark.parametrize("which", ["llava", "qwen", "qwen3"])
 @pytest.mark.parametrize("options", [{}, dict(sparsity="image"), dict(decode_sparsity=0.5, history="evict")])
-def test_graphed_follow_ups_equal_eager_in_fp32(llava_mistral, qwen_path, which, options):
+def test_graphed_follow_ups_equal_eager_in_fp32(paths, which, options):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    path = llava_mistral if which == "llava" else qwen_path
+    path = paths[which]
     graphed = conversation(tinyvila.load(path, device="cuda", dtype="float32", prefill_graphs=True), **options)
     eager = conversation(tinyvila.load(path, device="cuda", dtype="float32"), **options)
     assert [r.stats.prefill_graphed for r, _, _ in graphed] == [False, True, True, False, True]

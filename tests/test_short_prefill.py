@@ -16,6 +16,7 @@ from tinyvila.models.layers import DecoderLM, TextConfig
 
 from fixtures_images import draw_image
 from fixtures_qwen import build_qwen2_5_vl
+from fixtures_qwen3 import build_qwen3_vl
 
 
 def tiny_lm(kind: str) -> DecoderLM:
@@ -90,10 +91,12 @@ def test_retrieval_kernel_reads_start_and_count_from_the_device(window):
 
 @pytest.fixture(scope="module")
 def engines(llava_mistral, tmp_path_factory):
-    qwen = tmp_path_factory.mktemp("qwen_short")
+    qwen, qwen3 = tmp_path_factory.mktemp("qwen_short"), tmp_path_factory.mktemp("qwen3_short")
     build_qwen2_5_vl(qwen)
+    build_qwen3_vl(qwen3)
     return {"llava": tinyvila.load(llava_mistral, device="cpu", dtype="float32"),
-            "qwen": tinyvila.load(qwen, device="cpu", dtype="float32")}
+            "qwen": tinyvila.load(qwen, device="cpu", dtype="float32"),
+            "qwen3": tinyvila.load(qwen3, device="cpu", dtype="float32")}
 
 
 LONG = "Now tell me everything again, " * 30  # past the largest bucket: eager
@@ -114,7 +117,8 @@ def conversation(eng, static: bool, questions, **options):
 
 
 @pytest.mark.parametrize("name,options", [("llava", {}), ("qwen", dict(sparsity="image")),
-                                          ("llava", dict(decode_sparsity=0.5, history="evict"))])
+                                          ("llava", dict(decode_sparsity=0.5, history="evict")),
+                                          ("qwen3", dict(decode_sparsity=0.5))])  # q/k norms, DeepStack
 def test_follow_ups_on_the_short_path_equal_the_eager_ones(engines, name, options):
     """A session mixing short and long turns: the image turn and the long question go eagerly,
     the short follow-ups through static_prefill; answers, caches and decode selections agree."""
