@@ -469,7 +469,7 @@ def test_image_and_video_through_the_server(qwen3, tmp_path):
     path, _, eng = qwen3["tied"]
     img = draw_image(120, 90, seed=2)
     video = write_video(tmp_path / "clip.mp4", [draw_image(96, 64, seed=k) for k in range(8)], fps=4)
-    server = LiveServer(tmp_path, path, "--api-key", KEY)
+    server = LiveServer(tmp_path, path, "--api-key", KEY, "--sparsity", "dense")
     try:
         for media, url, kind in ((dict(images=[img]), data_url(img), "image"),
                                  (dict(videos=[str(video)]),
