@@ -347,6 +347,15 @@ class Attention(nn.Module):
         """Project x, rotate q and k, write k and v to cache slots start..: (q [H, T, D], this
         layer's K and V caches [H_kv, S_max, D])."""
         T = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
+        k_cache[:, start:start + T] = k
+        v_cache[:, start:start + T] = v
+        return q, k_cache, v_cache
+
+    def _qkv(self, x, cos, sin):
+        """Project x [T, C] and rotate q and k: q [H, T, D], k and v [H_kv, T, D]."""
+        T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                           self.n_kv * self.head_dim], dim=-1)
         q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
@@ -354,14 +363,26 @@ class Attention(nn.Module):
             q, k = rope_(q, cos, sin).transpose(0, 1), rope_(k, cos, sin).transpose(0, 1)
         else:
             q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)
-        v = v.transpose(0, 1)
-        k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
-        k_cache[:, start:start + T] = k
-        v_cache[:, start:start + T] = v
-        return q, k_cache, v_cache
+        return q, k, v.transpose(0, 1)
+
+    def rows(self, x, cos, sin, kvs, slots, masks) -> torch.Tensor:
+        """One decode step of B conversations: row b of x [B, C] is conversation b's token at slot
+        slots[b] of its own cache kvs[b] (mask masks[b]). The projections run once for all rows
+        (one weight read), attention row by row over each row's own cache."""
+        q, k, v = self._qkv(x, cos, sin)
+        out = []
+        for b, ((k_cache, v_cache), slot) in enumerate(zip(kvs, slots)):
+            k_cache[:, slot] = k[:, b]
+            v_cache[:, slot] = v[:, b]
+            out.append(self._sdpa(q[:, b:b + 1], k_cache, v_cache, slot, masks[b]))
+        return self.o_proj(torch.cat(out))
 
     def _attend(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
         """SDPA of q [H, T, D] over cache slots 0..start+T, then the output projection."""
+        return self.o_proj(self._sdpa(q, k_cache, v_cache, start, mask))
+
+    def _sdpa(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
+        """SDPA of q [H, T, D] over cache slots 0..start+T: [T, H * D]."""
         T = q.shape[1]
         keys, values = k_cache[:, :start + T], v_cache[:, :start + T]
         if self.n_kv != self.n_heads:  # GQA: each KV head serves a group of query heads
@@ -373,7 +394,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.o_proj(out[0].transpose(0, 1).reshape(T, -1))
+        return out[0].transpose(0, 1).reshape(T, -1)
 
     def _retrieval_attention(self, q, k_cache, v_cache, start, vis_slots, window):
         """q [H, T, D] -> (out [T, H, D], r [H_kv, n_vis]): Triton on a GPU; explicit softmax on a CPU."""
@@ -580,6 +601,23 @@ class DecoderLM(nn.Module):
         h = self.fused_blocks(h, lambda i, layer, x: layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length,
                                                                             window, workspace))
         return self.project(h)
+
+    def decode_rows(self, ids, positions, caches, slots) -> torch.Tensor:
+        """One decode step of B conversations: ids [B] (each row's token), positions [B] or [3, B],
+        caches: each row's own KVCache, slots: each row's slot in it (ints). The linears run at
+        M = B, one weight read for the batch; attention runs per row over its own cache, eagerly
+        (a varlen decode attention kernel and CUDA graphs per batch size are later GPU work).
+        Sets each cache's length; returns fp32 logits [B, V]."""
+        h = self.embed(ids)
+        cos, sin = self.rope_tables(positions, h.dtype)
+        masks = [self.attention_mask(1, slot, h.device) for slot in slots]
+        for i, layer in enumerate(self.layers):
+            kvs = [cache.layer(i) for cache in caches]
+            h = h + layer.self_attn.rows(layer.input_layernorm(h), cos, sin, kvs, slots, masks)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for cache, slot in zip(caches, slots):
+            cache.length = slot + 1
+        return self.project(self.norm(h))
 
 
 # --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)
