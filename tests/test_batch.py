@@ -1,6 +1,7 @@
 """Continuous batching (tinyvila/batch.py): every conversation of a batch gets the tokens it gets
 alone, whatever joins, leaves, fails or is cancelled around it."""
 import gc
+import json
 import weakref
 
 import pytest
@@ -10,6 +11,7 @@ import tinyvila
 from tinyvila.batch import Batcher
 from tinyvila.errors import ContextError, TinyVilaError
 
+from fixtures_images import draw_image
 from fixtures_qwen import build_qwen2_5_vl
 
 # (image index, session options, questions, sampling): mixed lengths and sparsity settings
@@ -230,3 +232,43 @@ def test_batcher_arguments():
         Batcher(None, max_batch=0)
     with pytest.raises(TinyVilaError, match="prefill_chunk"):
         Batcher(None, prefill_chunk=1.5)
+
+
+def test_eval_batch_gives_the_batch_1_answers(llava_vicuna, tmp_path, capsys):
+    from tinyvila.tools.eval import main
+
+    for i in range(3):
+        draw_image(120 + 10 * i, 90, seed=i).save(tmp_path / f"img{i}.png")
+    samples = [{"id": "a", "image": "img0.png", "question": "What colour?", "answers": ["red"], "metric": "exact"},
+               {"id": "b", "image": "img1.png", "metric": "vqa",
+                "turns": [{"question": "Which shape?", "answers": ["circle"]}, {"question": "How many?", "answers": ["2"]}]},
+               {"id": "c", "image": "img2.png", "question": "Which? A. x B. y", "answers": ["B"], "metric": "choice"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    answers = {}
+    for batch in ("1", "3"):
+        out = tmp_path / f"out{batch}"
+        assert main([str(llava_vicuna), "--data", str(data), "--configs", "dense,sparsevila:image", "--out", str(out),
+                     "--device", "cpu", "--max-new-tokens", "5", "--no-plots", "--batch", batch]) == 0
+        records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+        answers[batch] = sorted((r["config"], r["id"], [t["answer"] for t in r["turns"]]) for r in records)
+    assert len(answers["3"]) == 6 and answers["3"] == answers["1"]
+    with pytest.raises(SystemExit):
+        main([str(llava_vicuna), "--data", str(data), "--batch", "0"])
+    assert "--batch must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_batch_runs_and_matches_batch_1(llava_vicuna, tmp_path, capsys):
+    from tinyvila.tools import bench
+
+    out = tmp_path / "batch.json"
+    assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",
+                       "--new-tokens", "4", "--batch", "3", "--stagger", "1", "--prefill-chunk", "16",
+                       "--sparsity", "image", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["sparsity"], r["batch"]) for r in runs] == [
+        ("dense", 1), ("dense", 3), ("p=0.6 d=0", 1), ("p=0.6 d=0", 3), ("p=0.6 d=0.75", 1), ("p=0.6 d=0.75", 3)]
+    assert all(r["tokens_match"] and r["aggregate_tok_s"] > 0 and r["conversations"] == 3 for r in runs)
+    assert all(len({tuple(t) for t in r["tokens"]}) == 3 for r in runs)  # their own images and questions
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 6 and "longest stall ms" in table

@@ -24,7 +24,7 @@ from collections import deque
 import torch
 
 from .errors import TinyVilaError
-from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer
+from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer, sync
 from .sampling import SamplingParams, is_number
 
 _END = object()  # the end of a request's stream
@@ -93,7 +93,7 @@ class Batcher:
     conversations answering at once, a newcomer's prompt prefilled `prefill_chunk` tokens per step.
     Drive it with `step()` / `run()` in your thread or `start()` a background thread.
     `longest_stall_s`: the longest time running conversations waited for a newcomer between two
-    decode steps."""
+    decode steps; `decode_rows / decode_s`: the aggregate decode rate."""
 
     def __init__(self, engine, max_batch: int = 8, prefill_chunk: int = 512):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
@@ -101,6 +101,7 @@ class Batcher:
                 raise TinyVilaError(f"{name} must be a positive integer, got {value!r}")
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
         self.longest_stall_s = 0.0
+        self.decode_s, self.decode_rows = 0.0, 0  # time in decode steps, tokens they produced
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
         self._running = []  # (Request, Turn) decoding
@@ -253,6 +254,7 @@ class Batcher:
         positions = torch.tensor([pos for pos, _ in inputs], device=eng.device)
         if turns[0].prompt.positions.dim() == 2:  # M-RoPE: a text token's t, h and w positions are equal
             positions = positions.expand(3, -1)
+        t = time.perf_counter()
         try:
             with eng.lock, torch.no_grad():
                 logits = lm.decode_rows(torch.tensor(fed, device=eng.device), positions,
@@ -261,6 +263,8 @@ class Batcher:
             self._fail_all(e)
             return
         running, self._running = self._running, []
+        sync(eng.device)
+        self.decode_s, self.decode_rows = self.decode_s + time.perf_counter() - t, self.decode_rows + len(running)
         for b, (request, turn) in enumerate(running):
             turn.session.tokens.append(fed[b])
             turn.stats.decode_tokens += 1
