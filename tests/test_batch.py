@@ -183,6 +183,21 @@ def test_a_bad_request_fails_alone(eng, image_files, expected):
     assert tokens(requests) == expected[:2]
 
 
+def test_a_failing_callback_fails_its_request_alone(eng, image_files, expected):
+    def broken(piece):
+        raise ValueError("the client went away")
+
+    batcher = Batcher(eng)
+    sessions, requests = submit_all(batcher, eng, image_files, CONVERSATIONS[:2])
+    other = eng.session(images=[image_files[3]])
+    failing = batcher.ask(other, "Hello?", callback=broken, max_new_tokens=5)
+    batcher.run()
+    with pytest.raises(ValueError, match="went away"):
+        failing.wait()
+    assert tokens(requests) == expected[:2]
+    assert not other.busy and other.ask("Hello?", max_new_tokens=2).token_ids
+
+
 def test_background_thread_streams_and_callbacks(eng, image_files, expected):
     batcher = Batcher(eng).start()
     try:
@@ -191,6 +206,8 @@ def test_background_thread_streams_and_callbacks(eng, image_files, expected):
         cb = batcher.ask(sessions[0], "And the sky?", callback=pieces.append, max_new_tokens=4, ignore_eos=True)
         streamed = ["".join(r.stream()) for r in (requests[0][0], requests[1][0], requests[2][0])]
         assert cb.wait(timeout=120).text == "".join(pieces) and pieces
+        with pytest.raises(TinyVilaError, match="background thread"):
+            batcher.step()
     finally:
         batcher.stop()
     assert tokens(requests) == expected[:3]

@@ -139,6 +139,8 @@ class Batcher:
     # ------------------------------------------------------------------ running
     def step(self) -> bool:
         """One scheduling step (see the module's doc); returns whether work remains."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise TinyVilaError("this batcher steps in its background thread (start()); stop() it first")
         self._drop_cancelled()
         t = time.perf_counter()
         stalled = bool(self._running)
@@ -280,26 +282,29 @@ class Batcher:
     def _accept(self, request: Request, turn, token: int) -> bool:
         """Take the row's next token; False (the conversation ended and left) on a stop token,
         cancel, max_new_tokens or a full context."""
-        if token in turn.stop_ids:
-            turn.answer.finish = "stop"
-            self._end(request, turn)
+        try:
+            if token in turn.stop_ids:
+                turn.answer.finish = "stop"
+            else:
+                turn.answer.tokens.append(token)
+                request._emit(turn.decoder.push(token))
+                ends = answer_ends(turn.session, turn.params, turn.answer)
+                if ends is None:
+                    return True
+                turn.answer.finish = ends
+        except Exception as e:  # the request's own callback failed: it fails alone
+            release(turn)
+            request._finish(error=e)
             return False
-        turn.answer.tokens.append(token)
-        request._emit(turn.decoder.push(token))
-        ends = answer_ends(turn.session, turn.params, turn.answer)
-        if ends:
-            turn.answer.finish = ends
-            self._end(request, turn)
-            return False
-        return True
+        self._end(request, turn)
+        return False
 
     def _end(self, request: Request, turn) -> None:
         try:
-            tail = finish_turn(turn)
+            request._emit(finish_turn(turn))
         except Exception as e:
             request._finish(error=e)
             return
-        request._emit(tail)
         request._finish(turn.session.last_result)
 
     def _fail_all(self, error: Exception) -> None:
