@@ -289,3 +289,17 @@ def test_bench_batch_runs_and_matches_batch_1(llava_vicuna, tmp_path, capsys):
     assert all(len({tuple(t) for t in r["tokens"]}) == 3 for r in runs)  # their own images and questions
     table = capsys.readouterr().out
     assert table.count("\n| ") == 6 and "longest stall ms" in table
+
+
+@pytest.mark.gpu
+def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
+    """On a GPU in fp32 (never run on the CPU CI): the eager batched step against each conversation's
+    graphed batch-1 decode, and the batched logits against the Triton decode step's."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = tinyvila.load(llava_mistral, device="cuda", dtype="float32")
+    convs = CONVERSATIONS[:4]
+    alone = [solo(gpu, image_files, conv) for conv in convs]
+    batcher = Batcher(gpu, prefill_chunk=32)
+    _, requests = submit_all(batcher, gpu, image_files, convs)
+    batcher.run()
+    assert tokens(requests) == alone
