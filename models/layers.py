@@ -374,8 +374,15 @@ class Attention(nn.Module):
         for b, ((k_cache, v_cache), slot) in enumerate(zip(kvs, slots)):
             k_cache[:, slot] = k[:, b]
             v_cache[:, slot] = v[:, b]
-            out.append(self._sdpa(q[:, b:b + 1], k_cache, v_cache, slot, masks[b]))
+            out.append(self._decode_row(q[:, b], k_cache, v_cache, slot, masks[b]))
         return self.o_proj(torch.cat(out))
+
+    def _decode_row(self, q, k_cache, v_cache, slot: int, mask) -> torch.Tensor:
+        """One token's attention, q [H, D], over cache slots 0..slot: [1, H * D]. Under GQA each KV
+        head's query heads go as that head's queries, so the cache is read as it is, never repeated."""
+        keys, values = k_cache[None, :, :slot + 1], v_cache[None, :, :slot + 1]
+        out = F.scaled_dot_product_attention(q.view(1, self.n_kv, -1, self.head_dim), keys, values, attn_mask=mask)
+        return out.reshape(1, -1)
 
     def _attend(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
         """SDPA of q [H, T, D] over cache slots 0..start+T, then the output projection."""
