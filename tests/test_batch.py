@@ -303,3 +303,22 @@ def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
     _, requests = submit_all(batcher, gpu, image_files, convs)
     batcher.run()
     assert tokens(requests) == alone
+
+
+def test_what_a_newcomer_prefills_ahead(eng, image_files):
+    """All but the last token (dense), up to the media's end (retrieval: the question scores them in
+    one pass), up to the fresh media (FastV: its pruning pass needs them and all after)."""
+    from tinyvila.generate import open_turn
+    from tinyvila.sampling import SamplingParams
+
+    ends = {}
+    for name, options in (("dense", {}), ("retrieval", {"decode_sparsity": 0.5}), ("fastv", {"sparsity": "fastv:k=1"})):
+        with eng.session(images=[image_files[0]], **options) as s:
+            ids, media, _ = s.question_turn("What is it?")
+            opening = open_turn(s, ids, media, SamplingParams())
+            prompt = opening.prompt
+            ends[name] = opening.ahead_end()
+            s.busy = False
+    assert ends["dense"] == len(prompt.keys) - 1
+    assert ends["retrieval"] == prompt.vis_end < ends["dense"]
+    assert ends["fastv"] == prompt.spans[0][0] > 0

@@ -77,11 +77,11 @@ class Opening:
     def ahead_end(self) -> int:
         """Where the part of the prompt that does not depend on the rest ends (prefill_ahead):
         the end of the media under decode retrieval (the question's rows score them in the last
-        pass), nothing while FastV prunes fresh media (its pruning needs the whole prompt), else
-        all but the last token."""
+        pass), the start of the fresh media while FastV prunes them (its pruning pass needs them
+        and everything after), else all but the last token."""
         sparsity, keys, vis_end = self.session.sparsity, self.prompt.keys, self.prompt.vis_end
         if self.fresh and sparsity.at_prefill.prunes_in_llm:
-            return self.start
+            return max(self.start, min(s for s, _, j in self.prompt.spans if j in self.fresh))
         if sparsity.at_decode.retrieves and 0 < vis_end < len(keys):
             return max(self.start, vis_end)
         return len(keys) - 1
