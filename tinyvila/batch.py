@@ -24,7 +24,7 @@ from collections import deque
 import torch
 
 from .errors import TinyVilaError
-from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer, sync
+from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer
 from .sampling import SamplingParams, is_number
 
 _END = object()  # the end of a request's stream
@@ -265,19 +265,24 @@ class Batcher:
             self._fail_all(e)
             return
         running, self._running = self._running, []
-        sync(eng.device)
+        greedy = self._greedy(logits)  # every row's argmax in one device-to-host copy
         self.decode_s, self.decode_rows = self.decode_s + time.perf_counter() - t, self.decode_rows + len(running)
         for b, (request, turn) in enumerate(running):
             turn.session.tokens.append(fed[b])
             turn.stats.decode_tokens += 1
             try:
-                token = turn.sampler(logits[b])
+                token = greedy[b] if turn.params.temperature == 0 else turn.sampler(logits[b])
             except Exception as e:
                 release(turn)
                 request._finish(error=e)
                 continue
             if self._accept(request, turn, token):
                 self._running.append((request, turn))
+
+    def _greedy(self, logits: torch.Tensor) -> list:
+        """Each row's greedy token, as Sampler picks it at temperature 0 (never a banned id)."""
+        banned = self.engine.banned
+        return (logits if banned is None else logits.masked_fill(banned, float("-inf"))).argmax(-1).tolist()
 
     def _accept(self, request: Request, turn, token: int) -> bool:
         """Take the row's next token; False (the conversation ended and left) on a stop token,
