@@ -322,3 +322,23 @@ def test_what_a_newcomer_prefills_ahead(eng, image_files):
     assert ends["dense"] == len(prompt.keys) - 1
     assert ends["retrieval"] == prompt.vis_end < ends["dense"]
     assert ends["fastv"] == prompt.spans[0][0] > 0
+
+
+def test_longvila_videos_and_an_image(tmp_path_factory):
+    from fixtures_vila import build_vila
+
+    vila = tinyvila.load(build_vila(str(tmp_path_factory.mktemp("vila_batch")), backbone="qwen2"), device="cpu",
+                         dtype="float32")
+    clips = [[draw_image(64, 48, seed=10 * c + k) for k in range(4)] for c in range(2)]
+    convs = [dict(videos=[clips[0]]), dict(videos=[clips[1]], sparsity="video"),
+             dict(images=[draw_image(60, 60, seed=5)], decode_sparsity=0.5)]
+    greedy = dict(max_new_tokens=6, ignore_eos=True)
+    alone = []
+    for options in convs:
+        with vila.session(**options) as s:
+            alone.append([s.ask(q, **greedy).token_ids for q in ("What happens?", "Then?")])
+    batcher = Batcher(vila, prefill_chunk=24)
+    requests = [[batcher.ask(s, q, **greedy) for q in ("What happens?", "Then?")]
+                for s in [vila.session(**options) for options in convs]]
+    batcher.run()
+    assert tokens(requests) == alone
