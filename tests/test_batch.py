@@ -327,7 +327,7 @@ def test_what_a_newcomer_prefills_ahead(eng, image_files):
 def test_longvila_videos_and_an_image(tmp_path_factory):
     from fixtures_vila import build_vila
 
-    vila = tinyvila.load(build_vila(str(tmp_path_factory.mktemp("vila_batch")), backbone="qwen2"), device="cpu",
+    vila = tinyvila.load(build_vila(str(tmp_path_factory.mktemp("vila_batch")), backbone="qwen2").path, device="cpu",
                          dtype="float32")
     clips = [[draw_image(64, 48, seed=10 * c + k) for k in range(4)] for c in range(2)]
     convs = [dict(videos=[clips[0]]), dict(videos=[clips[1]], sparsity="video"),
