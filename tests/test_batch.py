@@ -342,3 +342,4 @@ def test_longvila_videos_and_an_image(tmp_path_factory):
                 for s in [vila.session(**options) for options in convs]]
     batcher.run()
     assert tokens(requests) == alone
+    assert len({tuple(a[0]) for a in alone}) == len(convs)  # different media, different answers
