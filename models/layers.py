@@ -384,6 +384,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q.view(1, self.n_kv, -1, self.head_dim), keys, values, attn_mask=mask)
         return out.reshape(1, -1)
 
+    def static(self, x, cos, sin, kv, start, count, slots, vis_slots, window):
+        """Attention of x's B rows (B fixed, the first `count` real) at cache slots `slots`
+        (start.. , a device tensor), over the cache, with every shape and address fixed: what a
+        CUDA graph captures (Triton retrieval kernel; start and count are read on the device).
+        Returns the output and, with `vis_slots`, the retrieval scores r [H_kv, n_vis] of the
+        real rows."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = kv
+        k_cache.index_copy_(1, slots, k)
+        v_cache.index_copy_(1, slots, v)
+        scored = vis_slots is not None
+        out, r = retrieval_attention(q.transpose(0, 1), k_cache, v_cache, start,
+                                     vis_slots if scored else slots[:0], window=window, scores=scored, count=count)
+        return self.o_proj(out.reshape(x.shape[0], -1)), r
+
     def _attend(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
         """SDPA of q [H, T, D] over cache slots 0..start+T, then the output projection."""
         return self.o_proj(self._sdpa(q, k_cache, v_cache, start, mask))
@@ -598,6 +613,28 @@ class DecoderLM(nn.Module):
         cache.length = start + h.shape[0]
         return h, scores
 
+    def static_prefill(self, ids, positions, cache, start, count, vis_slots=None):
+        """The prefill of a short run of text tokens with every shape and address fixed, as a CUDA
+        graph captures it once and replays it for any such run: ids [B] and positions [B] or
+        [3, B] (B a bucket size), of which the first `count` are real, at cache slots start..;
+        start and count are 1-element int32 device tensors. The padding rows' K/V land past the
+        prompt, where nothing reads them before they are overwritten. Returns (fp32 logits [1, V]
+        of the last real row, r [L, H_kv, n_vis] each layer's retrieval scores of the visual
+        tokens at `vis_slots` from the real rows, or None without vis_slots)."""
+        h = self.embed(ids)
+        cos, sin = self.rope_tables(positions, h.dtype)
+        slots = start.long() + torch.arange(ids.shape[0], device=ids.device)
+        window, scores = self.cfg.sliding_window, []
+
+        def attend(i, layer, x):
+            out, r = layer.self_attn.static(x, cos, sin, cache.layer(i), start, count, slots, vis_slots, window)
+            scores.append(r)
+            return out
+
+        h = self.fused_blocks(h, attend)
+        last = h.index_select(0, count.long() - 1)
+        return self.project(last), (torch.stack(scores) if vis_slots is not None else None)
+
     def decode_step(self, token, positions, cache, slot, length, workspace):
         """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
         all device tensors, so a CUDA graph can capture it once and replay it for every token.
@@ -767,17 +804,18 @@ def use_encoder_graphs(model: nn.Module, on: bool) -> None:
             m.graphed = on
 
 
-def capture_graph(fn, device, side, warm_up=None, runs: int = 1):
+def capture_graph(fn, device, side, warm_up=None, runs: int = 1, pool=None):
     """fn() captured as a CUDA graph: (graph, fn's outputs, which each replay rewrites).
     warm_up() (fn by default) runs `runs` times first on the side stream, so kernels compile and
-    libraries set up their workspaces outside the capture."""
+    libraries set up their workspaces outside the capture. `pool`: a memory pool shared with
+    other graphs (torch.cuda.graph_pool_handle()) whose replays never overlap."""
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(runs):
             (warm_up or fn)()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
         out = fn()
     return graph, out
 

@@ -1,7 +1,9 @@
 """tinyvila-serve: a live server on 127.0.0.1 (a free port), driven by the real `openai` client and by
 plain HTTP, against the in-process Engine on the same tiny checkpoints."""
+import asyncio
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -10,13 +12,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
 import torch
 
 import tinyvila
-from tinyvila.serve import session_bytes
+from tinyvila.serve import Turn, bind
 
 try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
     import httpx
@@ -24,6 +27,7 @@ except ImportError:
     import httpx2 as httpx
 from fixtures_images import draw_image, write_video
 from fixtures_qwen import build_qwen2_5_vl
+from fixtures_vila import build_vila
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test"
@@ -88,7 +92,8 @@ def server(llava_vicuna, media_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eng(llava_vicuna):
-    return tinyvila.load(llava_vicuna, device="cpu", dtype=torch.float32)
+    """The reference: the server's default for a conversation with images is the chat's image preset."""
+    return tinyvila.load(llava_vicuna, device="cpu", dtype=torch.float32, sparsity="image")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +106,8 @@ def ask(server, messages, **kw):
 
 
 def test_models_and_health(server):
-    assert server.http.get("/health").json()["status"] == "ok"
+    health = server.http.get("/health").json()
+    assert health["status"] == "ok" and health["device"] == "cpu" and health["dtype"] == "float32"
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny-llava"]
 
@@ -265,10 +271,12 @@ def test_stop_strings_and_sampling(server, eng, img):
 
 
 @pytest.fixture(scope="module")
-def small_server(llava_vicuna, eng, tmp_path_factory):
-    """Room for one conversation's KV cache, no waiting line, 1 MB bodies."""
-    with eng.session(max_seq_len=512) as s:
-        one = session_bytes(s)
+def small_server(llava_vicuna, eng, img, tmp_path_factory):
+    """Room for one conversation (its KV cache and decode buffer), no waiting line, 1 MB bodies."""
+    with eng.session(images=[img], max_seq_len=512) as s:
+        s.ask("Hi", temperature=0, max_new_tokens=2)
+        one = s.nbytes()
+        assert one > s.cache.nbytes()  # the image preset's decode retrieval holds a decode buffer too
     s = LiveServer(tmp_path_factory.mktemp("small"), llava_vicuna, "--max-seq-len", 512, "--session-memory",
                    1.5 * one / 1e9, "--queue", 0, "--max-body-mb", 1)
     yield s
@@ -317,12 +325,104 @@ def test_video_on_qwen2_5_vl(qwen_server):
     s, d, eng = qwen_server
     frames = [draw_image(56, 56, seed=i) for i in range(6)]
     video = write_video(d / "clip.mp4", frames, fps=4)
-    ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=8)
+    ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=8, sparsity="video")
+    assert ref.stats.visual_tokens_kept < ref.stats.visual_tokens  # the video preset pruned it
     for url in (f"file://{video}", "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()):
         r = s.client().chat.completions.create(model=str(d), messages=[user("What happens?", url, kind="video")],
                                                temperature=0, max_tokens=8)
         assert r.choices[0].message.content == ref.text
         assert r.model_extra["tinyvila"]["visual_tokens"] == ref.stats.visual_tokens > 0
+        assert r.model_extra["tinyvila"]["visual_tokens_kept"] == ref.stats.visual_tokens_kept
+
+
+def test_a_conversation_continues_only_under_its_policy(qwen_server):
+    """An image conversation runs under the image preset; a follow-up that adds a video needs the
+    video preset, so it starts a new session rather than continuing the image one."""
+    s, d, eng = qwen_server
+    video = write_video(d / "clip2.mp4", [draw_image(56, 56, seed=20 + i) for i in range(4)], fps=4)
+    picture = data_url(draw_image(84, 56, seed=11))
+    client = s.client()
+    first = [user("What is this?", picture)]
+    a1 = client.chat.completions.create(model=str(d), messages=first, temperature=0, max_tokens=6)
+    with eng.session(images=[draw_image(84, 56, seed=11)], sparsity="image") as ref:
+        assert a1.choices[0].message.content == ref.ask("What is this?", temperature=0, max_new_tokens=6).text
+    assert a1.model_extra["tinyvila"]["visual_tokens_kept"] == ref.last_result.stats.visual_tokens_kept
+    history = first + [{"role": "assistant", "content": a1.choices[0].message.content},
+                       user("And now?", f"file://{video}", kind="video")]
+    r2 = client.chat.completions.create(model=str(d), messages=history, temperature=0, max_tokens=6)
+    assert r2.model_extra["tinyvila"]["conversation_continued"] is False
+    assert r2.usage.prompt_tokens_details.cached_tokens == 0
+    with eng.session(images=[draw_image(84, 56, seed=11)], sparsity="video") as ref:
+        ref.ask("What is this?", temperature=0, max_new_tokens=6)
+        ref.messages[-1] = ref.message("assistant", a1.choices[0].message.content)
+        ref.add_video(str(video))
+        expected = ref.ask("And now?", temperature=0, max_new_tokens=6)
+    assert r2.choices[0].message.content == expected.text
+
+
+@pytest.fixture(scope="module")
+def vila_video(tmp_path_factory):
+    """A tiny LongVILA (qwen2 backbone) checkpoint folder and a 12-frame video inside it."""
+    d = tmp_path_factory.mktemp("vila_serve")
+    path = build_vila(str(d), backbone="qwen2").path
+    return d, path, write_video(d / "clip.mp4", [draw_image(64, 48, seed=k) for k in range(12)])
+
+
+def test_video_on_longvila(vila_video, tmp_path_factory):
+    """LongVILA: a video by file:// and inline, under the server's video preset."""
+    d, path, video = vila_video
+    s = LiveServer(tmp_path_factory.mktemp("vila_server"), path, "--allowed-local-media", d, "--max-frames", 4)
+    try:
+        eng = tinyvila.load(path, device="cpu", dtype="float32", max_frames=4)
+        ref = eng.generate("What happens?", videos=[str(video)], temperature=0, max_new_tokens=6, sparsity="video")
+        assert 0 < ref.stats.visual_tokens_kept < ref.stats.visual_tokens and ref.text.strip()
+        for url in (f"file://{video}", "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()):
+            r = s.client().chat.completions.create(model=str(path), messages=[user("What happens?", url, kind="video")],
+                                                   temperature=0, max_tokens=6)
+            assert r.choices[0].message.content == ref.text
+            assert r.model_extra["tinyvila"]["visual_tokens_kept"] == ref.stats.visual_tokens_kept
+    finally:
+        assert s.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_a_session_is_sized_for_all_of_its_media(vila_video):
+    """A kept session's context was sized for the media it had: a follow-up bringing a video that
+    does not fit it is answered by a new session sized for the whole conversation; so is a new
+    conversation whose video comes before an image. Run on the worker itself, with the text room
+    beyond the media (8192 tokens by default) cut to lie between what each prompt needs without
+    and with its media."""
+    from tinyvila.sampling import SamplingParams
+    from tinyvila.serve import ChatRequest, Job, SessionLRU, Worker, parse_args, parse_url
+
+    d, path, video = vila_video
+    eng = tinyvila.load(path, device="cpu", dtype="float32", max_frames=4)
+    args = parse_args([str(path), "--sparsity", "dense"])
+    clip = parse_url(f"file://{video}", "video", str(d))
+    picture = parse_url(data_url(draw_image(56, 56, seed=4)), "image", None)
+
+    def run(worker, turns):
+        req = ChatRequest(None, turns, SamplingParams(max_new_tokens=3, temperature=0), [], False, False)
+        kind, value = worker.run(Job(req, None, False))
+        assert kind == "done", value
+        return value
+
+    def roomy_answer(turns):  # the answer with the default room; the room that makes this case
+        value = run(Worker(eng, SessionLRU(4, 1e12), args), turns)
+        return value, value["prompt_tokens"] - value["stats"]["visual_tokens"] // 2
+
+    first = [Turn("user", "Hi")]
+    a1 = run(Worker(eng, SessionLRU(4, 1e12), args), first)["text"]
+    follow_up = first + [Turn("assistant", a1), Turn("user", "What happens?", (clip,))]
+    mixed = [Turn("user", "What happens?", (clip,)), Turn("assistant", "A clip."), Turn("user", "And here?", (picture,))]
+    for turns, kept_first in ((follow_up, True), (mixed, False)):
+        ref, room = roomy_answer(turns)
+        eng.max_seq_len = room
+        worker = Worker(eng, SessionLRU(4, 1e12), args)
+        if kept_first:
+            assert run(worker, first)["text"] == a1  # kept, its context sized for no media
+        out = run(worker, turns)
+        assert out["text"] == ref["text"] and not out["continued"]
+        assert out["prompt_tokens"] == ref["prompt_tokens"] > room
 
 
 def idle_health(server) -> dict:
@@ -346,17 +446,71 @@ def test_client_drops_mid_stream(qwen_server):
     assert r.choices[0].message.content == eng.generate("Hi", temperature=0, max_new_tokens=10).text
 
 
+def test_client_drops_a_non_streamed_request(qwen_server):
+    s, d, eng = qwen_server
+    before = idle_health(s)["answers_cancelled"]
+    body = {"model": str(d), "messages": [{"role": "user", "content": "Count."}], "max_tokens": 100000,
+            "ignore_eos": True, "temperature": 0}
+    with httpx.Client(base_url=s.url, timeout=httpx.Timeout(60, read=1)) as impatient:
+        with pytest.raises(httpx.ReadTimeout):  # it gives up long before thousands of tokens
+            impatient.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert idle_health(s)["answers_cancelled"] == before + 1  # cancelled, not answered to the end
+
+
 def test_busy_server_says_503(qwen_server):
     s, d, eng = qwen_server
     hi = {"model": str(d), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     auth = {"Authorization": f"Bearer {KEY}"}
     with long_stream(s, str(d)) as r:  # thousands of tokens: still answering when the next request comes
-        next(r.iter_lines())
+        assert r.status_code == 200 and next(r.iter_lines()).startswith("data: {")
         busy = s.http.post("/v1/chat/completions", json=hi, headers=auth)
-        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", (busy.text, s.http.get("/health").json())
         assert busy.json()["error"]["code"] == "queue_full"
     idle_health(s)  # the dropped stream's answer ends at its next token
     assert s.http.post("/v1/chat/completions", json=hi, headers=auth).status_code == 200
+
+
+def test_done_is_sent_after_the_request_left_the_queue(eng):
+    """The stream's [DONE] waits until its request no longer counts in flight, even when the worker
+    thread is slow to return after its last event (here held back on purpose)."""
+    from tinyvila.serve import ChatRequest, Job, Server, Turn
+
+    args = SimpleNamespace(max_sessions=1, session_memory=1.0, queue=0, max_body_mb=1.0, api_key=None,
+                           allowed_local_media=None, sparsity=None)
+
+    class LateWorker:
+        def run(self, job):
+            payload = {"text": "x", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1,
+                       "cached_tokens": 0, "stats": {}, "continued": False}
+            job.emit("piece", "x")
+            job.emit("done", payload)
+            threading.Event().wait(0.3)  # returns late: without the wait for it, [DONE] would come first
+            return "done", payload
+
+    async def in_flight_at_done():
+        srv = Server(eng, args, "m")
+        srv.worker = LateWorker()
+        req = ChatRequest(None, [Turn("user", "Hi")], None, [], True, False)
+        response = await srv.stream(Job(req, asyncio.get_running_loop(), True), "m")
+        seen = [(chunk, srv.in_flight) async for chunk in response.body_iterator]
+        srv.pool.shutdown()
+        return seen
+
+    seen = asyncio.run(in_flight_at_done())
+    assert seen[-1] == ("data: [DONE]\n\n", 0)
+
+
+def test_next_request_right_after_done_is_served(qwen_server):
+    """With --queue 0 a request sent the moment the last one's stream ends must not find it still
+    counted in flight."""
+    s, d, eng = qwen_server
+    hi = {"model": str(d), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for _ in range(5):
+        with s.http.stream("POST", "/v1/chat/completions", json=dict(hi, stream=True), headers=auth) as r:
+            assert r.status_code == 200
+            assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+        assert s.http.post("/v1/chat/completions", json=hi, headers=auth).status_code == 200
 
 
 def test_command_line_errors_are_one_line(llava_vicuna):
@@ -373,5 +527,63 @@ def test_command_line_errors_are_one_line(llava_vicuna):
         for args, message in cases:
             r = run(llava_vicuna, *args)
             assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run("--help")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tinyvila.serve", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--session-memory" in r.stdout and "--decode-sparsity" in r.stdout
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "tinyvila.cli_options" in imported and "torch" not in imported  # --help answers at once
+
+
+def test_connections_are_not_delayed_by_nagle():
+    """Streamed pieces are small writes: each connection the server accepts has TCP_NODELAY, else
+    on a keep-alive connection a piece waits for the client's delayed ACK (~40 ms)."""
+
+    async def accepted_nodelay():
+        sock = bind("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                raw = transport.get_extra_info("socket")
+                seen.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 30)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_bench_serve_starts_a_server_and_prints_both_sides(llava_vicuna, tmp_path, capsys):
+    from tinyvila.tools import bench
+
+    out_json = tmp_path / "serve.json"
+    assert bench.main(["--serve", "--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image",
+                       "64x48", "--new-tokens", "4", "--runs", "1", "--concurrency", "2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"in-process", "HTTP, cached conversation", "HTTP, no cached session"} <= set(rows), out
+    assert "n/a" not in out and "TTFT - in-process" in out
+    record = json.loads(out_json.read_text())
+    assert len(record["in_process"]) == 1 and len(record["http"]) == 2  # one timed run per client
+    for run in record["http"]:
+        assert run["cached"]["tinyvila"]["conversation_continued"] and run["cached"]["usage"][
+            "prompt_tokens_details"]["cached_tokens"] > 0
+        assert run["cold"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert run["cold"]["tinyvila"]["vision_s"] > 0 == run["cached"]["tinyvila"]["vision_s"]
+        assert run["cached"]["usage"]["prompt_tokens"] == run["cold"]["usage"]["prompt_tokens"]  # the same turn
+
+
+def test_bench_serve_on_a_running_server(server, capsys):
+    from tinyvila.tools import bench
+
+    assert bench.main(["--serve", server.url, "--api-key", KEY, "--image", "64x48", "--new-tokens", "3",
+                       "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| in-process | n/a |" in out and "| HTTP, cached conversation |" in out
+    assert bench.main(["--serve", server.url, "--api-key", "wrong", "--image", "64x48", "--runs", "1"]) == 2
+    assert "401" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__, load
+from .cli_options import add_load_options, check_sparsity, load_options, sparsity_options
 from .errors import TinyVilaError, check_output_file, run_cli
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
@@ -35,28 +36,10 @@ HELP = """commands:
   /stats             show the last answer's statistics
   /help              this help (also /?)
   /exit              quit (also /quit, /bye, Ctrl+D); Ctrl+C stops an answer"""
-MEDIA_OPTIONS = ("max_pixels", "min_pixels", "fps", "max_frames")
-SPARSITY_ARGS = ("prefill_sparsity", "prefill_budget", "position_mode", "decode_sparsity", "retrieval_granularity",
-                 "history")
 SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_new_tokens": int}
 # Layers that tell how a loaded model is quantized (class name -> what the summary line says).
 QUANTIZED_LAYERS = {"W4Linear": "awq w4a16", "W8A8Linear": "w8a8 vision"}
 HISTORY_LENGTH = 1000
-
-
-def positive(kind):
-    """An argparse type: a positive int or float (the message names the flag)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive {'integer' if kind is int else 'number'}, "
-                                             f"got {text!r}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def build_parser():
@@ -66,12 +49,6 @@ def build_parser():
     add("-m", "--model", help=f"same as MODEL (default: $TINYVILA_MODEL or {DEFAULT_MODEL})")
     add("--image", "-i", action="append", default=[], metavar="PATH", help="an image; repeat for more (-i a -i b)")
     add("--video", action="append", default=[], metavar="PATH", help="a video file; repeat for more")
-    add("--max-pixels", "--max_pixels", dest="max_pixels", type=positive(int),
-        help="pixel budget per image or frame (Qwen2.5-VL)")
-    add("--min-pixels", "--min_pixels", dest="min_pixels", type=positive(int),
-        help="minimum pixels per image or frame (Qwen2.5-VL)")
-    add("--fps", type=positive(float), help="video sampling rate in frames per second (default 2)")
-    add("--max-frames", "--max_frames", dest="max_frames", type=positive(int), help="at most this many video frames")
     add("-p", "--prompt", help="answer this prompt once and exit")
     add("-n", "--max-new-tokens", "--max-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
     add("--temperature", "--temp", type=float, default=0.2, help="0 = greedy (default 0.2)")
@@ -80,26 +57,6 @@ def build_parser():
     add("--seed", type=int)
     add("--ignore-eos", "--ignore_eos", dest="ignore_eos", action="store_true", help="generate past stop tokens")
     add("--system", help="system prompt (none unless the chat template adds one)")
-    add("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    add("--dtype", choices=["float16", "bfloat16", "float32"])
-    add("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=positive(int), help="context length to allocate")
-    add("--sparsity", metavar="POLICY", help="image, video or dense (default: image, or video with a video); "
-        "also prefill:P, decode:D, fastv[:k=K,r=R], visionzip[:keep=F] (baselines)")
-    add("--dense", dest="sparsity", action="store_const", const="dense", help="no visual sparsity (--sparsity dense)")
-    add("--prefill-sparsity", "--prefill_sparsity", dest="prefill_sparsity", type=float, metavar="P",
-        help="fraction of visual tokens dropped before the LLM (overrides the preset)")
-    # The choices below are checked by Sparsity.from_options (before loading), not by argparse:
-    # sparsity.py imports torch.
-    add("--prefill-budget", "--prefill_budget", dest="prefill_budget", metavar="{group,global}",
-        help="top-k per attention group (tile, frame) or over the whole item")
-    add("--position-mode", "--position_mode", dest="position_mode", metavar="{compact,original}",
-        help="RoPE positions of the kept tokens (default compact)")
-    add("--decode-sparsity", "--decode_sparsity", dest="decode_sparsity", type=float, metavar="D",
-        help="fraction of the kept visual tokens each answer's decode skips (overrides the preset)")
-    add("--retrieval-granularity", "--retrieval_granularity", dest="retrieval_granularity",
-        metavar="{layer,kv_head}", help="one decode selection per layer (default) or per KV head")
-    add("--history", metavar="{keep,evict}", help="keep (default) earlier questions and answers, or evict them "
-        "after each answer (the media stay)")
     add("--save-kept", "--save_kept", dest="save_kept", metavar="FILE.png",
         help="draw the visual tokens prefill pruning kept over the image (or the video's frames)")
     add("--no-stream", "--no_stream", dest="stream", action="store_false", help="print answers when complete")
@@ -108,6 +65,7 @@ def build_parser():
     add("--list-models", action="store_true", help="list the supported model families and known hub ids")
     add("--version", action="version", version=f"%(prog)s {__version__}")
     add("--debug", action="store_true", help="show tracebacks")
+    add_load_options(p)
     return p
 
 
@@ -130,10 +88,10 @@ def parse_args(argv):
 def check_before_loading(args) -> None:
     """Every option, media file and output path, checked before the (slow) model load."""
     # The one deferred import of tinyvila's own modules (see the module docstring): they import torch.
-    from . import engine, media, sampling, sparsity
+    from . import engine, media, sampling
 
     sampling.SamplingParams(**{k: getattr(args, k) for k in SAMPLING}, ignore_eos=args.ignore_eos)
-    sparsity.Sparsity.from_options(**{k: getattr(args, k) for k in ("sparsity",) + SPARSITY_ARGS})
+    check_sparsity(args)
     engine.resolve_device(args.device)
     for path in args.image:
         media.load_image(path)
@@ -260,9 +218,8 @@ class Chat:
         self.sampling = {k: getattr(args, k) for k in SAMPLING}
         self.sampling["ignore_eos"] = args.ignore_eos
         # The chat picks the sparsity preset from the media unless told (the Python API is dense).
-        sparsity = {k: getattr(args, k) for k in SPARSITY_ARGS if getattr(args, k) is not None}
-        sparsity["sparsity"] = args.sparsity or ("video" if args.video else "image")
-        self.session = engine.session(images=args.image, videos=args.video, system=args.system, **sparsity)
+        self.session = engine.session(images=args.image, videos=args.video, system=args.system,
+                                      **sparsity_options(args, bool(args.video)))
 
     def answer(self, question: str) -> None:
         out = sys.stdout
@@ -368,10 +325,8 @@ def run(args) -> None:
     if model is None:
         model = DEFAULT_MODEL
         announce_default_model()
-    media = {k: getattr(args, k) for k in MEDIA_OPTIONS if getattr(args, k) is not None}
     start = time.perf_counter()
-    engine = load(model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                  progress=False if args.quiet else None, **media)
+    engine = load(model, progress=False if args.quiet else None, **load_options(args))
     if not args.quiet:
         print(load_summary(engine, time.perf_counter() - start), file=sys.stderr)
     chat = Chat(engine, args)

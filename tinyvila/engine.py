@@ -88,6 +88,8 @@ class Engine:
         self.stop_ids = stop_ids
         text = model.language_model.cfg
         self.cuda_graphs = bool(options.pop("cuda_graphs", True))  # capture GPU decode steps as CUDA graphs
+        # also short prefills (follow-up questions) as CUDA graphs: opt-in until measured on a GPU
+        self.prefill_graphs = bool(options.pop("prefill_graphs", False)) and self.cuda_graphs
         self._capture_stream = None
         self.defaults = self._check_options(options)  # max_seq_len included; None values dropped
         self.explicit_max_seq_len = "max_seq_len" in self.defaults

@@ -4,7 +4,9 @@ A chat client resends the whole conversation with every request. The server keep
 conversation's session (its encoded media and KV cache) in an LRU; a request whose messages extend
 a kept conversation (same system prompt, same media bytes in the same places, same earlier
 messages, the assistant's own answers included) continues that session, so nothing is encoded or
-prefilled again. Any other request starts a new session over the whole conversation.
+prefilled again. Any other request starts a new session over the whole conversation. As in the
+chat, a conversation runs under the image sparsity preset, or the video one when it holds a video
+(unless --sparsity says otherwise), and is continued only under that same policy.
 
 Requests run one at a time on the model, in arrival order, in one worker thread; the event loop
 only parses, queues and streams. Nothing is ever fetched: media come as data: URLs, or as file://
@@ -32,13 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__, load
-from .cli_options import add_load_options, load_options
-from .errors import MediaError, TinyVilaError, run_cli
-from .generate import SamplingParams
+from .cli_options import add_load_options, check_sparsity, load_options, sparsity_options
+from .errors import ContextError, MediaError, TinyVilaError, out_of_memory, run_cli
 from .loader import read_json
 
 try:  # the `serve` extra
@@ -178,13 +178,15 @@ def parse_messages(messages, allowed_dir):
 class ChatRequest:
     system: str | None
     turns: list
-    params: SamplingParams
+    params: object  # SamplingParams
     stop: list
     stream: bool
     include_usage: bool
 
 
 def parse_request(body: dict, defaults: dict, allowed_dir, max_tokens: int) -> ChatRequest:
+    from .sampling import SamplingParams  # torch, loaded with the model: --help does not wait for it
+
     if body.get("n") not in (None, 1):
         raise bad("n must be 1 (one answer per request)")
     stop = body.get("stop") or []
@@ -247,12 +249,7 @@ class Kept:
     system: str | None
     turns: list
     session: object
-    nbytes: int
-
-
-def session_bytes(session) -> int:
-    """What a live session holds: its KV cache, preallocated for its whole context."""
-    return session.cache.k.nbytes + session.cache.v.nbytes
+    nbytes: int  # its KV cache, preallocated for the whole context, and decode buffer
 
 
 class SessionLRU:
@@ -264,14 +261,15 @@ class SessionLRU:
         self.kept = OrderedDict()
         self.evicted = 0
 
-    def take(self, system, turns):
+    def take(self, system, turns, sparsity):
         """(session, number of turns it holds) for the longest kept conversation that `turns`
-        extends; the session leaves the LRU. (None, 0) when none matches."""
+        extends under the same sparsity policy; the session leaves the LRU. (None, 0) when none
+        matches."""
         best = None
         for key, k in self.kept.items():
             n = len(k.turns)
-            if k.system == system and n < len(turns) and turns[:n] == k.turns and (
-                    best is None or n > len(self.kept[best].turns)):
+            extends = k.system == system and n < len(turns) and turns[:n] == k.turns
+            if extends and k.session.sparsity == sparsity and (best is None or n > len(self.kept[best].turns)):
                 best = key
         if best is None:
             return None, 0
@@ -279,7 +277,7 @@ class SessionLRU:
         return k.session, len(k.turns)
 
     def put(self, system, turns, session) -> None:
-        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session_bytes(session))
+        self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session.nbytes())
         while self.kept and (len(self.kept) > self.max_sessions
                              or sum(k.nbytes for k in self.kept.values()) > self.max_bytes):
             self.kept.popitem(last=False)[1].session.close()
@@ -319,25 +317,26 @@ class Job:
             self.session.cancel()
 
 
-def new_session(engine, req: ChatRequest, temp_files: list):
-    """A session holding all of the conversation's media, in prompt order."""
-    media = [m for t in req.turns for m in t.media]
-    kinds = [m.kind for m in media]
-    if kinds == sorted(kinds, key=lambda k: k == "video"):  # images then videos: the context fits them all
-        return engine.session(images=[image_source(m) for m in media if m.kind == "image"],
-                              videos=[video_source(m, temp_files) for m in media if m.kind == "video"],
-                              system=req.system)
-    session = engine.session(system=req.system)
-    attach(session, media, temp_files)
+def new_session(engine, req: ChatRequest, sparsity: dict, temp_files: list):
+    """A session holding all of the conversation's media, in prompt order, its context sized for
+    them all (as Engine.session sizes it for the media it is given)."""
+    options = {k: v for k, v in engine.defaults.items() if k in engine.model.media_options}
+    items = [engine.load_media(**{f"{m.kind}s": [source(m, temp_files)]}, **options)[0]
+             for t in req.turns for m in t.media]
+    context = engine.default_context(items, engine.sparsity.overridden(**sparsity))
+    session = engine.session(system=req.system, max_seq_len=context, **sparsity)
+    session.pending = items  # the media of the conversation's user messages, in order
     return session
 
 
 def attach(session, media, temp_files: list) -> None:
     for m in media:
-        if m.kind == "image":
-            session.add_image(image_source(m))
-        else:
-            session.add_video(video_source(m, temp_files))
+        add = session.add_image if m.kind == "image" else session.add_video
+        add(source(m, temp_files))
+
+
+def source(m: Media, temp_files: list):
+    return image_source(m) if m.kind == "image" else video_source(m, temp_files)
 
 
 def image_source(m: Media):
@@ -369,11 +368,17 @@ def render(session, req: ChatRequest) -> list:
 
 
 class Worker:
-    """The model and its kept conversations; answer() runs in the single worker thread."""
+    """The model and its kept conversations; run() is the one place a job runs, in the single
+    worker thread."""
 
-    def __init__(self, engine, lru: SessionLRU):
-        self.engine, self.lru = engine, lru
-        self.answers = self.cancelled = 0  # answers given; of those, cut short by a client that left
+    def __init__(self, engine, lru: SessionLRU, args):
+        self.engine, self.lru, self.args = engine, lru, args
+        self.answers = self.cancelled = 0  # answers given; requests cut short by a client that left
+
+    def sparsity(self, req: ChatRequest) -> dict:
+        """The conversation's sparsity options, as the chat picks them: --sparsity, else the video
+        preset for a conversation with a video, the image preset for any other."""
+        return sparsity_options(self.args, any(m.kind == "video" for t in req.turns for m in t.media))
 
     def run(self, job: Job):
         """("done", payload) or ("error", APIError), also sent as the job's last event."""
@@ -383,33 +388,49 @@ class Worker:
             out = ("error", e)
         except TinyVilaError as e:
             out = ("error", bad(str(e)))
-        except torch.cuda.OutOfMemoryError:
-            out = ("error", APIError(500, "out of GPU memory; try a smaller image or fewer turns", "server_error"))
-        except Exception as e:  # a bug: logged here, never shown to the client
-            print(f"tinyvila-serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-            traceback.print_exc()
-            out = ("error", APIError(500, "internal server error", "server_error"))
+        except Exception as e:
+            memory = out_of_memory(e, "try a smaller image or fewer turns")
+            if memory is None:  # a bug: logged here, never shown to the client
+                print(f"tinyvila-serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+                traceback.print_exc()
+            out = ("error", APIError(500, memory or "internal server error", "server_error"))
         job.emit(*out)
         return out
 
-    def answer(self, job: Job) -> dict:
-        req, engine = job.req, self.engine
-        if job.cancelled.is_set():  # the client left while the request waited
-            raise APIError(499, "the client closed the connection", "cancelled")
-        session, known = self.lru.take(req.system, req.turns)
-        temp_files = []
+    def respond(self, job: Job, session, known: int, sparsity: dict, temp_files: list):
+        """(result, session, turns continued): the kept session continued, unless the new media do
+        not fit its context (sized for the media it had): then, as with no kept session, a new
+        session over the whole conversation, its context sized for all of its media."""
         try:
-            if session is None:
-                session = new_session(engine, req, temp_files)
-            else:
-                attach(session, [m for t in req.turns[known:] for m in t.media], temp_files)
-            job.session = session
-            ids = engine.encode_text(engine.render(render(session, req)))
-            result = session.complete(ids, req.params, job.on_piece)
+            if session is not None:
+                try:
+                    attach(session, [m for t in job.req.turns[known:] for m in t.media], temp_files)
+                    return self.complete(job, session), session, known
+                except ContextError:
+                    session.close()
+            session = None
+            session = new_session(self.engine, job.req, sparsity, temp_files)
+            return self.complete(job, session), session, 0
         except BaseException:
             if session is not None:
                 session.close()
             raise
+
+    def complete(self, job: Job, session):
+        job.session = session
+        ids = self.engine.encode_text(self.engine.render(render(session, job.req)))
+        return session.complete(ids, job.req.params, job.on_piece)
+
+    def answer(self, job: Job) -> dict:
+        req, engine = job.req, self.engine
+        if job.cancelled.is_set():  # the client left while the request waited
+            self.cancelled += 1
+            raise APIError(499, "the client closed the connection", "cancelled")
+        sparsity = self.sparsity(req)
+        kept, known = self.lru.take(req.system, req.turns, engine.sparsity.overridden(**sparsity))
+        temp_files = []
+        try:
+            result, session, known = self.respond(job, kept, known, sparsity, temp_files)
         finally:
             for path in temp_files:
                 os.unlink(path)
@@ -440,7 +461,7 @@ class Server:
     def __init__(self, engine, args, name: str):
         self.engine, self.name, self.args = engine, name, args
         self.lru = SessionLRU(args.max_sessions, args.session_memory * 1e9)
-        self.worker = Worker(engine, self.lru)
+        self.worker = Worker(engine, self.lru, args)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="tinyvila-model")  # FIFO: arrival order
         self.in_flight = 0  # running + waiting; touched on the event loop only
         self.jobs = set()
@@ -467,7 +488,9 @@ class Server:
     # -- endpoints
     async def health(self, request):
         w = self.worker
-        return JSONResponse({"status": "ok", "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
+        return JSONResponse({"status": "ok", "model": self.name, "device": str(self.engine.device),
+                             "dtype": str(self.engine.dtype).removeprefix("torch."),
+                             "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
                              "sessions_evicted": self.lru.evicted, "answers": w.answers,
                              "answers_cancelled": w.cancelled})
 
@@ -492,7 +515,7 @@ class Server:
             job = Job(req, asyncio.get_running_loop(), req.stream)
             if req.stream:
                 return await self.stream(job, body["model"])
-            kind, value = await self.submit(job)
+            kind, value = await self.submit_watching(job, request)
             if kind == "error":
                 raise value
             return JSONResponse(self.completion(value, body["model"]))
@@ -547,6 +570,19 @@ class Server:
             self.in_flight -= 1
             self.jobs.discard(job)
 
+    async def submit_watching(self, job: Job, request):
+        """submit(), the job cancelled if the client disconnects before its answer is ready."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await self.submit(job)
+        finally:
+            watcher.cancel()
+
     async def stream(self, job: Job, model: str):
         run = job.task = asyncio.ensure_future(self.submit(job))  # referenced: the loop keeps weak ones
         first = asyncio.ensure_future(job.events.get())
@@ -574,6 +610,7 @@ class Server:
                 yield chunk({"content": item[1]})
                 item = await job.events.get()
             kind, value = item
+            await asyncio.shield(run)  # out of the in-flight count before the client hears the end
             if kind == "error":  # after the answer began: reported in the stream, as OpenAI does
                 yield sse({"error": {"message": str(value), "type": value.type, "code": value.code}})
             else:
@@ -635,7 +672,9 @@ def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads so a taken port fails at once."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on each connection (it checks the proto),
+        # so a streamed piece is not held back by Nagle's algorithm waiting for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
@@ -645,9 +684,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(args) -> None:
-    options = load_options(args)  # a bad sparsity policy fails before anything loads
+    check_sparsity(args)  # a bad sparsity policy fails before anything loads
     sock = bind(args.host, args.port)
-    engine = load(args.model, **options)
+    engine = load(args.model, **load_options(args))
     server = Server(engine, args, args.served_model_name or args.model)
     host, port = sock.getsockname()[:2]
     server.ready_line = f"serving {server.name} on http://{f'[{host}]' if ':' in host else host}:{port}"

@@ -24,18 +24,18 @@ from tinyvila.generate import peak_memory, reset_peak_memory
 from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
 
-from .bench import QUESTION, configs, engine_for, media_items
+from .bench import configs, engine_for, media_items, question
 
 
 def conversations(model, args) -> list:
     """(media items, prompt ids) of each conversation: its own pictures, its own question (the
-    bench's question tokens rotated)."""
-    out = []
+    bench's --question-tokens rotated)."""
+    out, asked = [], question(args.question_tokens)
     for i in range(args.batch):
         items = media_items(model, args, seed=i)
         placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
-        question = QUESTION[i % len(QUESTION):] + QUESTION[:i % len(QUESTION)]
-        out.append((items, [1] + list(range(100, 100 + args.text)) + placeholders + question))
+        own = asked[i % len(asked):] + asked[:i % len(asked)]
+        out.append((items, [1] + list(range(100, 100 + args.text)) + placeholders + own))
     return out
 
 

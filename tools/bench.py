@@ -28,6 +28,7 @@ import tinyvila
 from tinyvila import __version__
 from tinyvila.engine import resolve_device
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
+from tinyvila.generate import PREFILL_BUCKETS
 from tinyvila.media import open_video
 from tinyvila.models import layers
 from tinyvila.models.llava_next import LlavaNext, LlavaNextConfig
@@ -285,7 +286,9 @@ def run_hf(args, items, ids, image_token_id) -> dict:
     return result
 
 
-QUESTION = list(range(200, 220))  # each turn's question: 20 tokens after the media
+def question(n: int) -> list:
+    """A question of n tokens after the media (--question-tokens; every turn asks one)."""
+    return [200 + i % 1000 for i in range(n)]
 
 
 class NoText:  # the bench feeds token ids; nothing is detokenized
@@ -306,18 +309,20 @@ def configs(args) -> list:
     return list(dict.fromkeys(stages))
 
 
-def conversation(engine, items, ids, params, context, sparsity, turns, timer):
-    """One conversation of `turns` questions about `items`; yields (turn, stats, projector seconds)
-    after each answer."""
-    session = Session(engine, list(items), None, context, sparsity=sparsity)
+def conversation(session, items, ids, question, params, turns, timer):
+    """One conversation of `turns` questions about `items` in `session` (cleared first, so its
+    captured graphs are kept and turns 2.. are real follow-ups over the cached media); yields
+    (turn, stats, projector seconds) after each answer."""
+    session.clear()
+    session.pending = list(items)
+    sparsity = session.sparsity
     turn_ids = ids
     for turn in range(turns):  # each question follows the last answer
         if turn:
-            kept = turn_ids if sparsity.history == "keep" else ids[:-len(QUESTION)]
-            turn_ids = kept + session.last_result.token_ids * (sparsity.history == "keep") + QUESTION
+            kept = turn_ids if sparsity.history == "keep" else ids[:-len(question)]
+            turn_ids = kept + session.last_result.token_ids * (sparsity.history == "keep") + question
         session.complete(turn_ids, params)  # media + pending: the items, whatever the history
         yield turn + 1, session.last_result.stats, timer.take()
-    session.close()
 
 
 def engine_for(args):
@@ -325,7 +330,8 @@ def engine_for(args):
     attributes only). Fixed-length answers, nothing detokenized."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model:  # a real checkpoint folder (or hub id)
-        engine = tinyvila.load(args.model, device=device, dtype=dtype, cuda_graphs=not args.no_graphs)
+        engine = tinyvila.load(args.model, device=device, dtype=dtype, cuda_graphs=not args.no_graphs,
+                               prefill_graphs=args.prefill_graphs)
         engine.tokenizer, engine.stop_ids = NoText(), set()  # fixed-length runs, nothing to detokenize
         model = engine.model
     else:
@@ -333,7 +339,8 @@ def engine_for(args):
         layers.use_encoder_graphs(model, device.type == "cuda" and not args.no_graphs)  # as the engine does
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
-                                 banned=None, stop_ids=set(), capture_stream=lambda: stream)
+                                 banned=None, stop_ids=set(), capture_stream=lambda: stream,
+                                 prefill_graphs=args.prefill_graphs and stream is not None)
     return engine, model
 
 
@@ -342,19 +349,24 @@ def run(args) -> list:
     engine, model = engine_for(args)
     items = media_items(model, args)
     placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
-    ids = [1] + list(range(100, 100 + args.text)) + placeholders + QUESTION
+    asked = question(args.question_tokens)
+    ids = [1] + list(range(100, 100 + args.text)) + placeholders + asked
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    context = sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + 40) + 8
+    context = (sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + len(asked) + 20)
+               + PREFILL_BUCKETS[-1])  # room for a short prefill's padding past the prompt
     timer = ProjectorTimer(model, device)
     rows = []
     for sparsity in configs(args):  # dense first: the sparse rows are compared with it
-        # One untimed conversation first: it compiles the Triton kernels for this setting's shapes,
-        # captures its graphs and grows the allocator, none of which the timed runs should pay.
-        for _ in conversation(engine, items, ids, params, context, sparsity, args.turns, timer):
+        # One session per setting: its graphs are captured once. One untimed conversation first:
+        # it compiles the Triton kernels for this setting's shapes, captures its graphs and grows
+        # the allocator, none of which the timed runs should pay.
+        session = Session(engine, [], None, context, sparsity=sparsity)
+        for _ in conversation(session, items, ids, asked, params, args.turns, timer):
             pass
         for _ in range(args.runs):
             rows += [(sparsity, turn, stats, projector_s) for turn, stats, projector_s
-                     in conversation(engine, items, ids, params, context, sparsity, args.turns, timer)]
+                     in conversation(session, items, ids, asked, params, args.turns, timer)]
+        session.close()
     hf = None
     if args.compare_hf:
         if not args.arch:
@@ -396,6 +408,20 @@ def speedups(rows, lm, new_tokens: int) -> None:
                 line += (f"; vs d=0: {decode(alone, sparsity, turn)}, retrieval adds "
                          f"{1 / faster(alone, sparsity, turn, 'prefill_s') - 1:+.0%} to the prefill")
             print(line)
+
+
+def followups(rows) -> None:
+    """Each setting's TTFT turn by turn (medians over the runs): turns 2.. are the follow-ups."""
+    for sparsity in dict.fromkeys(sp for sp, _, _, _ in rows):
+        parts = []
+        for turn in sorted({t for sp, t, _, _ in rows if sp == sparsity}):
+            stats = [s for sp, t, s, _ in rows if sp == sparsity and t == turn]
+            ttft = float(np.median([s.ttft_s for s in stats])) * 1e3
+            graphed = ", graph" if all(s.prefill_graphed for s in stats) else ""
+            parts.append(f"turn {turn} {ttft:.1f} ms ({stats[0].prefill_tokens} new tokens{graphed})")
+        captured = max((s.prefill_graph_bytes for sp, _, s, _ in rows if sp == sparsity), default=0)
+        memory = f"; prefill graphs hold {captured / 2**20:.0f} MiB" if captured else ""
+        print(f"{sparsity.label} TTFT: " + ", ".join(parts) + memory)
 
 
 def check_plot_path(p, path: str) -> None:
@@ -453,6 +479,10 @@ def parse_args(argv):
     p.add_argument("--prefill-sparsity", type=float, metavar="P", help="also run with prefill sparsity P (after dense)")
     p.add_argument("--decode-sparsity", type=float, metavar="D", help="also run with decode sparsity D (after dense)")
     p.add_argument("--turns", type=int, default=1, help="questions per conversation (each after the last answer)")
+    p.add_argument("--question-tokens", type=int, default=20, metavar="Q",
+                   help="tokens in each question (turns 2.. are follow-ups of this length over the cached media)")
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="run short prefills (follow-up questions) as CUDA graphs (default: off, eager)")
     p.add_argument("--history", choices=["keep", "evict"], default="keep", help="multi-turn history mode")
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--batch", type=int, metavar="N", help="N conversations at once, each with its own media and "
@@ -464,9 +494,13 @@ def parse_args(argv):
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each setting's latency breakdown (needs matplotlib)")
+    p.add_argument("--serve", nargs="?", metavar="URL", help="instead: tinyvila-serve over HTTP against in-process "
+                   "(see tinyvila-bench --serve --help)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    if args.question_tokens < 1 or args.turns < 1:
+        p.error("--question-tokens and --turns must be at least 1")
     if args.quant and not args.arch:
         p.error("--quant builds a quantized --arch; a --model checkpoint runs as it is stored")
     if args.batch is not None and (args.batch < 1 or args.stagger < 0 or args.prefill_chunk < 1):
@@ -509,6 +543,8 @@ def report(args, rows, model, hf) -> None:
               f"{'n/a' if roofline is None else f'{roofline:.0%}'} | "
               f"{s.context_tokens} | {s.decode_context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
     speedups(rows, model.language_model, args.new_tokens)
+    if args.turns > 1:
+        followups(rows)
     if hf:
         ours = rows[-1][2]
         print(f"\ntransformers {__import__('transformers').__version__}: vision {hf['vision_s'] * 1e3:.1f} ms, TTFT "
@@ -523,6 +559,11 @@ def report(args, rows, model, hf) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--serve" or a.startswith("--serve=") for a in argv):  # over HTTP: another benchmark
+        from tinyvila.tools import serve_bench
+
+        return serve_bench.main(argv)
     args = parse_args(argv)
 
     def body():
