@@ -343,3 +343,44 @@ def test_longvila_videos_and_an_image(tmp_path_factory):
     batcher.run()
     assert tokens(requests) == alone
     assert len({tuple(a[0]) for a in alone}) == len(convs)  # different media, different answers
+
+
+@pytest.fixture(scope="module")
+def batch_server(llava_vicuna, tmp_path_factory):
+    from test_serve import LiveServer
+
+    s = LiveServer(tmp_path_factory.mktemp("batch_server"), llava_vicuna, "--api-key", "sk-test",
+                   "--served-model-name", "tiny-llava", "--max-batch", "4")
+    yield s
+    s.stop()
+
+
+def test_serve_max_batch_concurrent_clients_get_their_batch_1_answers(batch_server, llava_vicuna):
+    """Six clients at once, text and images (the server's image preset), different lengths: each
+    answer is the one Engine.generate gives alone."""
+    import threading
+
+    from test_serve import data_url, user
+
+    eng = tinyvila.load(llava_vicuna, device="cpu", dtype="float32", sparsity="image")
+    pictures = {i: draw_image(90 + 10 * i, 70, seed=20 + i) for i in range(0, 6, 2)}
+    answers = {}
+
+    def run(i):
+        content = user(f"Tell me about picture {i}.", data_url(pictures[i])) if i in pictures else \
+            {"role": "user", "content": f"Tell me about number {i}."}
+        r = batch_server.client().chat.completions.create(model="tiny-llava", messages=[content], temperature=0,
+                                                          max_tokens=4 + i)
+        answers[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    alone = {i: eng.generate(f"Tell me about picture {i}.", images=[pictures[i]], temperature=0, max_new_tokens=4 + i)
+             if i in pictures else eng.generate(f"Tell me about number {i}.", temperature=0, max_new_tokens=4 + i)
+             for i in range(6)}
+    assert answers == {i: r.text for i, r in alone.items()}
+    health = batch_server.http.get("/health").json()
+    assert health["max_batch"] == 4 and health["answers"] == 6
