@@ -40,6 +40,9 @@ TEXT_DEFAULTS = {
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   sliding_window=None, qkv_bias=True, o_bias=False),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, head_dim=128, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                  sliding_window=None, qkv_bias=False, o_bias=False, qk_norm=True),
 }
 
 
@@ -64,11 +67,13 @@ class TextConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     mrope_section: list | None = None  # Qwen2.5-VL multimodal RoPE: frequencies per (t, h, w)
+    mrope_interleaved: bool = False  # Qwen3-VL: the (t, h, w) frequencies alternate instead of forming chunks
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
 
     @classmethod
     def from_dict(cls, d: dict, model_type: str | None = None, tie_word_embeddings: bool | None = None):
         model_type = model_type or d.get("model_type") or "llama"
-        base = "qwen2" if model_type.startswith("qwen2") else model_type
+        base = "qwen2" if model_type.startswith("qwen2") else "qwen3" if model_type.startswith("qwen3") else model_type
         if base not in TEXT_DEFAULTS:
             raise CheckpointError(f"unsupported language model type {model_type!r} "
                                   f"(supported: {', '.join(TEXT_DEFAULTS)})")
@@ -79,6 +84,8 @@ class TextConfig:
             v["qkv_bias"] = v["o_bias"] = bool(d["attention_bias"])
         if base == "mistral" and "sliding_window" in d:
             v["sliding_window"] = d["sliding_window"]  # an explicit null disables it
+        if base == "qwen3":
+            v["sliding_window"] = None
         if base == "qwen2":  # Qwen2 uses its window only when use_sliding_window is set
             v["sliding_window"] = d.get("sliding_window") if d.get("use_sliding_window") else None
         # RoPE: transformers 4.x spells rope_theta / rope_scaling, 5.x rope_parameters.
@@ -87,6 +94,7 @@ class TextConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if "mrope_section" in rope:
             v["mrope_section"] = list(rope["mrope_section"])
+            v["mrope_interleaved"] = bool(rope.get("mrope_interleaved", False))
             kind = "default"
         v["rope_scaling"] = None if kind in ("default", "mrope", None) else dict(rope, rope_type=kind)
         if tie_word_embeddings is not None and "tie_word_embeddings" not in d:
@@ -297,16 +305,30 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return inv
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None):
-    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T]."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None, mrope_axis=None):
+    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T].
+    mrope_axis (interleaved M-RoPE, Qwen3-VL): each frequency's position axis (mrope_axes), on
+    the positions' device."""
     if positions.dim() == 1:
         freqs = positions.float()[:, None] * inv_freq[None, :]
+    elif mrope_axis is not None:
+        per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
+        freqs = per_axis.gather(0, mrope_axis.expand(1, per_axis.shape[1], -1))[0]
     else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
         per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
         chunks = per_axis.split(list(mrope_section), dim=-1)
         freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def mrope_axes(mrope_section, n_freqs: int) -> torch.Tensor:
+    """Interleaved M-RoPE: the position axis (0 t, 1 h, 2 w) of each of the n_freqs frequencies:
+    h for i % 3 == 1 and w for i % 3 == 2 up to 3x their sections, t elsewhere."""
+    axis = torch.zeros(n_freqs, dtype=torch.long, device="cpu")  # models are built under torch.device("meta")
+    axis[1:mrope_section[1] * 3:3] = 1
+    axis[2:mrope_section[2] * 3:3] = 2
+    return axis
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -327,6 +349,18 @@ class Attention(nn.Module):
         q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3: RMSNorm over each head of q and k, before RoPE
+        norm = (lambda: RMSNorm(cfg.head_dim, cfg.rms_norm_eps)) if cfg.qk_norm else (lambda: None)
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def _qk_normed(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The fused projection [T, (H + 2 H_kv) D] with q and k RMS-normed per head (Qwen3)."""
+        if self.q_norm is None:
+            return qkv
+        T, D = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.n_heads * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q, k = self.q_norm(q.reshape(T, -1, D)), self.k_norm(k.reshape(T, -1, D))
+        return torch.cat([q.reshape(T, -1), k.reshape(T, -1), v], dim=-1)
 
     def forward(self, x, cos, sin, kv, start: int, mask) -> torch.Tensor:
         """Attention of x's T tokens (cache slots start..start+T) over the cache."""
@@ -356,8 +390,8 @@ class Attention(nn.Module):
     def _qkv(self, x, cos, sin):
         """Project x [T, C] and rotate q and k: q [H, T, D], k and v [H_kv, T, D]."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                          self.n_kv * self.head_dim], dim=-1)
+        q, k, v = self._qk_normed(self.qkv_proj(x)).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
         q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
         if x.is_cuda:  # rotate in place with one Triton kernel each
             q, k = rope_(q, cos, sin).transpose(0, 1), rope_(k, cos, sin).transpose(0, 1)
@@ -438,7 +472,8 @@ class Attention(nn.Module):
         """One token (x [1, C]) at cache slot `slot` (device tensor), Triton kernels only between
         the projections: graph-capturable, no host sync."""
         k_cache, v_cache = kv
-        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
+        norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv, norms)
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
         return self.o_proj(out.reshape(1, -1))
 
@@ -496,12 +531,31 @@ class DecoderLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._mrope_axis = mrope_axes(cfg.mrope_section, cfg.head_dim // 2) if cfg.mrope_interleaved else None
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits for final hidden states h [T, C] (the output layer may be 4-bit)."""
         if self.cfg.tie_word_embeddings:
             return F.linear(h, self.embed_tokens.weight).float()
         return self.lm_head(h).float()
+
+    deepstack_layers = 0  # Qwen3-VL: the first layers whose outputs get visual features added (set by the family)
+
+    def embed_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input rows of a prompt to prefill: embed(ids), followed by `deepstack_layers` zero blocks
+        of C columns where a DeepStack model's media features write what is added after each of
+        its first layers (text rows add nothing)."""
+        h = self.embed(ids)
+        if not self.deepstack_layers:
+            return h
+        return torch.cat([h, h.new_zeros(h.shape[0], self.deepstack_layers * h.shape[1])], dim=1)
+
+    def split_deepstack(self, h: torch.Tensor):
+        """Rows [T, (1+D) C] from embed_prompt -> (h [T, C], DeepStack additions [T, D, C] or None)."""
+        C = self.cfg.hidden_size
+        if h.shape[1] == C:
+            return h, None
+        return h[:, :C], h[:, C:].view(h.shape[0], -1, C)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids (media tokens) may lie outside the table: clamp, the caller overwrites them.
@@ -524,15 +578,18 @@ class DecoderLM(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, dtype):
         """cos/sin [T, head_dim] for positions [T] or [3, T], in the activation dtype."""
-        if self._inv_freq.device != positions.device:
+        if self._inv_freq.device != positions.device:  # moved once, before any CUDA graph capture
             self._inv_freq = self._inv_freq.to(positions.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
+        if self._mrope_axis is not None and self._mrope_axis.device != positions.device:
+            self._mrope_axis = self._mrope_axis.to(positions.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section, self._mrope_axis)
         return cos.to(dtype), sin.to(dtype)
 
-    def fused_blocks(self, h: torch.Tensor, attend, prune=None) -> torch.Tensor:
+    def fused_blocks(self, h: torch.Tensor, attend, prune=None, extra=None) -> torch.Tensor:
         """All decoder blocks with the residual adds, norms and SwiGLU fused (Triton, GPU), the
         final norm included. attend(i, layer, x) is the attention of block i on its normed input.
-        prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on."""
+        prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on.
+        extra(i): rows added to block i's output, or None (DeepStack)."""
         eps, delta = self.cfg.rms_norm_eps, None  # each norm also adds the block output before it
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune[0]:
@@ -544,6 +601,9 @@ class DecoderLM(nn.Module):
                 x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
             x, h = add_rmsnorm(h, attend(i, layer, x), layer.post_attention_layernorm.weight, eps)
             delta = layer.mlp(x)
+            added = extra(i) if extra is not None else None
+            if added is not None:
+                delta = delta + added
         return add_rmsnorm(h, delta, self.norm.weight, eps)[0]
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last"):
@@ -579,9 +639,14 @@ class DecoderLM(nn.Module):
         Triton blocks); returns (hidden states, scores). score: {block index: (vis_slots,
         score_from)}, the blocks whose attention also scores visual tokens, their r in `scores`.
         prune: (K, choose): before block K, choose(the last r) gives the rows that go on."""
+        h, stack = self.split_deepstack(h)
         cos, sin = self.rope_tables(positions, h.dtype)
-        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device)}
+        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device), "stack": stack}
         window, scores, score = self.cfg.sliding_window, [], score or {}
+
+        def extra(i):  # what DeepStack adds to block i's output (for the rows still going on)
+            stack = state["stack"]
+            return stack[:, i] if stack is not None and i < stack.shape[1] else None
 
         def attend(i, block, x):  # block: the whole DecoderLayer, or its Attention in fused_blocks
             args = (x, state["cos"], state["sin"], cache.layer(i), start, state["mask"])
@@ -597,18 +662,22 @@ class DecoderLM(nn.Module):
             n = rows.numel()
             state["cos"], state["sin"] = state["cos"][rows], state["sin"][rows]
             state["mask"] = self.attention_mask(n, start, h.device)
+            if state["stack"] is not None:
+                state["stack"] = state["stack"][rows]
             cache.k[:K, :, start:start + n] = cache.k[:K, :, start + rows]
             cache.v[:K, :, start:start + n] = cache.v[:K, :, start + rows]
             return rows
 
         hook = None if prune is None else (prune[0], rows_of)
         if h.is_cuda:
-            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook)
+            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook, extra)
         else:
             for i, layer in enumerate(self.layers):
                 if hook is not None and i == hook[0]:
                     h = h[rows_of()]
                 h = attend(i, layer, h)
+                if extra(i) is not None:
+                    h = h + extra(i)
             h = self.norm(h)
         cache.length = start + h.shape[0]
         return h, scores

@@ -157,3 +157,17 @@ def test_bench_follow_ups_of_a_set_length_in_one_session_per_setting(llava_vicun
     with pytest.raises(SystemExit) as e:
         bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--question-tokens", "0"])
     assert e.value.code == 2 and "--question-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"])
+def test_qwen3_archs_have_transformers_parameter_shapes(arch):
+    """Built on the meta device (no memory): every parameter of transformers' model of the same
+    config has its counterpart, q/k/v and gate/up fused."""
+    import torch
+
+    model = bench.build(arch, torch.device("meta"), torch.bfloat16)
+    with torch.device("meta"):
+        ref = bench.hf_model(arch, "meta", torch.bfloat16)
+    ours = sum(p.numel() for p in model.parameters())
+    theirs = sum(p.numel() for n, p in ref.named_parameters())
+    assert ours == theirs and model.language_model.deepstack_layers == 3

@@ -213,7 +213,9 @@ class Engine:
         if videos:
             if not self.model.takes_video:
                 raise TinyVilaError(f"{self.model.name} takes images only, not videos")
-            items += [self.model.prepare_video(open_video(src), **media_options) for src in videos]
+            for src in videos:
+                item = self.model.prepare_video(open_video(src), **media_options)
+                items += item if isinstance(item, list) else [item]  # a list: the family splits videos
         return items
 
     # ------------------------------------------------------------------ public API

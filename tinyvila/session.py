@@ -139,7 +139,8 @@ class Session:
         model = self.engine.model
         if getattr(model, "string_content", False):
             return {"role": role, "content": "".join(model.media_text(m) for m in media) + text}
-        return {"role": role, "content": [{"type": m.kind} for m in media] + [{"type": "text", "text": text}]}
+        content = [part for m in media for part in model.media_content(m)]
+        return {"role": role, "content": content + [{"type": "text", "text": text}]}
 
     def user_message(self, question: str, media: list) -> dict:
         """The user's turn. A question that already holds the placeholders (one per media item) is
@@ -149,6 +150,17 @@ class Session:
             raise TinyVilaError(f"the question has {given} media placeholder(s) but {len(media)} "
                                 f"media item(s) were given")
         return self.message("user", question, () if given else media)
+
+    def source_items(self) -> list:
+        """The media items of the conversation grouped per image or video given, in prompt order
+        (a family may split one video into several items: Qwen3-VL's frame pairs)."""
+        groups = []
+        for item in self.media + self.pending:
+            if getattr(item, "part", 0) and groups:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
 
     def history_start(self) -> list:
         """The messages a conversation starts with: the system prompt, if any."""
@@ -282,7 +294,7 @@ class Session:
         """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""
         lm, device = self.lm, self.engine.device
         ids = torch.tensor([max(k, 0) for k in keys[start:]], device=device)
-        h = lm.embed(ids)
+        h = lm.embed_prompt(ids)  # wider than C for DeepStack: its features fill the extra columns
         for s, e, j in spans:
             if e > start:
                 h[max(s, start) - start:e - start] = self.features[j][max(s, start) - s:].to(h.dtype)

@@ -35,6 +35,7 @@ from tinyvila.models.llava_next import LlavaNext, LlavaNextConfig
 from tinyvila.models.longvila import LongVILA, VilaConfig
 from tinyvila.models.quantized import W4Linear
 from tinyvila.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, QwenVisionConfig
+from tinyvila.models.qwen3_vl import Qwen3VisionConfig, Qwen3VL, Qwen3VLConfig
 from tinyvila.quant.smoothquant import quantize_encoder
 from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
@@ -57,6 +58,20 @@ LONGVILA_QWEN2_7B = dict(QWEN2_7B, vocab_size=151648, rope_theta=15300000.0, max
 LLAMA3_8B = dict(vocab_size=128257, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=207112184.0,
                  max_position_embeddings=262144)
+# Qwen3-VL: the Qwen3 LLMs (4B: Qwen/Qwen3-VL-4B-Instruct config.json; 2B, 8B: the same fields of the
+# Qwen3-1.7B / Qwen3-8B LLMs they are built on) and two sizes of the ViT.
+QWEN3_VL_TEXT = dict(vocab_size=151936, head_dim=128, num_key_value_heads=8, rms_norm_eps=1e-6,
+                     max_position_embeddings=262144,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000000, "mrope_interleaved": True,
+                                      "mrope_section": [24, 20, 20]})
+QWEN3_VL_2B = dict(QWEN3_VL_TEXT, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                   num_attention_heads=16, tie_word_embeddings=True)
+QWEN3_VL_4B = dict(QWEN3_VL_TEXT, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                   num_attention_heads=32, tie_word_embeddings=True)
+QWEN3_VL_8B = dict(QWEN3_VL_TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                   num_attention_heads=32)
+QWEN3_VIT_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=(5, 11, 17))
+QWEN3_VIT_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=(8, 16, 24))
 SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14,
               hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
@@ -65,6 +80,9 @@ ARCHS = {
     "llava-next-mistral-7b": ("llava_next", dict(text=(MISTRAL_7B, "mistral"))),
     "qwen2.5-vl-3b": ("qwen2_5_vl", dict(text=(QWEN2_3B, "qwen2"), out=2048)),
     "qwen2.5-vl-7b": ("qwen2_5_vl", dict(text=(QWEN2_7B, "qwen2"), out=3584)),
+    "qwen3-vl-2b": ("qwen3_vl", dict(text=(QWEN3_VL_2B, "qwen3"), vision=QWEN3_VIT_SMALL)),
+    "qwen3-vl-4b": ("qwen3_vl", dict(text=(QWEN3_VL_4B, "qwen3"), vision=QWEN3_VIT_SMALL)),
+    "qwen3-vl-8b": ("qwen3_vl", dict(text=(QWEN3_VL_8B, "qwen3"), vision=QWEN3_VIT_LARGE)),
     "longvila-7b": ("longvila", dict(text=(LONGVILA_QWEN2_7B, "qwen2"), image_size=448, generation="nvila")),
     "llama3-longvila-8b": ("longvila", dict(text=(LLAMA3_8B, "llama"), image_size=384, generation="old")),
 }
@@ -79,6 +97,9 @@ def build(arch: str, device, dtype, quant: str | None = None):
     elif family == "qwen2_5_vl":
         text.mrope_section = [16, 24, 24]
         cls, cfg = Qwen2_5_VL, Qwen2_5_VLConfig(text=text, vision=QwenVisionConfig(out_hidden_size=spec["out"]))
+    elif family == "qwen3_vl":
+        vision = Qwen3VisionConfig(out_hidden_size=text.hidden_size, **spec["vision"])
+        cls, cfg = Qwen3VL, Qwen3VLConfig(text=text, vision=vision)
     else:
         vision = layers.VisionConfig(image_size=spec["image_size"], **SIGLIP)
         old = spec["generation"] == "old"
@@ -113,8 +134,9 @@ def media_items(model, args, seed: int = 0):
     for spec in args.video:
         n, h, w = map(int, spec.split("x"))
         frames = open_video([picture(w, h) for _ in range(n)])
-        items.append(model.prepare_video(frames, max_frames=n) if "max_frames" in model.media_options
-                     else model.prepare_video(frames))
+        item = (model.prepare_video(frames, max_frames=n) if "max_frames" in model.media_options
+                else model.prepare_video(frames))
+        items += item if isinstance(item, list) else [item]  # Qwen3-VL: one item per frame pair
     return items
 
 
@@ -227,6 +249,12 @@ def hf_model(arch, device, dtype):
                                             fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
                                             tokens_per_second=2, in_chans=3, hidden_act="silu"))
         cls = transformers.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        vision = dict(spec["vision"], out_hidden_size=text["hidden_size"])
+        vision["deepstack_visual_indexes"] = list(vision["deepstack_visual_indexes"])
+        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision,
+                                         tie_word_embeddings=text.get("tie_word_embeddings", False))
+        cls = transformers.Qwen3VLForConditionalGeneration
     else:
         raise TinyVilaError(f"--compare-hf: transformers has no {arch} model class (VILA layout)")
     with torch.device(device):
@@ -241,7 +269,7 @@ def hf_inputs(model, items, ids, image_token_id, device):
         expanded += [image_token_id] * items[0].n_tokens if t == image_token_id else [t]
     inputs = {"input_ids": torch.tensor([expanded], device=device)}
     item = items[0]
-    if hasattr(item, "grid"):  # Qwen2.5-VL
+    if hasattr(item, "grid"):  # Qwen2.5-VL, Qwen3-VL
         inputs.update(pixel_values=item.pixels.to(device), image_grid_thw=torch.tensor([item.grid], device=device),
                       mm_token_type_ids=(inputs["input_ids"] == image_token_id).int())
     else:  # LLaVA-NeXT
