@@ -384,3 +384,19 @@ def test_serve_max_batch_concurrent_clients_get_their_batch_1_answers(batch_serv
     assert answers == {i: r.text for i, r in alone.items()}
     health = batch_server.http.get("/health").json()
     assert health["max_batch"] == 4 and health["answers"] == 6
+
+
+def test_qwen3_vl_rows(tmp_path_factory, image_files):
+    """Qwen3-VL: q/k norms in the batched projections, interleaved M-RoPE, DeepStack prefill."""
+    from fixtures_qwen3 import build_qwen3_vl
+
+    d = tmp_path_factory.mktemp("qwen3_batch")
+    build_qwen3_vl(d)
+    q3 = tinyvila.load(d, device="cpu", dtype="float32")
+    convs = [(0, {}, ["What is in the picture?"], dict(max_new_tokens=6)),
+             (1, {"sparsity": "image"}, ["Describe it.", "More?"], dict(max_new_tokens=5)),
+             (2, {"decode_sparsity": 0.5}, ["Colors?"], dict(max_new_tokens=8))]
+    batcher = Batcher(q3, prefill_chunk=32)
+    _, requests = submit_all(batcher, q3, image_files, convs)
+    batcher.run()
+    assert tokens(requests) == [solo(q3, image_files, c) for c in convs]
