@@ -399,6 +399,25 @@ class Attention(nn.Module):
             q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)
         return q, k, v.transpose(0, 1)
 
+    def rows(self, x, cos, sin, kvs, slots, masks) -> torch.Tensor:
+        """One decode step of B conversations: row b of x [B, C] is conversation b's token at slot
+        slots[b] of its own cache kvs[b] (mask masks[b]). The projections run once for all rows
+        (one weight read), attention row by row over each row's own cache."""
+        q, k, v = self._qkv(x, cos, sin)
+        out = []
+        for b, ((k_cache, v_cache), slot) in enumerate(zip(kvs, slots)):
+            k_cache[:, slot] = k[:, b]
+            v_cache[:, slot] = v[:, b]
+            out.append(self._decode_row(q[:, b], k_cache, v_cache, slot, masks[b]))
+        return self.o_proj(torch.cat(out))
+
+    def _decode_row(self, q, k_cache, v_cache, slot: int, mask) -> torch.Tensor:
+        """One token's attention, q [H, D], over cache slots 0..slot: [1, H * D]. Under GQA each KV
+        head's query heads go as that head's queries, so the cache is read as it is, never repeated."""
+        keys, values = k_cache[None, :, :slot + 1], v_cache[None, :, :slot + 1]
+        out = F.scaled_dot_product_attention(q.view(1, self.n_kv, -1, self.head_dim), keys, values, attn_mask=mask)
+        return out.reshape(1, -1)
+
     def static(self, x, cos, sin, kv, start, count, slots, vis_slots, window):
         """Attention of x's B rows (B fixed, the first `count` real) at cache slots `slots`
         (start.. , a device tensor), over the cache, with every shape and address fixed: what a
@@ -416,6 +435,10 @@ class Attention(nn.Module):
 
     def _attend(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
         """SDPA of q [H, T, D] over cache slots 0..start+T, then the output projection."""
+        return self.o_proj(self._sdpa(q, k_cache, v_cache, start, mask))
+
+    def _sdpa(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
+        """SDPA of q [H, T, D] over cache slots 0..start+T: [T, H * D]."""
         T = q.shape[1]
         keys, values = k_cache[:, :start + T], v_cache[:, :start + T]
         if self.n_kv != self.n_heads:  # GQA: each KV head serves a group of query heads
@@ -427,7 +450,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.o_proj(out[0].transpose(0, 1).reshape(T, -1))
+        return out[0].transpose(0, 1).reshape(T, -1)
 
     def _retrieval_attention(self, q, k_cache, v_cache, start, vis_slots, window):
         """q [H, T, D] -> (out [T, H, D], r [H_kv, n_vis]): Triton on a GPU; explicit softmax on a CPU."""
@@ -692,6 +715,23 @@ class DecoderLM(nn.Module):
         h = self.fused_blocks(h, lambda i, layer, x: layer.self_attn.decode(x, cos, sin, cache.layer(i), slot, length,
                                                                             window, workspace))
         return self.project(h)
+
+    def decode_rows(self, ids, positions, caches, slots) -> torch.Tensor:
+        """One decode step of B conversations: ids [B] (each row's token), positions [B] or [3, B],
+        caches: each row's own KVCache, slots: each row's slot in it (ints). The linears run at
+        M = B, one weight read for the batch; attention runs per row over its own cache, eagerly
+        (a varlen decode attention kernel and CUDA graphs per batch size are later GPU work).
+        Sets each cache's length; returns fp32 logits [B, V]."""
+        h = self.embed(ids)
+        cos, sin = self.rope_tables(positions, h.dtype)
+        masks = [self.attention_mask(1, slot, h.device) for slot in slots]
+        for i, layer in enumerate(self.layers):
+            kvs = [cache.layer(i) for cache in caches]
+            h = h + layer.self_attn.rows(layer.input_layernorm(h), cos, sin, kvs, slots, masks)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for cache, slot in zip(caches, slots):
+            cache.length = slot + 1
+        return self.project(self.norm(h))
 
 
 # --------------------------------------------------------------------------- ViT encoder (CLIP, SigLIP)

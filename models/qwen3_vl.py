@@ -156,11 +156,12 @@ def video_size(num_frames, height, width, factor, temporal, min_pixels, max_pixe
     """(h, w) for every frame of a clip: multiples of `factor`, its frame count (rounded to a
     multiple of `temporal`) x h x w within [min_pixels, max_pixels] (the video smart_resize of
     transformers' Qwen3VL; a side under `factor` is first scaled up, aspect kept)."""
+    given = f"{width}x{height}"
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > MAX_RATIO:
-        raise QwenMediaError(f"video frames are {width}x{height} pixels: their aspect ratio is over {MAX_RATIO}")
+        raise QwenMediaError(f"its frames are {given} pixels: an aspect ratio over {MAX_RATIO}")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     t = round(num_frames / temporal) * temporal
     if t * h * w > max_pixels:
@@ -372,9 +373,13 @@ class Qwen3VL(Qwen2_5_VL):
         if len(indices) < v.temporal_patch_size:
             raise QwenMediaError(f"video '{video.name}' has {video.num_frames} frame(s); Qwen3-VL needs at least "
                                  f"{v.temporal_patch_size} (pass a single frame as an image instead)")
-        pixels, (t, h, w) = preprocess_video(
-            video.frames(indices), min_pixels or self.cfg.video_min_pixels, max_pixels or self.cfg.video_max_pixels,
-            self.cfg.video_mean, self.cfg.video_std, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+        try:
+            pixels, (t, h, w) = preprocess_video(
+                video.frames(indices), min_pixels or self.cfg.video_min_pixels,
+                max_pixels or self.cfg.video_max_pixels, self.cfg.video_mean, self.cfg.video_std, v.patch_size,
+                v.temporal_patch_size, v.spatial_merge_size)
+        except QwenMediaError as e:
+            raise QwenMediaError(f"cannot use video '{video.name}': {e}") from None
         n = h * w // v.spatial_merge_size ** 2
         times = frame_pair_times(indices, rate, v.temporal_patch_size)
         return [FramePair("video", rows, (1, h, w), n, seconds=sec, part=k)

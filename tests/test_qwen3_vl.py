@@ -306,6 +306,19 @@ def test_video_sampling_and_size():
     assert h % 32 == 0 and w % 32 == 0 and 8 * h * w <= 768 * 32 * 32
 
 
+def test_bad_frame_lists_are_one_line_media_errors(qwen3):
+    from PIL import Image
+
+    from tinyvila.errors import MediaError
+
+    _, _, eng = qwen3["untied"]
+    for frames, message in (([draw_image(40, 30)], "has 1 frame"), ([Image.new("RGB", (1, 300))] * 2,
+                                                                   "1x300 pixels: an aspect ratio over 200")):
+        with pytest.raises(MediaError, match=message) as e:
+            eng.session(videos=[frames])
+        assert "\n" not in str(e.value)
+
+
 def test_video_file_through_decord(qwen3, tmp_path):
     from fixtures_images import write_video
 

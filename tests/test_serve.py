@@ -476,7 +476,7 @@ def test_done_is_sent_after_the_request_left_the_queue(eng):
     from tinyvila.serve import ChatRequest, Job, Server, Turn
 
     args = SimpleNamespace(max_sessions=1, session_memory=1.0, queue=0, max_body_mb=1.0, api_key=None,
-                           allowed_local_media=None, sparsity=None)
+                           allowed_local_media=None, sparsity=None, max_batch=1)
 
     class LateWorker:
         def run(self, job):

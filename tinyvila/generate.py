@@ -9,7 +9,10 @@
     fold_answer     the answer's K/V from the decode buffer back into the full cache
 
 `generate` runs them for one `Session`, which holds the conversation's state (history, media,
-features, tokens, caches, captured graphs); each can also be called on its own.
+features, tokens, caches, captured graphs); each can also be called on its own. The turn also comes
+in steps, for a scheduler that interleaves conversations (batch.py): `open_turn` (admit, encode)
+→ `prefill_ahead` (chunks of the prompt) → `start_answer` (the rest of prefill, the first token,
+a `Turn`) → decode steps → `finish_turn`.
 """
 import resource
 import time
@@ -60,11 +63,98 @@ class Answer:
     finish: str = "stop"  # "stop" | "length" | "cancelled"
 
 
+@dataclass
+class Opening:
+    """A turn admitted but not answering yet (open_turn): prompt expanded, fresh media encoded,
+    positions set; the cache holds the prompt's slots before `done`."""
+    session: object
+    ids: list
+    media: list
+    params: SamplingParams
+    on_done: object
+    prompt: Prompt
+    start: int  # the slots kept from the cache (reused_prefix)
+    fresh: list  # the media new in this turn
+    stats: "Stats"
+    t0: float
+    done: int = 0
+
+    def ahead_end(self) -> int:
+        """Where the part of the prompt that does not depend on the rest ends (prefill_ahead):
+        the end of the media under decode retrieval (the question's rows score them in the last
+        pass), the start of the fresh media while FastV prunes them (its pruning pass needs them
+        and everything after), else all but the last token."""
+        sparsity, keys, vis_end = self.session.sparsity, self.prompt.keys, self.prompt.vis_end
+        if self.fresh and sparsity.at_prefill.prunes_in_llm:
+            return max(self.start, min(s for s, _, j in self.prompt.spans if j in self.fresh))
+        if sparsity.at_decode.retrieves and 0 < vis_end < len(keys):
+            return max(self.start, vis_end)
+        return len(keys) - 1
+
+
+@dataclass
+class Turn:
+    """A turn answering (start_answer): what each decode step needs and what finish_turn records."""
+    session: object
+    params: SamplingParams
+    media: list
+    on_done: object
+    prompt: Prompt
+    target: DecodeTarget
+    sampler: Sampler
+    stats: "Stats"
+    token: int  # prefill's answer token
+    t_decode: float
+    decoder: object  # the tokenizer's stream decoder
+    answer: Answer = field(default_factory=Answer)
+
+    def __post_init__(self):
+        self.delta = int(self.prompt.positions.max()) + 1 - len(self.prompt.keys)  # decode position offset
+
+    @property
+    def stop_ids(self):
+        return () if self.params.ignore_eos else self.session.engine.stop_ids
+
+    def step_input(self):
+        """(RoPE position, slot in target.cache) of the next token fed to decode."""
+        n = len(self.session.tokens)  # the token's position in the conversation
+        return n + self.delta, n - self.target.dropped
+
+
 def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None):
     """One turn of `session` for the templated prompt `ids` (placeholder id once per item of
     `media`): yields the answer's text as it streams (each piece also to `callback`); at the end
     `session.last_result` holds the result and `on_done(text)` records the answer in the history.
     Closing the generator early ends the answer there ("cancelled")."""
+    turn = begin_turn(session, ids, media, params, on_done)
+    try:
+        for token in decode_tokens(session, turn.token, turn.target, turn.sampler, params, turn.prompt, turn.answer,
+                                   turn.stats):
+            piece = turn.decoder.push(token)
+            if piece:
+                if callback is not None:
+                    callback(piece)
+                yield piece
+    except GeneratorExit:
+        turn.answer.finish = "cancelled"
+    except BaseException:
+        release(turn)
+        raise
+    tail = finish_turn(turn)
+    if tail:
+        if callback is not None:
+            callback(tail)
+        yield tail
+
+
+def begin_turn(session, ids: list, media: list, params: SamplingParams, on_done=None) -> Turn:
+    """open_turn then start_answer: the turn prefilled, its first answer token chosen."""
+    return start_answer(open_turn(session, ids, media, params, on_done))
+
+
+def open_turn(session, ids: list, media: list, params: SamplingParams, on_done=None) -> Opening:
+    """Admit a turn: expand the prompt, check it fits, mark the session busy, encode the media new
+    in this conversation and place the prompt's positions. Nothing is prefilled yet."""
     session.check_free()
     t0 = time.perf_counter()
     keys, spans = session.expand(ids, media)
@@ -75,48 +165,93 @@ def generate(session, ids: list, media: list, params: SamplingParams, callback=N
     stats = Stats(visual_tokens=sum(media[j].n_tokens for _, _, j in spans),
                   visual_tokens_kept=sum(e - s for s, e, _ in spans))
     stats.visual_tokens_selected = stats.visual_tokens_kept
-    eng, prompt, target, answer = session.engine, Prompt(keys, spans), DecodeTarget(session.cache), Answer()
-    decoder = eng.tokenizer.stream_decoder()
     session.graphs.capture_s = 0.0
     try:
-        reset_peak_memory(eng.device)
+        reset_peak_memory(session.engine.device)
         t = time.perf_counter()
         fresh = session.encode_new(spans, media)  # the media new in this conversation
         stats.vision_s = time.perf_counter() - t if fresh else 0.0
-        prompt.positions = session.positions(keys, spans, media)
+        prompt = Prompt(keys, spans, session.positions(keys, spans, media))
+    except BaseException:
+        session.busy = False
+        raise
+    return Opening(session, ids, media, params, on_done, prompt, start, fresh, stats, t0, start)
+
+
+def prefill_ahead(opening: Opening, n: int) -> int:
+    """Prefill up to `n` more tokens of the opening's prompt, within the part that does not depend
+    on the rest (Opening.ahead_end; under history "evict" a chunk stops at the media's end, as
+    prefill cuts there). Returns how many tokens of that part remain."""
+    o, session = opening, opening.session
+    end = min(o.ahead_end(), o.done + n)
+    if session.sparsity.history == "evict" and o.done < o.prompt.vis_end:
+        end = min(end, o.prompt.vis_end)
+    if end > o.done:
+        t = time.perf_counter()
+        keys = o.prompt.keys
+        session.cache.truncate(o.done)
+        with session.engine.lock, torch.no_grad():
+            h = session.embed(keys, o.prompt.spans, o.done)[:end - o.done]
+            session.lm.fill(h, o.prompt.positions[..., o.done:end], session.cache, o.done)
+        session.tokens, o.done = keys[:end], end
+        sync(session.engine.device)
+        o.stats.prefill_s += time.perf_counter() - t
+    return o.ahead_end() - o.done
+
+
+def start_answer(opening: Opening) -> Turn:
+    """The rest of the prefill, the decode target (retrieval's selection compacted) and the first
+    answer token."""
+    o, session = opening, opening.session
+    eng, stats = session.engine, o.stats
+    try:
         tp = time.perf_counter()
         with eng.lock, torch.no_grad():
-            logits, prompt, scores = prefill_turn(session, ids, media, prompt, start, fresh)
-            target = attended_cache(session, prompt, scores, params.max_new_tokens)
+            logits, prompt, scores = prefill_turn(session, o.ids, o.media, o.prompt, o.done, o.fresh)
+            target = attended_cache(session, prompt, scores, o.params.max_new_tokens)
         stats.visual_tokens_kept = sum(e - s for s, e, _ in prompt.spans)
         stats.visual_tokens_selected = (stats.visual_tokens_kept if session.last_selection is None
                                         else session.last_selection.shape[-1])
         session.tokens = list(prompt.keys)
-        sampler = Sampler(params, eng.banned, eng.device)
+        sampler = Sampler(o.params, eng.banned, eng.device)
         token = sampler(logits)
         sync(eng.device)
-        t_decode = time.perf_counter()
-        stats.prefill_s, stats.ttft_s, stats.prefill_tokens = t_decode - tp, t_decode - t0, len(keys) - start
-        for token in decode_tokens(session, token, target, sampler, params, prompt, answer, stats):
-            piece = decoder.push(token)
-            if piece:
-                if callback is not None:
-                    callback(piece)
-                yield piece
-    except GeneratorExit:
-        answer.finish = "cancelled"
-    finally:
+    except BaseException:
         session.busy = False
-        fold_answer(session, target, len(prompt.keys))
-    tail = decoder.flush()
-    if tail and answer.finish != "cancelled":
-        if callback is not None:
-            callback(tail)
-        yield tail
-    finish_stats(stats, session, target, t_decode)
-    text = eng.tokenizer.decode(answer.tokens)
-    session.end_turn(media, text, on_done, prompt.vis_end)
-    session.last_result = GenerationResult(text, answer.tokens, stats, answer.finish)
+        raise
+    t_decode = time.perf_counter()
+    stats.prefill_s += t_decode - tp
+    stats.ttft_s, stats.prefill_tokens = t_decode - o.t0, len(o.prompt.keys) - o.start
+    return Turn(session, o.params, o.media, o.on_done, prompt, target, sampler, stats, token, t_decode,
+                eng.tokenizer.stream_decoder())
+
+
+def release(turn: Turn) -> None:
+    """The session is free again and the answer's K/V are in its full cache."""
+    turn.session.busy = False
+    fold_answer(turn.session, turn.target, len(turn.prompt.keys))
+
+
+def finish_turn(turn: Turn) -> str:
+    """End the answer (release, stats, history, `session.last_result`); returns the stream
+    decoder's last text (none when cancelled)."""
+    session = turn.session
+    release(turn)
+    tail = turn.decoder.flush()
+    finish_stats(turn.stats, session, turn.target, turn.t_decode)
+    text = session.engine.tokenizer.decode(turn.answer.tokens)
+    session.end_turn(turn.media, text, turn.on_done, turn.prompt.vis_end)
+    session.last_result = GenerationResult(text, turn.answer.tokens, turn.stats, turn.answer.finish)
+    return "" if turn.answer.finish == "cancelled" else tail
+
+
+def answer_ends(session, params: SamplingParams, answer: Answer):
+    """Why the answer ends after its last token ("cancelled", "length"), or None while it goes on."""
+    if session.cancel_requested.is_set():
+        return "cancelled"
+    if len(answer.tokens) >= params.max_new_tokens or len(session.tokens) >= session.cache.max_len:
+        return "length"
+    return None
 
 
 def check_fits(session, keys: list) -> None:
@@ -255,13 +390,11 @@ def decode_tokens(session, token: int, target: DecodeTarget, sampler, params: Sa
     while token not in stop_ids:
         answer.tokens.append(token)
         yield token
-        if session.cancel_requested.is_set():
-            answer.finish = "cancelled"
+        ends = answer_ends(session, params, answer)
+        if ends:
+            answer.finish = ends
             return
         n = len(session.tokens)  # the token's position in the conversation; its slot is n - dropped
-        if len(answer.tokens) >= params.max_new_tokens or n >= full.max_len:
-            answer.finish = "length"
-            return
         if eng.device.type == "cuda" and params.temperature == 0:
             if greedy is None:
                 steps = min(params.max_new_tokens - len(answer.tokens), full.max_len - n)

@@ -254,17 +254,22 @@ class Kept:
 
 class SessionLRU:
     """Live sessions, least recently used first, bounded in count and in KV-cache bytes. Used from
-    the worker thread only."""
+    the worker threads (several under --max-batch: a lock)."""
 
     def __init__(self, max_sessions: int, max_bytes: float):
         self.max_sessions, self.max_bytes = max_sessions, max_bytes
         self.kept = OrderedDict()
         self.evicted = 0
+        self.lock = threading.Lock()
 
     def take(self, system, turns, sparsity):
         """(session, number of turns it holds) for the longest kept conversation that `turns`
         extends under the same sparsity policy; the session leaves the LRU. (None, 0) when none
         matches."""
+        with self.lock:
+            return self._take(system, turns, sparsity)
+
+    def _take(self, system, turns, sparsity):
         best = None
         for key, k in self.kept.items():
             n = len(k.turns)
@@ -277,6 +282,10 @@ class SessionLRU:
         return k.session, len(k.turns)
 
     def put(self, system, turns, session) -> None:
+        with self.lock:
+            self._put(system, turns, session)
+
+    def _put(self, system, turns, session) -> None:
         self.kept[uuid.uuid4().hex] = Kept(system, list(turns), session, session.nbytes())
         while self.kept and (len(self.kept) > self.max_sessions
                              or sum(k.nbytes for k in self.kept.values()) > self.max_bytes):
@@ -284,8 +293,9 @@ class SessionLRU:
             self.evicted += 1
 
     def close_all(self) -> None:
-        while self.kept:
-            self.kept.popitem()[1].session.close()
+        with self.lock:
+            while self.kept:
+                self.kept.popitem()[1].session.close()
 
 
 # ---------------------------------------------------------------------- the model's worker thread
@@ -300,9 +310,12 @@ class Job:
         self.watch = StopWatch(req.stop)
         self.session = None
         self.task = None
+        self.request = None  # --max-batch: its batch.Request
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.request is not None:  # also while it waits for a place in the batch
+            self.request.cancel()
 
     def emit(self, kind: str, value) -> None:
         if self.events is not None:
@@ -370,12 +383,19 @@ def render(session, req: ChatRequest) -> list:
 
 
 class Worker:
-    """The model and its kept conversations; run() is the one place a job runs, in the single
-    worker thread."""
+    """The model and its kept conversations; run() is the one place a job runs, in a worker
+    thread: one, or under --max-batch N, N of them, whose answers share the decode steps of one
+    background Batcher."""
 
     def __init__(self, engine, lru: SessionLRU, args):
         self.engine, self.lru, self.args = engine, lru, args
         self.answers = self.cancelled = 0  # answers given; requests cut short by a client that left
+        self.lock = threading.Lock()  # the counters, from several worker threads
+        self.batcher = None
+        if args.max_batch > 1:
+            from .batch import Batcher  # torch: not imported for --help
+
+            self.batcher = Batcher(engine, max_batch=args.max_batch).start()
 
     def sparsity(self, req: ChatRequest) -> dict:
         """The conversation's sparsity options, as the chat picks them: --sparsity, else the video
@@ -421,12 +441,18 @@ class Worker:
     def complete(self, job: Job, session):
         job.session = session
         ids = self.engine.encode_text(self.engine.render(render(session, job.req)))
-        return session.complete(ids, job.req.params, job.on_piece)
+        if self.batcher is None:
+            return session.complete(ids, job.req.params, job.on_piece)
+        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece)
+        if job.cancelled.is_set():  # cancelled before its request existed
+            job.request.cancel()
+        return job.request.wait()
 
     def answer(self, job: Job) -> dict:
         req, engine = job.req, self.engine
         if job.cancelled.is_set():  # the client left while the request waited
-            self.cancelled += 1
+            with self.lock:
+                self.cancelled += 1
             raise APIError(499, "the client closed the connection", "cancelled")
         sparsity = self.sparsity(req)
         kept, known = self.lru.take(req.system, req.turns, engine.sparsity.overridden(**sparsity))
@@ -440,10 +466,11 @@ class Worker:
         if tail:
             job.emit("piece", tail)
         text = job.watch.text
-        self.answers += 1
+        with self.lock:
+            self.answers += 1
+            self.cancelled += job.cancelled.is_set() and result.finish_reason == "cancelled"
         if job.cancelled.is_set():
             session.close()  # a half answer the client never saw: not worth keeping
-            self.cancelled += result.finish_reason == "cancelled"
         else:
             self.lru.put(req.system, req.turns + [Turn("assistant", text)], session)
         finish = "stop" if job.watch.hit else result.finish_reason
@@ -464,7 +491,9 @@ class Server:
         self.engine, self.name, self.args = engine, name, args
         self.lru = SessionLRU(args.max_sessions, args.session_memory * 1e9)
         self.worker = Worker(engine, self.lru, args)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tinyvila-model")  # FIFO: arrival order
+        self.batcher = self.worker.batcher  # --max-batch > 1: the background Batcher
+        # FIFO: arrival order; --max-batch N: N answers at once
+        self.pool = ThreadPoolExecutor(args.max_batch, thread_name_prefix="tinyvila-model")
         self.in_flight = 0  # running + waiting; touched on the event loop only
         self.jobs = set()
         self.defaults = sampling_defaults(engine)
@@ -485,6 +514,8 @@ class Server:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.stop()
         self.lru.close_all()
 
     # -- endpoints
@@ -494,7 +525,8 @@ class Server:
                              "dtype": str(self.engine.dtype).removeprefix("torch."),
                              "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
                              "sessions_evicted": self.lru.evicted, "answers": w.answers,
-                             "answers_cancelled": w.cancelled})
+                             "answers_cancelled": w.cancelled, "max_batch": self.args.max_batch,
+                             "longest_stall_ms": 1e3 * self.batcher.longest_stall_s if self.batcher else 0.0})
 
     async def models(self, request):
         try:
@@ -561,7 +593,7 @@ class Server:
 
     async def submit(self, job: Job):
         """Run the job after those before it; ("done", payload) or ("error", APIError)."""
-        if self.in_flight > self.args.queue:  # one answering, --queue waiting
+        if self.in_flight >= self.args.max_batch + self.args.queue:  # --max-batch answering, --queue waiting
             raise APIError(503, f"the server is busy ({self.args.queue} requests waiting); retry shortly",
                            "server_busy", "queue_full", headers={"Retry-After": "1"})
         self.in_flight += 1
@@ -655,6 +687,8 @@ def parse_args(argv):
     add("--session-memory", type=float, default=8.0, metavar="GB",
         help="KV-cache memory the kept conversations may hold (default 8)")
     add("--queue", type=int, default=64, help="requests that may wait; more get 503 (default 64)")
+    add("--max-batch", type=int, default=1, metavar="N",
+        help="answer up to N requests at once in shared decode steps (default 1: one at a time)")
     add("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
     add("--debug", action="store_true", help="show tracebacks of startup errors")
     add("--version", action="version", version=f"%(prog)s {__version__}")
@@ -663,6 +697,8 @@ def parse_args(argv):
     for name in ("max_sessions", "session_memory", "queue", "max_body_mb"):
         if getattr(args, name) < 0:
             p.exit(2, f"error: --{name.replace('_', '-')} must be >= 0\n")
+    if args.max_batch < 1:
+        p.exit(2, "error: --max-batch must be >= 1\n")
     if not 0 <= args.port < 65536:
         p.exit(2, f"error: --port must be in 0..65535, got {args.port}\n")
     if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):

@@ -167,6 +167,12 @@ class Session:
         return [self.message("system", self.system)] if self.system else []
 
     def _turn_for_question(self, question, params, callback):
+        ids, media, on_done = self.question_turn(question)
+        yield from generate(self, ids, media, params, callback, on_done)
+
+    def question_turn(self, question: str):
+        """The next turn for `question`, templated now over the history as it stands: (ids, media,
+        on_done), on_done(answer text) recording the answer (generate's arguments)."""
         if not isinstance(question, str) or not question.strip():
             raise TinyVilaError("the question is empty")
         messages = list(self.messages) or self.history_start()
@@ -177,7 +183,7 @@ class Session:
             messages.append(self.message("assistant", answer_text))
             self.messages = messages
 
-        yield from generate(self, ids, self.media + self.pending, params, callback, on_done)
+        return ids, self.media + self.pending, on_done
 
     def expand(self, ids: list, media: list):
         """Replace each placeholder id by its media item's visual slots.

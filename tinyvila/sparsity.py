@@ -294,6 +294,7 @@ class PrefillPolicy:
     """What the LLM sees of each media item. `saliency`: the encoder also returns each token's
     saliency. The base policy is dense: every visual token, through encoder and LLM alike."""
     saliency = False
+    prunes_in_llm = False  # True: pruning happens inside the prefill pass, which needs the whole prompt
 
     def __init__(self, sparsity: Sparsity):
         self.sparsity = sparsity
@@ -343,6 +344,7 @@ class VisionZip(SaliencyTopK):
 
 class FastV(PrefillPolicy):
     """Every token through the encoder; the LLM prunes the items new in a turn at layer K."""
+    prunes_in_llm = True
 
     def pruner(self, model, media, fresh, start: int, n_rows: int, device):
         """`fresh`: the spans [(start, end, media index)] of the items to prune, in prompt order;

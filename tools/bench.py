@@ -124,8 +124,8 @@ def build(arch: str, device, dtype, quant: str | None = None):
     return model.eval()
 
 
-def media_items(model, args):
-    rng = np.random.default_rng(0)
+def media_items(model, args, seed: int = 0):
+    rng = np.random.default_rng(seed)
 
     def picture(w, h):
         return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -353,7 +353,9 @@ def conversation(session, items, ids, question, params, turns, timer):
         yield turn + 1, session.last_result.stats, timer.take()
 
 
-def run(args) -> list:
+def engine_for(args):
+    """The engine to time: a --model checkpoint, or an --arch built with random weights (an engine's
+    attributes only). Fixed-length answers, nothing detokenized."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model:  # a real checkpoint folder (or hub id)
         engine = tinyvila.load(args.model, device=device, dtype=dtype, cuda_graphs=not args.no_graphs,
@@ -367,6 +369,12 @@ def run(args) -> list:
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
                                  banned=None, stop_ids=set(), capture_stream=lambda: stream,
                                  prefill_graphs=args.prefill_graphs and stream is not None)
+    return engine, model
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    engine, model = engine_for(args)
     items = media_items(model, args)
     placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
     asked = question(args.question_tokens)
@@ -505,6 +513,12 @@ def parse_args(argv):
                    help="run short prefills (follow-up questions) as CUDA graphs (default: off, eager)")
     p.add_argument("--history", choices=["keep", "evict"], default="keep", help="multi-turn history mode")
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
+    p.add_argument("--batch", type=int, metavar="N", help="N conversations at once, each with its own media and "
+                   "question, through the batcher (against the same ones at batch 1): tools/batch_bench.py")
+    p.add_argument("--stagger", type=int, default=0, metavar="K",
+                   help="--batch: submit one conversation every K scheduler steps (default 0: all together)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="T",
+                   help="--batch: a newcomer's prompt is prefilled T tokens per step (default 512)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each setting's latency breakdown (needs matplotlib)")
@@ -517,6 +531,10 @@ def parse_args(argv):
         p.error("--question-tokens and --turns must be at least 1")
     if args.quant and not args.arch:
         p.error("--quant builds a quantized --arch; a --model checkpoint runs as it is stored")
+    if args.batch is not None and (args.batch < 1 or args.stagger < 0 or args.prefill_chunk < 1):
+        p.error("--batch and --prefill-chunk must be at least 1, --stagger at least 0")
+    if args.batch is not None and (args.turns != 1 or args.compare_hf or args.plot):
+        p.error("--batch runs one turn per conversation, without --compare-hf or --plot")
     if args.plot:  # checked before the runs, so a long bench does not fail at its end
         check_plot_path(p, args.plot)
     try:
@@ -580,7 +598,12 @@ def main(argv=None) -> int:
         resolve_device(args.device)  # before anything is built: no GPU, or a GPU that is not there
         if args.json:
             check_output_file(args.json, "--json")
-        report(args, *run(args))
+        if args.batch is not None:
+            from .batch_bench import main as batch_bench
+
+            batch_bench(args)
+        else:
+            report(args, *run(args))
 
     return run_cli(body, args.debug, "lower the media size, --new-tokens or --turns, or try --quant")
 

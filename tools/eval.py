@@ -27,6 +27,7 @@ import sys
 import time
 
 from tinyvila import __version__, load
+from tinyvila.batch import Batcher
 from tinyvila.errors import TinyVilaError, run_cli
 from tinyvila.sparsity import Sparsity
 
@@ -75,21 +76,46 @@ def read_cache(path: str) -> dict:
 
 def answer_sample(engine, sample, config: str, history: str, max_new_tokens: int) -> list:
     """One conversation: each turn's answer, score and timings."""
+    with sample_session(engine, sample, config, history) as s:
+        return [turn_record(turn, s.ask(turn.question, max_new_tokens=sample.max_new_tokens or max_new_tokens,
+                                        temperature=0.0)) for turn in sample.turns]
+
+
+def answer_batched(engine, todo: list, config: str, args, finished) -> None:
+    """The samples `todo` [(sample, key)] through one Batcher: up to args.batch conversations at
+    once, each sample's turns queued behind each other in its own session; finished(sample, key, turns)
+    as each sample ends."""
+    batcher, waiting, active = Batcher(engine, max_batch=args.batch), list(todo), []
+    while waiting or active:
+        while waiting and len(active) < args.batch:  # a session (and its cache) per open sample only
+            sample, key = waiting.pop(0)
+            s = sample_session(engine, sample, config, args.history)
+            limit = sample.max_new_tokens or args.max_new_tokens
+            active.append((sample, key, s, [batcher.ask(s, turn.question, max_new_tokens=limit, temperature=0.0)
+                                            for turn in sample.turns]))
+        batcher.step()
+        for entry in [e for e in active if all(r.done for r in e[3])]:
+            active.remove(entry)
+            sample, key, s, requests = entry
+            s.close()
+            finished(sample, key, [turn_record(turn, r.wait()) for turn, r in zip(sample.turns, requests)])
+
+
+def sample_session(engine, sample, config: str, history: str):
     options = {"max_frames": sample.num_frames} if sample.num_frames and "max_frames" in engine.model.media_options \
         else {}
-    turns = []
-    with engine.session(images=sample.images, videos=sample.videos, sparsity=config, history=history,
-                        **options) as s:
-        for turn in sample.turns:
-            r = s.ask(turn.question, max_new_tokens=sample.max_new_tokens or max_new_tokens, temperature=0.0)
-            st = r.stats
-            decode = st.decode_s - st.graph_capture_s
-            turns.append({"answer": r.text, "score": score(turn.metric, r.text, turn.answers), "metric": turn.metric,
-                          "ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "e2e_s": st.ttft_s + decode,
-                          "vision_s": st.vision_s, "prefill_s": st.prefill_s, "decode_s": decode,
-                          "visual_tokens": st.visual_tokens, "visual_tokens_kept": st.visual_tokens_kept,
-                          "visual_tokens_selected": st.visual_tokens_selected})
-    return turns
+    return engine.session(images=sample.images, videos=sample.videos, sparsity=config, history=history, **options)
+
+
+def turn_record(turn, r) -> dict:
+    """A turn's answer, score and timings (r: its GenerationResult)."""
+    st = r.stats
+    decode = st.decode_s - st.graph_capture_s
+    return {"answer": r.text, "score": score(turn.metric, r.text, turn.answers), "metric": turn.metric,
+            "ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "e2e_s": st.ttft_s + decode,
+            "vision_s": st.vision_s, "prefill_s": st.prefill_s, "decode_s": decode,
+            "visual_tokens": st.visual_tokens, "visual_tokens_kept": st.visual_tokens_kept,
+            "visual_tokens_selected": st.visual_tokens_selected}
 
 
 def summarize(configs: list, records: dict) -> list:
@@ -156,16 +182,23 @@ def run(args) -> str:
             print(f"{config}: {len(records[config])} cached, {len(todo)} to answer", file=sys.stderr)
             if todo:  # kernel compilation and first-call costs stay out of the timings
                 answer_sample(engine, todo[0][0], config, args.history, args.max_new_tokens)
-            for i, (sample, key) in enumerate(todo):
-                t0 = time.perf_counter()
-                turns = answer_sample(engine, sample, config, args.history, args.max_new_tokens)
+            t0, total = time.perf_counter(), len(records[config]) + len(todo)
+
+            def finished(sample, key, turns):
                 record = {"key": key, "config": config, "id": sample.id, "turns": turns}
                 cache.write(json.dumps(record) + "\n")
                 cache.flush()
                 os.fsync(cache.fileno())  # an interrupted run keeps every finished sample
                 records[config].append(record)
                 if args.progress:
-                    print(f"  [{i + 1}/{len(todo)}] {sample.id}: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+                    print(f"  [{len(records[config])}/{total}] {sample.id}: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+            if args.batch > 1:
+                answer_batched(engine, todo, config, args, finished)
+            else:
+                for sample, key in todo:
+                    t0 = time.perf_counter()
+                    finished(sample, key, answer_sample(engine, sample, config, args.history, args.max_new_tokens))
     title = f"{os.path.basename(os.path.normpath(args.model))} on {os.path.basename(args.data)} ({len(samples)} samples)"
     return write_results(summarize(configs, records), args.out, title, args.plots)
 
@@ -185,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int)
     p.add_argument("--no-plots", dest="plots", action="store_false", help="tables only")
     p.add_argument("--progress", action="store_true", help="a line per answered sample")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="answer N samples at once in shared decode steps (default 1; each answer is the one it "
+                   "gets alone, the timings are those of a shared batch)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -192,6 +228,8 @@ def main(argv=None) -> int:
         p.error("--limit must be at least 1")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
     args.out = args.out or "eval-" + os.path.splitext(os.path.basename(args.data))[0]
 
     def body():

@@ -1,0 +1,324 @@
+"""Many conversations at once: continuous batching, each conversation with its own sparsity.
+
+A `Batcher` runs the turns of several sessions of one engine together. Each `step`:
+
+    1. cancelled requests leave (waiting, opening or running);
+    2. if there is room (max_batch), the first waiting request whose conversation is not already
+       answering is admitted: its question is templated now (so a follow-up queued behind its own
+       conversation's answer sees that answer), its media encoded (generate.open_turn);
+    3. the opening request gets one chunk of its prefill (generate.prefill_ahead), so the others'
+       streams stall for one chunk at most; once its independent part is in the cache, the rest
+       of its prefill runs and it answers its first token (generate.start_answer) and joins;
+    4. one decode step for every running conversation (DecoderLM.decode_rows): the linears at
+       M = batch, attention per row over the row's own cache (its full cache, or the decode buffer
+       holding its own retrieval selection), sampling per row with its own options and seed. A
+       conversation that ends (stop token, length, cancel) leaves at once.
+
+Each conversation's tokens are those it gets alone (batch 1). An error fails only its own request.
+"""
+import queue
+import threading
+import time
+from collections import deque
+
+import torch
+
+from .errors import TinyVilaError
+from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer
+from .sampling import SamplingParams, is_number
+
+_END = object()  # the end of a request's stream
+
+
+class Request:
+    """One turn submitted to a Batcher: `stream()` its text pieces as they come, `wait()` for its
+    GenerationResult, `cancel()` it. `callback(piece)`, if given, gets each piece too (from the
+    batcher's thread)."""
+
+    def __init__(self, session, make, params: SamplingParams, callback=None):
+        self.session, self.params, self.callback = session, params, callback
+        self._make = make  # () -> (ids, media, on_done), called at admission
+        self._pieces = queue.Queue()
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self.result = None  # GenerationResult once done
+        self.error = None  # the exception that failed it
+
+    def cancel(self) -> None:
+        """Thread-safe: a waiting request never starts, an opening one stops prefilling, a running
+        one ends at its next step ("cancelled", its answer kept in the history as Session.cancel)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def stream(self):
+        """Yield the answer's text pieces until it ends; raise the request's error, if any."""
+        while True:
+            piece = self._pieces.get()
+            if piece is _END:
+                break
+            yield piece
+        if self.error is not None:
+            raise self.error
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """The result, once the answer has ended (raises the request's error, if any)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request has not finished")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            if self.callback is not None:
+                self.callback(piece)
+            self._pieces.put(piece)
+
+    def _finish(self, result=None, error=None) -> None:
+        self.result, self.error = result, error
+        self.session = self._make = None  # nothing of a finished conversation stays referenced here
+        self._pieces.put(_END)
+        self._done.set()
+
+
+class Batcher:
+    """Runs the turns of several sessions of `engine` in shared decode steps: at most `max_batch`
+    conversations answering at once, a newcomer's prompt prefilled `prefill_chunk` tokens per step.
+    Drive it with `step()` / `run()` in your thread or `start()` a background thread.
+    `longest_stall_s`: the longest time running conversations waited for a newcomer between two
+    decode steps; `decode_rows / decode_s`: the aggregate decode rate."""
+
+    def __init__(self, engine, max_batch: int = 8, prefill_chunk: int = 512):
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+            if not is_number(value, integer=True) or value < 1:
+                raise TinyVilaError(f"{name} must be a positive integer, got {value!r}")
+        self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
+        self.longest_stall_s = 0.0
+        self.decode_s, self.decode_rows = 0.0, 0  # time in decode steps, tokens they produced
+        self._waiting = deque()  # Requests not admitted yet, in order
+        self._opening = None  # (Request, Opening) being prefilled
+        self._running = []  # (Request, Turn) decoding
+        self._wake = threading.Condition()  # guards _waiting; wakes the background thread
+        self._thread, self._stopping = None, False
+
+    # ------------------------------------------------------------------ submitting
+    def ask(self, session, question: str, callback=None, **sampling) -> Request:
+        """As Session.ask, batched: the question is templated when the request is admitted."""
+        params = SamplingParams.from_options(**sampling)
+        return self._add(Request(session, lambda: session.question_turn(question), params, callback))
+
+    def submit(self, session, ids: list, params: SamplingParams | None = None, callback=None) -> Request:
+        """As Session.complete, batched: already templated ids (a placeholder per media item)."""
+        ids = list(ids)
+        return self._add(Request(session, lambda: (ids, session.media + session.pending, None),
+                                 params or SamplingParams(), callback))
+
+    def _add(self, request: Request) -> Request:
+        if request.session.engine is not self.engine:
+            raise TinyVilaError("the session belongs to another engine than this batcher's")
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    @property
+    def active(self) -> int:
+        """Conversations admitted and not finished (opening or running)."""
+        return len(self._running) + (self._opening is not None)
+
+    def idle(self) -> bool:
+        return not (self._waiting or self._opening or self._running)
+
+    # ------------------------------------------------------------------ running
+    def step(self) -> bool:
+        """One scheduling step (see the module's doc); returns whether work remains."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise TinyVilaError("this batcher steps in its background thread (start()); stop() it first")
+        self._drop_cancelled()
+        t = time.perf_counter()
+        stalled = bool(self._running)
+        self._open()
+        if stalled:
+            self.longest_stall_s = max(self.longest_stall_s, time.perf_counter() - t)
+        self._decode()
+        return not self.idle()
+
+    def run(self) -> None:
+        """Step until every submitted request has finished."""
+        while self.step():
+            pass
+
+    def start(self) -> "Batcher":
+        """Step in a background thread until stop()."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="tinyvila-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background thread after its current step (requests not finished stay queued)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while self.idle() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug in the scheduler itself: fail what is in flight, keep serving
+                self._fail_all(e)
+
+    # ------------------------------------------------------------------ the step's parts
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            gone = [r for r in self._waiting if r.cancelled]
+            self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for request in gone:
+            request._finish(GenerationResult("", finish_reason="cancelled"))
+        if self._opening is not None and self._opening[0].cancelled:
+            request, opening = self._opening
+            self._opening = None
+            opening.session.busy = False  # the cache keeps what was prefilled; the next turn reuses it
+            request._finish(GenerationResult("", stats=opening.stats, finish_reason="cancelled"))
+        for request, turn in [rt for rt in self._running if rt[0].cancelled]:
+            self._running.remove((request, turn))
+            turn.answer.finish = "cancelled"
+            self._end(request, turn)
+
+    def _open(self) -> None:
+        """Admit a newcomer if there is room; prefill one chunk of the opening request, or, once
+        its independent part is in, start its answer. With nobody running, nobody waits: the
+        whole prefill runs now."""
+        if self._opening is None and not self._admit():
+            return
+        request, opening = self._opening
+        try:
+            while True:
+                done = opening.done
+                prefill_ahead(opening, self.prefill_chunk)
+                if opening.done == done:
+                    break
+                if self._running:
+                    return  # one chunk per step while others decode
+            turn = start_answer(opening)
+        except Exception as e:
+            opening.session.busy = False
+            self._opening = None
+            request._finish(error=e)
+            return
+        self._opening = None
+        if self._accept(request, turn, turn.token):
+            self._running.append((request, turn))
+
+    def _admit(self) -> bool:
+        """The first waiting request whose conversation is not answering becomes the opening one
+        (the later turns of a conversation wait behind its earlier ones)."""
+        if len(self._running) >= self.max_batch:
+            return False
+        answering = {id(r.session) for r, _ in self._running}
+        with self._wake:
+            request = next((r for r in self._waiting if id(r.session) not in answering), None)
+            if request is None:
+                return False
+            self._waiting.remove(request)
+        try:
+            ids, media, on_done = request._make()
+            self._opening = (request, open_turn(request.session, ids, media, request.params, on_done))
+        except Exception as e:  # a bad request fails alone
+            request._finish(error=e)
+            return False
+        return True
+
+    def _decode(self) -> None:
+        """One decode step for every running conversation, then each row samples its next token."""
+        if not self._running:
+            return
+        eng, lm = self.engine, self.engine.model.language_model
+        turns = [turn for _, turn in self._running]
+        fed = [turn.answer.tokens[-1] for turn in turns]
+        inputs = [turn.step_input() for turn in turns]
+        positions = torch.tensor([pos for pos, _ in inputs], device=eng.device)
+        if turns[0].prompt.positions.dim() == 2:  # M-RoPE: a text token's t, h and w positions are equal
+            positions = positions.expand(3, -1)
+        t = time.perf_counter()
+        try:
+            with eng.lock, torch.no_grad():
+                logits = lm.decode_rows(torch.tensor(fed, device=eng.device), positions,
+                                        [turn.target.cache for turn in turns], [slot for _, slot in inputs])
+        except Exception as e:
+            self._fail_all(e)
+            return
+        running, self._running = self._running, []
+        greedy = self._greedy(logits)  # every row's argmax in one device-to-host copy
+        self.decode_s, self.decode_rows = self.decode_s + time.perf_counter() - t, self.decode_rows + len(running)
+        for b, (request, turn) in enumerate(running):
+            turn.session.tokens.append(fed[b])
+            turn.stats.decode_tokens += 1
+            try:
+                token = greedy[b] if turn.params.temperature == 0 else turn.sampler(logits[b])
+            except Exception as e:
+                release(turn)
+                request._finish(error=e)
+                continue
+            if self._accept(request, turn, token):
+                self._running.append((request, turn))
+
+    def _greedy(self, logits: torch.Tensor) -> list:
+        """Each row's greedy token, as Sampler picks it at temperature 0 (never a banned id)."""
+        banned = self.engine.banned
+        return (logits if banned is None else logits.masked_fill(banned, float("-inf"))).argmax(-1).tolist()
+
+    def _accept(self, request: Request, turn, token: int) -> bool:
+        """Take the row's next token; False (the conversation ended and left) on a stop token,
+        cancel, max_new_tokens or a full context."""
+        try:
+            if token in turn.stop_ids:
+                turn.answer.finish = "stop"
+            else:
+                turn.answer.tokens.append(token)
+                request._emit(turn.decoder.push(token))
+                ends = answer_ends(turn.session, turn.params, turn.answer)
+                if ends is None:
+                    return True
+                turn.answer.finish = ends
+        except Exception as e:  # the request's own callback failed: it fails alone
+            release(turn)
+            request._finish(error=e)
+            return False
+        self._end(request, turn)
+        return False
+
+    def _end(self, request: Request, turn) -> None:
+        try:
+            request._emit(finish_turn(turn))
+        except Exception as e:
+            request._finish(error=e)
+            return
+        request._finish(turn.session.last_result)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Fail every admitted request (their sessions freed)."""
+        for request, turn in self._running:
+            release(turn)
+            request._finish(error=error)
+        self._running = []
+        if self._opening is not None:
+            self._opening[1].session.busy = False
+            self._opening[0]._finish(error=error)
+            self._opening = None

@@ -1,0 +1,101 @@
+"""`tinyvila-bench --batch N`: N conversations at once through a Batcher (tinyvila/batch.py), each
+with its own media (random pictures of the --image / --video sizes, its own seed) and its own
+question, each answering --new-tokens tokens; all submitted together, or one every K scheduler
+steps (--stagger K), the newcomers prefilled --prefill-chunk tokens per step.
+
+    tinyvila-bench --arch llava-next-vicuna-7b --quant w4a16 --image 672x672 --batch 8 --sparsity image
+
+For each sparsity setting the same conversations also run through a batcher of one (one after
+another), and the table shows, per batch size: the aggregate decode rate (every row's tokens over
+the time spent in decode steps), the per-conversation rate (median and lowest: each answer's tokens
+over its own decode time, stalls included), both against batch 1, the longest stall a newcomer's
+prefill caused the running conversations, and whether every conversation's tokens equal its
+batch-1 tokens. The batched step is eager (attention row by row), so batch 1 here is the batcher's
+eager step too, not the CUDA-graphed decode of a lone session.
+"""
+import json
+import statistics
+import time
+
+import torch
+
+from tinyvila.batch import Batcher
+from tinyvila.generate import peak_memory, reset_peak_memory
+from tinyvila.sampling import SamplingParams
+from tinyvila.session import Session
+
+from .bench import configs, engine_for, media_items, question
+
+
+def conversations(model, args) -> list:
+    """(media items, prompt ids) of each conversation: its own pictures, its own question (the
+    bench's --question-tokens rotated)."""
+    out, asked = [], question(args.question_tokens)
+    for i in range(args.batch):
+        items = media_items(model, args, seed=i)
+        placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
+        own = asked[i % len(asked):] + asked[:i % len(asked)]
+        out.append((items, [1] + list(range(100, 100 + args.text)) + placeholders + own))
+    return out
+
+
+def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict:
+    """The conversations through a batcher of `size`, submitted per --stagger: one record."""
+    batcher = Batcher(engine, max_batch=size, prefill_chunk=args.prefill_chunk)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    pending, requests, steps = list(convs), [], 0
+    reset_peak_memory(engine.device)
+    t0 = time.perf_counter()
+    while pending or not batcher.idle():
+        while pending and len(requests) * args.stagger <= steps:
+            items, ids = pending.pop(0)
+            context = sum(it.n_tokens for it in items) + len(ids) + new_tokens + 8
+            requests.append(batcher.submit(Session(engine, list(items), None, context, sparsity=sparsity), ids,
+                                           params))
+        batcher.step()
+        steps += 1
+    wall = time.perf_counter() - t0
+    results = [r.wait() for r in requests]
+    per = [r.stats.decode_tok_s for r in results]
+    return dict(sparsity=sparsity.label, batch=size, stagger=args.stagger, prefill_chunk=args.prefill_chunk,
+                conversations=len(convs), aggregate_tok_s=batcher.decode_rows / batcher.decode_s,
+                per_conversation_median_tok_s=statistics.median(per), per_conversation_min_tok_s=min(per),
+                longest_stall_s=batcher.longest_stall_s, wall_s=wall,
+                peak_mem_bytes=max([peak_memory(engine.device)] + [r.stats.peak_mem_bytes for r in results]),
+                tokens=[r.token_ids for r in results])
+
+
+def main(args) -> list:
+    engine, model = engine_for(args)
+    convs = conversations(model, args)
+    records = []
+    for sparsity in configs(args):
+        # untimed first: kernel compilation and allocator growth stay out of the timings
+        run_batch(engine, convs, sparsity, args.batch, args, min(8, args.new_tokens))
+        alone = run_batch(engine, convs, sparsity, 1, args, args.new_tokens)
+        together = run_batch(engine, convs, sparsity, args.batch, args, args.new_tokens) if args.batch > 1 else alone
+        together["tokens_match"] = alone["tokens_match"] = together["tokens"] == alone["tokens"]
+        records += [alone, together] if args.batch > 1 else [alone]
+    report(args, records)
+    return records
+
+
+def report(args, records) -> None:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | per-conversation tok/s median / min | "
+          f"x batch 1 | longest stall ms | wall s | peak GB | tokens = batch 1 |  ({args.arch or args.model}, "
+          f"{' '.join(args.image + args.video)}, {args.new_tokens} new tokens each, {name}, {args.dtype})")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {}
+    for r in records:
+        b = base.setdefault(r["sparsity"], r)
+        print(f"| {r['sparsity']} | {r['batch']} | {r['stagger']} | {r['aggregate_tok_s']:.1f} | "
+              f"x{r['aggregate_tok_s'] / b['aggregate_tok_s']:.2f} | {r['per_conversation_median_tok_s']:.1f} / "
+              f"{r['per_conversation_min_tok_s']:.1f} | "
+              f"{r['per_conversation_median_tok_s'] / b['per_conversation_median_tok_s']:.0%} | "
+              f"{r['longest_stall_s'] * 1e3:.1f} | {r['wall_s']:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
+              f"{'yes' if r['tokens_match'] else 'NO'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": name, "runs": records}, f, indent=2)
