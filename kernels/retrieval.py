@@ -99,7 +99,9 @@ def _attend(q, k_ptr, v_ptr, stride_ks, stride_vs, n0, s_hi, pos, window, acc, m
 def _attn_partial(Q, K, V, PartO, PartM, PartL, stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
                   start, window, split_size, scale2, ROWS, GROUP: tl.constexpr, N_RB: tl.constexpr,
                   SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, START_ON_DEVICE: tl.constexpr = False):
+    if START_ON_DEVICE:  # a CUDA graph replays the launch for any start: it is read here, not baked in
+        start = tl.load(start)
     rb = tl.program_id(0)  # fastest: the row blocks of one (KV head, split) share its keys through L2
     kv = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -170,12 +172,17 @@ def _attn_merge(PartO, PartM, PartL, Out, Lse, ROWS, H, GROUP: tl.constexpr, N_R
 
 @triton.jit
 def _visual_scores(Q, K, Lse, Vis, Part, stride_qt, stride_qh, stride_kh, stride_ks, start, window, n_vis, chunk,
-                   scale2, inv_rows, ROWS, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_V: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                   scale2, inv_rows, ROWS, LSE_ROWS, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_V: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                   START_ON_DEVICE: tl.constexpr = False, Count=None):
     # Like kernel 1 without V: a program holds one row block's queries and log-sum-exps and streams
     # (pipelined) the K rows of a chunk of visual slots, writing each slot's column sum. Scores are
     # formed transposed, [BLOCK_V, BLOCK_M] = K q^T, so the sum over rows runs along the product's
     # N axis, inside each warp; summing along M would cross warps through shared memory every block.
+    if START_ON_DEVICE:  # and the count of real tokens: rows past it are padding, scored 0
+        start = tl.load(start)
+        ROWS = tl.load(Count) * GROUP
+        inv_rows = 1.0 / ROWS.to(tl.float32)
     rb = tl.program_id(0)  # fastest: the row blocks of one (KV head, chunk) gather the same K rows via L2
     kv = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)
@@ -186,7 +193,7 @@ def _visual_scores(Q, K, Lse, Vis, Part, stride_qt, stride_qh, stride_kh, stride
     d = tl.arange(0, D)
     qt = tl.load(Q + tok[None, :].to(tl.int64) * stride_qt + head[None, :] * stride_qh + d[:, None],
                  mask=in_rows[None, :], other=0.0)  # [D, BLOCK_M]
-    lse = tl.load(Lse + kv * ROWS + rows, mask=in_rows, other=float("inf"))  # padding rows: exp2(-inf) = 0
+    lse = tl.load(Lse + kv * LSE_ROWS + rows, mask=in_rows, other=float("inf"))  # padding rows: exp2(-inf) = 0
     k_ptr = K + kv * stride_kh
     part = Part + (rb * tl.num_programs(1) + kv) * n_vis
     j_hi = tl.minimum(n_vis, c * chunk + chunk)
@@ -224,17 +231,23 @@ def plan(T: int, H: int, Hkv: int, D: int, start: int, window=None, device=None,
     return block_m, block_n, n_rb, splits, split_size, warps
 
 
-def retrieval_attention(q, k_cache, v_cache, start: int, vis_slots, scale=None, window=None, *, block_m=None,
-                        block_n=None, splits=None, block_v=None, num_stages=None, scores=True):
+def retrieval_attention(q, k_cache, v_cache, start, vis_slots, scale=None, window=None, *, block_m=None,
+                        block_n=None, splits=None, block_v=None, num_stages=None, scores=True, count=None):
     """Triton version of `retrieval_attention_ref`: returns (out [T, H, D] in q's dtype, contiguous;
     r float32 [H_kv, n_vis]). `start` and the sizes are host ints (no device sync); the tuning
-    keywords default to a plan for the shape. scores=False skips r (returns None for it)."""
+    keywords default to a plan for the shape. scores=False skips r (returns None for it).
+
+    For a CUDA graph (static prefill): `start` may be a 1-element int32 device tensor, read by the
+    kernels, with `count` (the same kind) the number of real tokens among q's T rows: r averages
+    over those rows only (the rest are padding). The launch is planned for any start then."""
     T, H, D = q.shape
     Hkv, S, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and H % Hkv == 0, (q.shape, k_cache.shape, v_cache.shape)
     assert D & (D - 1) == 0 and D >= 16, f"head_dim {D} must be a power of two >= 16"
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "last dims must be contiguous"
-    assert 0 <= start and start + T <= S, (start, T, S)
+    on_device = torch.is_tensor(start)
+    assert on_device == (count is not None), "a device start comes with a device count"
+    assert on_device or 0 <= start and start + T <= S, (start, T, S)
     assert vis_slots.dim() == 1 and vis_slots.dtype in (torch.int32, torch.int64) and vis_slots.device == q.device
     group = H // Hkv
     rows = T * group
@@ -242,7 +255,9 @@ def retrieval_attention(q, k_cache, v_cache, start: int, vis_slots, scale=None, 
     scale2 = scale * LOG2E
     window = int(window) if window else 0
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    bm, bn, n_rb, n_splits, split_size, warps = plan(T, H, Hkv, D, start, window, q.device, block_m, block_n, splits)
+    plan_start = S - T if on_device else start  # on the device: planned for the longest span
+    bm, bn, n_rb, n_splits, split_size, warps = plan(T, H, Hkv, D, plan_start, window, q.device, block_m, block_n,
+                                                     splits)
     dev = q.device
     part_o = torch.empty(Hkv * n_rb * n_splits * bm * D, device=dev, dtype=torch.float32)
     part_m = torch.empty(Hkv * n_rb * n_splits * bm, device=dev, dtype=torch.float32)
@@ -254,7 +269,7 @@ def retrieval_attention(q, k_cache, v_cache, start: int, vis_slots, scale=None, 
         q, k_cache, v_cache, part_o, part_m, part_l, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), start, window, split_size, scale2, rows, GROUP=group, N_RB=n_rb,
         SPLITS=n_splits, D=D, BLOCK_M=bm, BLOCK_N=bn, HAS_WINDOW=window > 0, PRECISION=precision, num_warps=warps,
-        **extra)
+        START_ON_DEVICE=on_device, **extra)
     _attn_merge[(rows, Hkv)](part_o, part_m, part_l, out, lse, rows, H, GROUP=group, N_RB=n_rb, SPLITS=n_splits,
                              SPLITS_PAD=triton.next_power_of_2(n_splits), D=D, BLOCK_M=bm,
                              num_warps=4 if D * triton.next_power_of_2(n_splits) >= 2048 else 1)
@@ -271,8 +286,9 @@ def retrieval_attention(q, k_cache, v_cache, start: int, vis_slots, scale=None, 
         part = r if n_rb == 1 else torch.empty(n_rb, Hkv, n_vis, device=dev, dtype=torch.float32)
         _visual_scores[(n_rb, Hkv, triton.cdiv(n_vis, chunk))](
             q, k_cache, lse, vis_slots, part, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), start,
-            window, n_vis, chunk, scale2, 1.0 / rows, rows, GROUP=group, D=D, BLOCK_M=bm, BLOCK_V=bv,
-            HAS_WINDOW=window > 0, PRECISION=precision, num_warps=8 if bv * bm >= 128 * 128 else 4, **extra)
+            window, n_vis, chunk, scale2, 1.0 / rows, rows, rows, GROUP=group, D=D, BLOCK_M=bm, BLOCK_V=bv,
+            HAS_WINDOW=window > 0, PRECISION=precision, num_warps=8 if bv * bm >= 128 * 128 else 4,
+            START_ON_DEVICE=on_device, Count=count, **extra)
         if n_rb > 1:
             torch.sum(part, dim=0, out=r)
     return out, r

@@ -4,7 +4,8 @@
 of one token [1, (Hq + 2 Hkv) D], rotates q and k (rotate-half layout, tables cos/sin [1, D] in the
 activation dtype) and writes the rotated k and the v into the caches at slot `slot` (a 1-element
 device tensor, so CUDA graphs can replay it). Returns the rotated q [Hq, D]. M-RoPE needs nothing
-special here: its tables already mix the t/h/w angles.
+special here: its tables already mix the t/h/w angles. `qk_norm=(q weight, k weight, eps)` (Qwen3)
+first RMS-normalises each q and k head as the RMSNorm module does (fp32, cast, then the weight).
 """
 import torch
 
@@ -12,10 +13,18 @@ from tinyvila.kernels.pdl import chain_start, launch_options
 from tinyvila.kernels.triton_lang import tl, triton
 
 
-def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
+def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_norm=None):
     D = cos.shape[-1]
     q, k, v = qkv.view(-1).split([n_heads * D, n_kv * D, n_kv * D])
     half = D // 2
+    if qk_norm is not None:
+        q_w, k_w, eps = qk_norm
+
+        def norm(x, w):
+            xf = x.view(-1, D).float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+        q, k = norm(q, q_w), norm(k, k_w)
 
     def rot(x):
         x = x.view(-1, D)
@@ -27,8 +36,9 @@ def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
 
 
 @triton.jit
-def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks,
-                 N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks, QW, KW, eps,
+                 N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                 QK_NORM: tl.constexpr, PDL: tl.constexpr):
     chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
     half = HALF
@@ -40,6 +50,14 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
     x2 = tl.load(base + half + i)
     slot = tl.load(Slot)
     if head < N_HEADS + N_KV:
+        if QK_NORM:  # RMSNorm of the head: fp32 statistics, cast back, then the weight
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / D + eps)
+            is_q = head < N_HEADS
+            w1 = tl.where(is_q, tl.load(QW + i), tl.load(KW + i))
+            w2 = tl.where(is_q, tl.load(QW + half + i), tl.load(KW + half + i))
+            x1 = (f1 * rstd).to(x1.dtype) * w1
+            x2 = (f2 * rstd).to(x2.dtype) * w2
         # x * cos + rotate_half(x) * sin, each product rounded as torch rounds it
         o1 = (x1 * cos) + (-x2 * sin)
         o2 = (x2 * cos) + (x1 * sin)
@@ -56,13 +74,15 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
         tl.store(dst + half + i, x2)
 
 
-def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv):
+def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_norm=None):
     D = cos.shape[-1]
     assert qkv.is_contiguous() and qkv.numel() == (n_heads + 2 * n_kv) * D, (qkv.shape, n_heads, n_kv, D)
     assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == D and k_cache.stride(2) == 1
     assert v_cache.stride() == k_cache.stride() and cos.dtype == qkv.dtype and slot.numel() == 1
     q = torch.empty(n_heads, D, device=qkv.device, dtype=qkv.dtype)
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)  # unused without the norm
     _rope_append[(n_heads + 2 * n_kv,)](qkv, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
-                                       k_cache.stride(0), k_cache.stride(1), N_HEADS=n_heads, N_KV=n_kv, D=D,
-                                       HALF=D // 2, **launch_options(qkv.device, dependent=True))
+                                       k_cache.stride(0), k_cache.stride(1), q_w, k_w, eps, N_HEADS=n_heads,
+                                       N_KV=n_kv, D=D, HALF=D // 2, QK_NORM=qk_norm is not None,
+                                       **launch_options(qkv.device, dependent=True))
     return q

@@ -9,6 +9,7 @@ from .family import Family
 from .llava_next import LlavaNext
 from .longvila import LongVILA
 from .qwen2_5_vl import Qwen2_5_VL
+from .qwen3_vl import Qwen3VL
 
 # architectures[0] -> family
 ARCHITECTURES = {
@@ -16,12 +17,14 @@ ARCHITECTURES = {
     "LlavaLlamaForCausalLM": LlavaNext,  # original liuhaotian/llava-v1.6-* files
     "LlavaMistralForCausalLM": LlavaNext,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VL,
+    "Qwen3VLForConditionalGeneration": Qwen3VL,
     "LlavaLlamaModel": LongVILA,  # NVlabs' VILA layout (llm/, vision_tower/, mm_projector/)
 }
 # model_type -> family, for configs without `architectures`
 MODEL_TYPES = {
     "llava_next": LlavaNext,
     "qwen2_5_vl": Qwen2_5_VL,
+    "qwen3_vl": Qwen3VL,
 }
 # Hub checkpoints known to work, by their config.json architectures[0] (tinyvila-chat --list-models).
 HUB_MODELS = {
@@ -30,12 +33,14 @@ HUB_MODELS = {
     "LlavaMistralForCausalLM": ("liuhaotian/llava-v1.6-mistral-7b",),
     "Qwen2_5_VLForConditionalGeneration": tuple(f"Qwen/Qwen2.5-VL-{size}-Instruct"
                                                 for size in ("3B", "7B", "32B", "72B")),
+    "Qwen3VLForConditionalGeneration": tuple(f"Qwen/Qwen3-VL-{size}-Instruct" for size in ("2B", "4B", "8B", "32B")),
     "LlavaLlamaModel": ("Efficient-Large-Model/qwen2-7b-longvila-256f", "Efficient-Large-Model/qwen2-7b-longvila-1M",
                         "Efficient-Large-Model/qwen2-1.5b-longvila-256f",
                         *(f"Efficient-Large-Model/Llama-3-LongVILA-8B-{n}Frames" for n in (128, 256, 512, 1024))),
 }
 SUPPORTED = ("LLaVA-NeXT (LlavaNextForConditionalGeneration, LlavaLlamaForCausalLM, LlavaMistralForCausalLM), "
-             "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), LongVILA (VILA layout: LlavaLlamaModel)")
+             "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), Qwen3-VL dense (Qwen3VLForConditionalGeneration), "
+             "LongVILA (VILA layout: LlavaLlamaModel)")
 
 
 def family_for(config: dict) -> type[Family]:

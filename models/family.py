@@ -62,8 +62,14 @@ class Family(nn.Module, ABC):
         """A PIL image -> the family's media item (kind "image", n_tokens, pixels, ...)."""
 
     def prepare_video(self, video, **media_options):
-        """A media.Video -> the family's media item (kind "video")."""
+        """A media.Video -> the family's media item (kind "video"), or a list of items (Qwen3-VL:
+        one per frame pair)."""
         raise TinyVilaError(f"{self.name} takes images only, not videos")
+
+    def media_content(self, item) -> list:
+        """The chat-message content items of one media item (Qwen3-VL puts a video frame pair's
+        timestamp, as text, before it)."""
+        return [{"type": item.kind}]
 
     def media_text(self, item) -> str:
         """The marker of one media item in a `string_content` message."""

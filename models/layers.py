@@ -40,6 +40,9 @@ TEXT_DEFAULTS = {
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   sliding_window=None, qkv_bias=True, o_bias=False),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, head_dim=128, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                  sliding_window=None, qkv_bias=False, o_bias=False, qk_norm=True),
 }
 
 
@@ -64,11 +67,13 @@ class TextConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     mrope_section: list | None = None  # Qwen2.5-VL multimodal RoPE: frequencies per (t, h, w)
+    mrope_interleaved: bool = False  # Qwen3-VL: the (t, h, w) frequencies alternate instead of forming chunks
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
 
     @classmethod
     def from_dict(cls, d: dict, model_type: str | None = None, tie_word_embeddings: bool | None = None):
         model_type = model_type or d.get("model_type") or "llama"
-        base = "qwen2" if model_type.startswith("qwen2") else model_type
+        base = "qwen2" if model_type.startswith("qwen2") else "qwen3" if model_type.startswith("qwen3") else model_type
         if base not in TEXT_DEFAULTS:
             raise CheckpointError(f"unsupported language model type {model_type!r} "
                                   f"(supported: {', '.join(TEXT_DEFAULTS)})")
@@ -79,6 +84,8 @@ class TextConfig:
             v["qkv_bias"] = v["o_bias"] = bool(d["attention_bias"])
         if base == "mistral" and "sliding_window" in d:
             v["sliding_window"] = d["sliding_window"]  # an explicit null disables it
+        if base == "qwen3":
+            v["sliding_window"] = None
         if base == "qwen2":  # Qwen2 uses its window only when use_sliding_window is set
             v["sliding_window"] = d.get("sliding_window") if d.get("use_sliding_window") else None
         # RoPE: transformers 4.x spells rope_theta / rope_scaling, 5.x rope_parameters.
@@ -87,6 +94,7 @@ class TextConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if "mrope_section" in rope:
             v["mrope_section"] = list(rope["mrope_section"])
+            v["mrope_interleaved"] = bool(rope.get("mrope_interleaved", False))
             kind = "default"
         v["rope_scaling"] = None if kind in ("default", "mrope", None) else dict(rope, rope_type=kind)
         if tie_word_embeddings is not None and "tie_word_embeddings" not in d:
@@ -297,16 +305,30 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     return inv
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None):
-    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T]."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=None, mrope_axis=None):
+    """cos/sin tables [T, head_dim] in fp32 for 1-D positions [T] or M-RoPE positions [3, T].
+    mrope_axis (interleaved M-RoPE, Qwen3-VL): each frequency's position axis (mrope_axes), on
+    the positions' device."""
     if positions.dim() == 1:
         freqs = positions.float()[:, None] * inv_freq[None, :]
+    elif mrope_axis is not None:
+        per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
+        freqs = per_axis.gather(0, mrope_axis.expand(1, per_axis.shape[1], -1))[0]
     else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
         per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
         chunks = per_axis.split(list(mrope_section), dim=-1)
         freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def mrope_axes(mrope_section, n_freqs: int) -> torch.Tensor:
+    """Interleaved M-RoPE: the position axis (0 t, 1 h, 2 w) of each of the n_freqs frequencies:
+    h for i % 3 == 1 and w for i % 3 == 2 up to 3x their sections, t elsewhere."""
+    axis = torch.zeros(n_freqs, dtype=torch.long, device="cpu")  # models are built under torch.device("meta")
+    axis[1:mrope_section[1] * 3:3] = 1
+    axis[2:mrope_section[2] * 3:3] = 2
+    return axis
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -327,6 +349,18 @@ class Attention(nn.Module):
         q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, [q, kv, kv], bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3: RMSNorm over each head of q and k, before RoPE
+        norm = (lambda: RMSNorm(cfg.head_dim, cfg.rms_norm_eps)) if cfg.qk_norm else (lambda: None)
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def _qk_normed(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The fused projection [T, (H + 2 H_kv) D] with q and k RMS-normed per head (Qwen3)."""
+        if self.q_norm is None:
+            return qkv
+        T, D = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.n_heads * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q, k = self.q_norm(q.reshape(T, -1, D)), self.k_norm(k.reshape(T, -1, D))
+        return torch.cat([q.reshape(T, -1), k.reshape(T, -1), v], dim=-1)
 
     def forward(self, x, cos, sin, kv, start: int, mask) -> torch.Tensor:
         """Attention of x's T tokens (cache slots start..start+T) over the cache."""
@@ -347,18 +381,38 @@ class Attention(nn.Module):
         """Project x, rotate q and k, write k and v to cache slots start..: (q [H, T, D], this
         layer's K and V caches [H_kv, S_max, D])."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                          self.n_kv * self.head_dim], dim=-1)
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
+        k_cache[:, start:start + T] = k
+        v_cache[:, start:start + T] = v
+        return q, k_cache, v_cache
+
+    def _qkv(self, x, cos, sin):
+        """Project x [T, C] and rotate q and k: q [H, T, D], k and v [H_kv, T, D]."""
+        T = x.shape[0]
+        q, k, v = self._qk_normed(self.qkv_proj(x)).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
         q, k, v = (t.view(T, -1, self.head_dim) for t in (q, k, v))  # views into the fused projection
         if x.is_cuda:  # rotate in place with one Triton kernel each
             q, k = rope_(q, cos, sin).transpose(0, 1), rope_(k, cos, sin).transpose(0, 1)
         else:
             q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)
-        v = v.transpose(0, 1)
-        k_cache, v_cache = kv  # [H_kv, S_max, D] views of this layer's cache
-        k_cache[:, start:start + T] = k
-        v_cache[:, start:start + T] = v
-        return q, k_cache, v_cache
+        return q, k, v.transpose(0, 1)
+
+    def static(self, x, cos, sin, kv, start, count, slots, vis_slots, window):
+        """Attention of x's B rows (B fixed, the first `count` real) at cache slots `slots`
+        (start.. , a device tensor), over the cache, with every shape and address fixed: what a
+        CUDA graph captures (Triton retrieval kernel; start and count are read on the device).
+        Returns the output and, with `vis_slots`, the retrieval scores r [H_kv, n_vis] of the
+        real rows."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = kv
+        k_cache.index_copy_(1, slots, k)
+        v_cache.index_copy_(1, slots, v)
+        scored = vis_slots is not None
+        out, r = retrieval_attention(q.transpose(0, 1), k_cache, v_cache, start,
+                                     vis_slots if scored else slots[:0], window=window, scores=scored, count=count)
+        return self.o_proj(out.reshape(x.shape[0], -1)), r
 
     def _attend(self, q, k_cache, v_cache, start: int, mask) -> torch.Tensor:
         """SDPA of q [H, T, D] over cache slots 0..start+T, then the output projection."""
@@ -395,7 +449,8 @@ class Attention(nn.Module):
         """One token (x [1, C]) at cache slot `slot` (device tensor), Triton kernels only between
         the projections: graph-capturable, no host sync."""
         k_cache, v_cache = kv
-        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv)
+        norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv, norms)
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
         return self.o_proj(out.reshape(1, -1))
 
@@ -453,12 +508,31 @@ class DecoderLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._mrope_axis = mrope_axes(cfg.mrope_section, cfg.head_dim // 2) if cfg.mrope_interleaved else None
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits for final hidden states h [T, C] (the output layer may be 4-bit)."""
         if self.cfg.tie_word_embeddings:
             return F.linear(h, self.embed_tokens.weight).float()
         return self.lm_head(h).float()
+
+    deepstack_layers = 0  # Qwen3-VL: the first layers whose outputs get visual features added (set by the family)
+
+    def embed_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input rows of a prompt to prefill: embed(ids), followed by `deepstack_layers` zero blocks
+        of C columns where a DeepStack model's media features write what is added after each of
+        its first layers (text rows add nothing)."""
+        h = self.embed(ids)
+        if not self.deepstack_layers:
+            return h
+        return torch.cat([h, h.new_zeros(h.shape[0], self.deepstack_layers * h.shape[1])], dim=1)
+
+    def split_deepstack(self, h: torch.Tensor):
+        """Rows [T, (1+D) C] from embed_prompt -> (h [T, C], DeepStack additions [T, D, C] or None)."""
+        C = self.cfg.hidden_size
+        if h.shape[1] == C:
+            return h, None
+        return h[:, :C], h[:, C:].view(h.shape[0], -1, C)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids (media tokens) may lie outside the table: clamp, the caller overwrites them.
@@ -481,15 +555,18 @@ class DecoderLM(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, dtype):
         """cos/sin [T, head_dim] for positions [T] or [3, T], in the activation dtype."""
-        if self._inv_freq.device != positions.device:
+        if self._inv_freq.device != positions.device:  # moved once, before any CUDA graph capture
             self._inv_freq = self._inv_freq.to(positions.device)
-        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section)
+        if self._mrope_axis is not None and self._mrope_axis.device != positions.device:
+            self._mrope_axis = self._mrope_axis.to(positions.device)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, self.cfg.mrope_section, self._mrope_axis)
         return cos.to(dtype), sin.to(dtype)
 
-    def fused_blocks(self, h: torch.Tensor, attend, prune=None) -> torch.Tensor:
+    def fused_blocks(self, h: torch.Tensor, attend, prune=None, extra=None) -> torch.Tensor:
         """All decoder blocks with the residual adds, norms and SwiGLU fused (Triton, GPU), the
         final norm included. attend(i, layer, x) is the attention of block i on its normed input.
-        prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on."""
+        prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on.
+        extra(i): rows added to block i's output, or None (DeepStack)."""
         eps, delta = self.cfg.rms_norm_eps, None  # each norm also adds the block output before it
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune[0]:
@@ -501,6 +578,9 @@ class DecoderLM(nn.Module):
                 x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
             x, h = add_rmsnorm(h, attend(i, layer, x), layer.post_attention_layernorm.weight, eps)
             delta = layer.mlp(x)
+            added = extra(i) if extra is not None else None
+            if added is not None:
+                delta = delta + added
         return add_rmsnorm(h, delta, self.norm.weight, eps)[0]
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache, start: int, logits: str = "last"):
@@ -536,9 +616,14 @@ class DecoderLM(nn.Module):
         Triton blocks); returns (hidden states, scores). score: {block index: (vis_slots,
         score_from)}, the blocks whose attention also scores visual tokens, their r in `scores`.
         prune: (K, choose): before block K, choose(the last r) gives the rows that go on."""
+        h, stack = self.split_deepstack(h)
         cos, sin = self.rope_tables(positions, h.dtype)
-        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device)}
+        state = {"cos": cos, "sin": sin, "mask": self.attention_mask(h.shape[0], start, h.device), "stack": stack}
         window, scores, score = self.cfg.sliding_window, [], score or {}
+
+        def extra(i):  # what DeepStack adds to block i's output (for the rows still going on)
+            stack = state["stack"]
+            return stack[:, i] if stack is not None and i < stack.shape[1] else None
 
         def attend(i, block, x):  # block: the whole DecoderLayer, or its Attention in fused_blocks
             args = (x, state["cos"], state["sin"], cache.layer(i), start, state["mask"])
@@ -554,21 +639,47 @@ class DecoderLM(nn.Module):
             n = rows.numel()
             state["cos"], state["sin"] = state["cos"][rows], state["sin"][rows]
             state["mask"] = self.attention_mask(n, start, h.device)
+            if state["stack"] is not None:
+                state["stack"] = state["stack"][rows]
             cache.k[:K, :, start:start + n] = cache.k[:K, :, start + rows]
             cache.v[:K, :, start:start + n] = cache.v[:K, :, start + rows]
             return rows
 
         hook = None if prune is None else (prune[0], rows_of)
         if h.is_cuda:
-            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook)
+            h = self.fused_blocks(h, lambda i, layer, x: attend(i, layer.self_attn, x), hook, extra)
         else:
             for i, layer in enumerate(self.layers):
                 if hook is not None and i == hook[0]:
                     h = h[rows_of()]
                 h = attend(i, layer, h)
+                if extra(i) is not None:
+                    h = h + extra(i)
             h = self.norm(h)
         cache.length = start + h.shape[0]
         return h, scores
+
+    def static_prefill(self, ids, positions, cache, start, count, vis_slots=None):
+        """The prefill of a short run of text tokens with every shape and address fixed, as a CUDA
+        graph captures it once and replays it for any such run: ids [B] and positions [B] or
+        [3, B] (B a bucket size), of which the first `count` are real, at cache slots start..;
+        start and count are 1-element int32 device tensors. The padding rows' K/V land past the
+        prompt, where nothing reads them before they are overwritten. Returns (fp32 logits [1, V]
+        of the last real row, r [L, H_kv, n_vis] each layer's retrieval scores of the visual
+        tokens at `vis_slots` from the real rows, or None without vis_slots)."""
+        h = self.embed(ids)
+        cos, sin = self.rope_tables(positions, h.dtype)
+        slots = start.long() + torch.arange(ids.shape[0], device=ids.device)
+        window, scores = self.cfg.sliding_window, []
+
+        def attend(i, layer, x):
+            out, r = layer.self_attn.static(x, cos, sin, cache.layer(i), start, count, slots, vis_slots, window)
+            scores.append(r)
+            return out
+
+        h = self.fused_blocks(h, attend)
+        last = h.index_select(0, count.long() - 1)
+        return self.project(last), (torch.stack(scores) if vis_slots is not None else None)
 
     def decode_step(self, token, positions, cache, slot, length, workspace):
         """The GPU decode step: token [1] at cache slot `slot` [1] with `length` = slot + 1 (int32),
@@ -722,17 +833,18 @@ def use_encoder_graphs(model: nn.Module, on: bool) -> None:
             m.graphed = on
 
 
-def capture_graph(fn, device, side, warm_up=None, runs: int = 1):
+def capture_graph(fn, device, side, warm_up=None, runs: int = 1, pool=None):
     """fn() captured as a CUDA graph: (graph, fn's outputs, which each replay rewrites).
     warm_up() (fn by default) runs `runs` times first on the side stream, so kernels compile and
-    libraries set up their workspaces outside the capture."""
+    libraries set up their workspaces outside the capture. `pool`: a memory pool shared with
+    other graphs (torch.cuda.graph_pool_handle()) whose replays never overlap."""
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(runs):
             (warm_up or fn)()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
         out = fn()
     return graph, out
 

@@ -7,6 +7,7 @@ given an `image_newline` column (the anyres section below). Checkpoints load fro
 llava-hf hub files (`language_model.model.*`), transformers >= 4.52 in-memory names
 (`model.language_model.*`) and the original liuhaotian files (`model.*`, `model.mm_projector.*`).
 """
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,9 +135,12 @@ def num_image_tokens(image_size, pinpoints, tile_size, patch_size, newline=True)
     return P * P + h * w + (h if newline else 0)
 
 
+@functools.lru_cache(maxsize=16)
 def pack_index(image_size, grid, patches_per_side, newline=True):
     """Source of every packed position: index into the flat [(1 + rows*cols) * P*P] token list
-    (base tokens first, then tile 0, tile 1, ...), or -1 for an image_newline position."""
+    (base tokens first, then tile 0, tile 1, ...), or -1 for an image_newline position.
+    Built once per image layout (cached; callers never modify it): the packing of the features
+    and of the saliency and the attention groups all read it."""
     P = patches_per_side
     rows, cols = grid
     h, w, top, left = unpadded_grid(image_size, grid, P)

@@ -19,6 +19,7 @@ from tinyvila.loader import iter_tensors, progress_bar, tensor_shapes
 from .layers import ViTLayer, fused_target, replace_module
 from .quantized import W4Linear, W8A8Linear
 from .qwen2_5_vl import VisionBlock
+from .qwen3_vl import VisionBlock as Qwen3VisionBlock
 
 W8A8_FILE = "vision_w8a8.safetensors"  # listed in loader.SIDE_FILES: not a checkpoint shard
 
@@ -83,14 +84,17 @@ def finalize_w4(model: nn.Module, dtype: torch.dtype, progress=False) -> None:
 # --------------------------------------------------------------------------- W8A8 vision encoders
 
 def encoder_blocks(model: nn.Module):
-    """(prefix, block) for every block of the family's vision encoder (CLIP, SigLIP, Qwen2.5-VL's ViT)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ViTLayer, VisionBlock))]
+    """(prefix, block) for every block of the family's vision encoder (CLIP, SigLIP, Qwen2.5-VL's and
+    Qwen3-VL's ViTs)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ViTLayer, VisionBlock, Qwen3VisionBlock))]
 
 
 def smoothing_pairs(block) -> list:
     """(norm, linear) pairs whose linear reads the norm's output; they get smoothed."""
     if isinstance(block, ViTLayer):  # CLIP / SigLIP
         return [("layer_norm1", "self_attn.qkv_proj"), ("layer_norm2", "mlp.fc1")]
+    if isinstance(block, Qwen3VisionBlock):
+        return [("norm1", "attn.qkv"), ("norm2", "mlp.linear_fc1")]
     return [("norm1", "attn.qkv"), ("norm2", "mlp.gate_up_proj")]  # Qwen2.5-VL
 
 
@@ -98,6 +102,8 @@ def block_linears(block) -> list:
     """Every linear of an encoder block: all of them run in int8."""
     if isinstance(block, ViTLayer):
         return ["self_attn.qkv_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
+    if isinstance(block, Qwen3VisionBlock):
+        return ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"]
     return ["attn.qkv", "attn.proj", "mlp.gate_up_proj", "mlp.down_proj"]
 
 

@@ -355,7 +355,8 @@ def awq_quantize(lm: DecoderLM, samples: list[tuple[torch.Tensor, torch.Tensor]]
         for h0, _ in samples:
             spans.append((a, a + h0.shape[0]))
             a += h0.shape[0]
-        hidden = torch.cat([h0.to(device=device, dtype=work) for h0, _ in samples])
+        # DeepStack models (Qwen3-VL): rows carry what is added after the first layers (DecoderLM.embed_prompt)
+        hidden, stack = lm.split_deepstack(torch.cat([h0.to(device=device, dtype=work) for h0, _ in samples]))
         inv_freq = getattr(lm, "_inv_freq", None)
         tables = []
         for h0, pos in samples:
@@ -369,6 +370,8 @@ def awq_quantize(lm: DecoderLM, samples: list[tuple[torch.Tensor, torch.Tensor]]
             try:
                 calib = LayerCalibration(layer, spans, tables)
                 nxt = calib.collect(hidden)  # the fp layer's outputs: the next layer's inputs
+                if stack is not None and i < stack.shape[1]:
+                    nxt = nxt + stack[:, i]
                 del hidden
                 groups = scale_groups(layer)
                 found = {}

@@ -66,7 +66,7 @@ def test_bench_warms_every_setting_up_untimed(llava_vicuna, tmp_path, capsys, mo
 
     def numbered(*args, **kwargs):  # marks each conversation's stats with its number
         number = len(started)
-        started.append(kwargs.get("sparsity", args[5]))
+        started.append(args[0].sparsity)  # the setting's session
         for turn, stats, projector_s in real(*args, **kwargs):
             stats.ttft_s = 1000.0 + number
             yield turn, stats, projector_s
@@ -125,3 +125,49 @@ def test_bench_checks_the_plot_path_before_running(path, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # no checkpoint needed: it stops before loading one
         bench.main(["--model", str(tmp_path / "nowhere"), "--device", "cpu", "--plot", str(tmp_path / path)])
     assert e.value.code == 2 and "--plot" in capsys.readouterr().err
+
+
+def test_bench_follow_ups_of_a_set_length_in_one_session_per_setting(llava_vicuna, tmp_path, capsys, monkeypatch):
+    """--question-tokens sets each question's length; turns 2.. prefill only the last answer and
+    the question, over the image cached in the setting's one session (cleared between runs), and
+    each turn's TTFT is printed."""
+    sessions = []
+    real = bench.Session
+
+    def recorded(*args, **kwargs):
+        sessions.append(real(*args, **kwargs))
+        return sessions[-1]
+
+    monkeypatch.setattr(bench, "Session", recorded)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",
+                       "--new-tokens", "3", "--runs", "2", "--turns", "3", "--question-tokens", "37",
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(sessions) == 1  # one setting (dense): one session for the warm-up and both runs
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["turn"] for r in runs] == [1, 2, 3, 1, 2, 3]
+    for first, follow in ((runs[0], runs[1]), (runs[3], runs[4])):
+        assert follow["prefill_tokens"] < first["prefill_tokens"] - first["visual_tokens"]
+        assert follow["vision_s"] == 0 and first["vision_s"] > 0  # each run starts over: the image encoded again
+    assert runs[2]["prefill_tokens"] == runs[1]["prefill_tokens"]  # the same answer length and question
+    assert runs[1]["prefill_tokens"] == 1 + 37  # the answer's last token (never fed back) and the question
+    line = next(l for l in printed.splitlines() if l.startswith("dense TTFT: "))
+    assert line.count(" ms (") == 3 and "turn 3 " in line
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--question-tokens", "0"])
+    assert e.value.code == 2 and "--question-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b"])
+def test_qwen3_archs_have_transformers_parameter_shapes(arch):
+    """Built on the meta device (no memory): every parameter of transformers' model of the same
+    config has its counterpart, q/k/v and gate/up fused."""
+    import torch
+
+    model = bench.build(arch, torch.device("meta"), torch.bfloat16)
+    with torch.device("meta"):
+        ref = bench.hf_model(arch, "meta", torch.bfloat16)
+    ours = sum(p.numel() for p in model.parameters())
+    theirs = sum(p.numel() for n, p in ref.named_parameters())
+    assert ours == theirs and model.language_model.deepstack_layers == 3

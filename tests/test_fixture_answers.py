@@ -6,12 +6,14 @@ import torch
 
 import tinyvila
 from fixtures_qwen import build_qwen2_5_vl
+from fixtures_qwen3 import build_qwen3_vl
 from fixtures_vila import build_vila
 
 GREEDY = dict(temperature=0, max_new_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["llava_vicuna", "llava_mistral", "qwen2_5_vl", "vila_llama3", "vila_qwen2"])
+@pytest.fixture(scope="module", params=["llava_vicuna", "llava_mistral", "qwen2_5_vl", "qwen3_vl", "vila_llama3",
+                                                 "vila_qwen2"])
 def eng(request, tmp_path_factory):
     family = request.param
     if family.startswith("llava"):
@@ -20,6 +22,8 @@ def eng(request, tmp_path_factory):
         path = tmp_path_factory.mktemp(family)
         if family == "qwen2_5_vl":
             build_qwen2_5_vl(path)
+        elif family == "qwen3_vl":
+            build_qwen3_vl(path)
         else:
             build_vila(str(path), backbone=family.removeprefix("vila_"))
     return tinyvila.load(path, device="cpu", dtype=torch.float32)

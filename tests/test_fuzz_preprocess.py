@@ -124,13 +124,13 @@ def qwen(tmp_path_factory):
     return tinyvila.load(d, device="cpu", dtype="float32")
 
 
-def hf_qwen_grid(h, w, min_pixels, max_pixels):
+def hf_qwen_grid(h, w, min_pixels, max_pixels, patch=14):
     try:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
     except ImportError:  # releases without the _pil module keep it next to the slow processor
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-    rh, rw = smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
-    return 1, rh // 14, rw // 14
+    rh, rw = smart_resize(h, w, factor=2 * patch, min_pixels=min_pixels, max_pixels=max_pixels)
+    return 1, rh // patch, rw // patch
 
 
 def test_qwen_image_token_counts(qwen):
@@ -187,6 +187,62 @@ def test_qwen_video_token_counts(qwen):
         grid = (-(-n // 2),) + hf_qwen_grid(h, w, lo, hi)[1:]
         assert item.kind == "video" and item.grid == grid, (w, h, n, mode)
         assert item.n_tokens == grid[0] * grid[1] * grid[2] // 4
+
+
+# ============================================================================ Qwen3-VL
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from fixtures_qwen3 import build_qwen3_vl
+
+    d = tmp_path_factory.mktemp("fuzz_qwen3")
+    quiet(build_qwen3_vl, d)
+    return tinyvila.load(d, device="cpu", dtype="float32")
+
+
+def test_qwen3_image_token_counts(qwen3):
+    """transformers' smart_resize at factor 32 (patch 16), and on a subset its whole image processor."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from fixtures_qwen3 import MAX_PIXELS, MIN_PIXELS
+
+    for i, (w, h, mode, seed) in enumerate(cases(4, 30)):
+        img = make_image(w, h, mode, seed)
+        if max(w, h) / min(w, h) > 200:
+            with pytest.raises(MediaError, match="aspect ratio"):
+                reserved_tokens(qwen3, images=[img])
+            continue
+        item, reserved, _ = reserved_tokens(qwen3, "image" if i % 4 == 3 else "dense", images=[img])
+        grid = hf_qwen_grid(h, w, MIN_PIXELS, MAX_PIXELS, patch=16)
+        assert item.grid == grid and item.n_tokens == grid[1] * grid[2] // 4, (w, h, mode)
+        if i % 6 == 0:
+            ref = Qwen2VLImageProcessorPil(patch_size=16, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(
+                images=[img.convert("RGB")], return_tensors="np")
+            assert tuple(ref["image_grid_thw"][0].tolist()) == item.grid, (w, h, mode)
+
+
+def test_qwen3_video_token_counts(qwen3):
+    """Frame lists of random length and size: one item per frame pair, each of the size
+    transformers' Qwen3VL video smart_resize gives the clip, timestamps in order."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    rng = np.random.default_rng(13)
+    cfg = qwen3.model.cfg
+    for i in range(12):
+        n = int(rng.integers(2, 9))
+        w, h = int(rng.integers(8, 400)), int(rng.integers(8, 400))
+        if max(w, h) / min(w, h) > 200:
+            continue
+        frames = [make_image(w, h, MODES[i % len(MODES)], 100 * i + k) for k in range(n)]
+        with qwen3.session(sparsity="video" if i % 3 == 2 else "dense", videos=[frames]) as s:
+            pairs = list(s.pending)
+            ids = qwen3.encode_text(qwen3.render([s.user_message("Hi", s.pending)]))
+            h_in, _ = s.inputs(ids)
+            assert h_in.shape[0] - len(ids) + len(pairs) == sum(v.n_kept for v in s.visual)
+        rh, rw = smart_resize(n, h, w, temporal_factor=2, factor=32, min_pixels=cfg.video_min_pixels,
+                              max_pixels=cfg.video_max_pixels)
+        assert len(pairs) == -(-n // 2) and all(p.grid == (1, rh // 16, rw // 16) for p in pairs), (w, h, n)
+        assert [p.seconds for p in pairs] == sorted(p.seconds for p in pairs)
 
 
 # ============================================================================ LongVILA (VILA layout)

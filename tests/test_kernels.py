@@ -112,6 +112,37 @@ def test_rope_append(hq, hkv):
     assert torch.allclose(k.cpu(), k_ref, atol=1e-5) and torch.equal(v.cpu(), v_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_append_with_qk_norm(dtype):
+    """Qwen3's per-head q/k RMSNorm fused before the rotation equals the RMSNorm module, then RoPE."""
+    from tinyvila.models.layers import RMSNorm, apply_rope
+
+    hq, hkv, D, S, slot = 4, 2, 16, 10, 3
+    qkv = (torch.randn(1, (hq + 2 * hkv) * D) * 3).to(dtype)
+    ang = torch.randn(1, D // 2)
+    cos, sin = (torch.cat([a, a], -1).to(dtype) for a in (ang.cos(), ang.sin()))
+    q_norm, k_norm = RMSNorm(D, 1e-6), RMSNorm(D, 1e-6)
+    with torch.no_grad():
+        q_norm.weight.normal_(1, 0.3)
+        k_norm.weight.normal_(1, 0.3)
+    q_norm, k_norm = q_norm.to(dtype), k_norm.to(dtype)
+    k, v = torch.zeros(hkv, S, D, dtype=dtype, device=DEVICE), torch.zeros(hkv, S, D, dtype=dtype, device=DEVICE)
+    norms = (q_norm.weight.to(DEVICE), k_norm.weight.to(DEVICE), 1e-6)
+    q = rope_append(qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), k, v, torch.tensor([slot], device=DEVICE), hq,
+                    hkv, norms)
+    qs, ks, vs = qkv.view(-1).split([hq * D, hkv * D, hkv * D])
+    with torch.no_grad():
+        q_ref = apply_rope(q_norm(qs.view(hq, 1, D)), cos, sin).view(hq, D)
+        k_ref = apply_rope(k_norm(ks.view(hkv, 1, D)), cos, sin).view(hkv, D)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (q.cpu().float() - q_ref.float()).abs().max() <= tol
+    assert (k[:, slot].cpu().float() - k_ref.float()).abs().max() <= tol
+    assert torch.equal(v[:, slot].cpu(), vs.view(hkv, D)) and not k[:, slot - 1].any()
+    ref_k, ref_v = torch.zeros(hkv, S, D, dtype=dtype), torch.zeros(hkv, S, D, dtype=dtype)
+    q_ref2 = rope_append_ref(qkv, cos, sin, ref_k, ref_v, slot, hq, hkv, (q_norm.weight, k_norm.weight, 1e-6))
+    assert (q_ref2.float() - q_ref.float()).abs().max() <= tol
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_small_kernels_real_shapes(dtype):

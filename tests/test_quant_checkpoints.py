@@ -19,6 +19,7 @@ from tinyvila.quant.pack import quantize as rtn_quantize
 
 from fixtures_images import draw_image
 from fixtures_qwen import build_qwen2_5_vl
+from fixtures_qwen3 import build_qwen3_vl
 from fixtures_vila import build_vila
 
 LLM_LINEAR = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -91,10 +92,12 @@ def tiny_models(tmp_path_factory, llava_vicuna):
     build_qwen2_5_vl(qwen)
     vila = tmp_path_factory.mktemp("vila")
     build_vila(str(vila), backbone="qwen2")
-    return {"llava": llava_vicuna, "qwen": qwen, "vila": vila}
+    qwen3 = tmp_path_factory.mktemp("qwen3")
+    build_qwen3_vl(qwen3)
+    return {"llava": llava_vicuna, "qwen": qwen, "vila": vila, "qwen3": qwen3}
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen", "vila"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "vila", "qwen3"])
 def test_autoawq_checkpoint_matches_its_dequantized_weights(tiny_models, tmp_path, family):
     make_awq_copies(tiny_models[family], tmp_path / "awq", tmp_path / "deq", lm_head=family == "llava")
     awq = tinyvila.load(tmp_path / "awq", device="cpu", dtype="float32")
@@ -102,7 +105,8 @@ def test_autoawq_checkpoint_matches_its_dequantized_weights(tiny_models, tmp_pat
     from tinyvila.models.quantized import W4Linear
 
     w4 = [n for n, m in awq.model.named_modules() if isinstance(m, W4Linear)]
-    assert len(w4) == 2 * 4 + (family == "llava")  # 2 layers x (qkv, o, gate_up, down) [+ lm_head]
+    n_layers = awq.model.language_model.cfg.num_hidden_layers
+    assert len(w4) == n_layers * 4 + (family == "llava")  # layers x (qkv, o, gate_up, down) [+ lm_head]
     assert all(n.startswith("language_model.") for n in w4)
     img = draw_image(96, 72, seed=3)
     a, b = awq.logits("What is this?", images=[img]), deq.logits("What is this?", images=[img])
@@ -159,7 +163,7 @@ def test_quantize_writes_the_autoawq_layout_read_back_independently(tiny_models,
             assert torch.equal(written[key], t), key
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen", "vila"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "vila", "qwen3"])
 def test_quantize_then_run_through_the_command_lines(tiny_models, tmp_path, family, image_files):
     src, out = tiny_models[family], tmp_path / "awq"
     code, _, err = run_tool("tinyvila.tools.quantize", src, "--out", out, "--group-size", "16", "--calib-samples", "4",
@@ -188,7 +192,7 @@ def test_quantize_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llava", "qwen", "vila"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "vila", "qwen3"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_awq_checkpoint_on_the_gpu_matches_the_cpu(tiny_models, tmp_path, family, dtype):
     """The Triton W4A16 path (prefill GEMM, graph-captured decode GEMV) against the CPU reference."""

@@ -50,12 +50,31 @@ def qwen_like():
     return vt.eval(), (pixels, [grid])
 
 
+def qwen3_like():
+    from tinyvila.models.qwen3_vl import Qwen3VisionConfig, VisionTransformer as Qwen3VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = Qwen3VisionConfig(depth=2, hidden_size=64, intermediate_size=96, num_heads=4, patch_size=16,
+                            out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=(0,))
+    vt = Qwen3VisionTransformer(cfg)
+    with torch.no_grad():
+        for name, p in vt.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+                p[OUTLIERS] *= 25
+            elif name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.05)
+    return vt.eval(), (torch.randn(64, 3 * 2 * 16 * 16), [(1, 8, 8)])
+
+
 def run_of(model, inputs):
     return (lambda: model(*inputs)) if isinstance(inputs, tuple) else (lambda: model(inputs))
 
 
-@pytest.mark.parametrize("make", [clip_like, lambda: clip_like("gelu_pytorch_tanh", cls_token=False), qwen_like],
-                         ids=["clip", "siglip", "qwen"])
+@pytest.mark.parametrize("make", [clip_like, lambda: clip_like("gelu_pytorch_tanh", cls_token=False), qwen_like,
+                                  qwen3_like], ids=["clip", "siglip", "qwen", "qwen3"])
 def test_smoothing_alone_keeps_the_encoder_output(make):
     model, inputs = make()
     run = run_of(model, inputs)
@@ -71,7 +90,7 @@ def test_smoothing_alone_keeps_the_encoder_output(make):
     assert norm.weight[OUTLIERS].abs().mean() < 5
 
 
-@pytest.mark.parametrize("make", [clip_like, qwen_like], ids=["clip", "qwen"])
+@pytest.mark.parametrize("make", [clip_like, qwen_like, qwen3_like], ids=["clip", "qwen", "qwen3"])
 def test_smoothed_w8a8_error_is_clearly_below_unsmoothed(make):
     import copy
 
@@ -122,8 +141,8 @@ def test_w8a8_checkpoint_written_beside_an_untouched_original(llava_vicuna, tmp_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("make", [clip_like, lambda: clip_like("gelu_pytorch_tanh", cls_token=False), qwen_like],
-                         ids=["clip", "siglip", "qwen"])
+@pytest.mark.parametrize("make", [clip_like, lambda: clip_like("gelu_pytorch_tanh", cls_token=False), qwen_like,
+                                  qwen3_like], ids=["clip", "siglip", "qwen", "qwen3"])
 def test_w8a8_encoder_on_the_gpu_matches_the_cpu_reference(make):
     """The Triton int8 path (fused norm/activation quantization, int8 GEMM) against the references."""
     import copy

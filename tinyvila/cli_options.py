@@ -54,6 +54,8 @@ def add_load_options(parser) -> None:
         help="fraction of the kept visual tokens each answer's decode skips (overrides the preset)")
     add("--retrieval-granularity", "--retrieval_granularity", dest="retrieval_granularity",
         metavar="{layer,kv_head}", help="one decode selection per layer (default) or per KV head")
+    add("--prefill-graphs", "--prefill_graphs", dest="prefill_graphs", action="store_true",
+        help="run short prefills (follow-up questions) as CUDA graphs on a GPU (default: off)")
     add("--history", metavar="{keep,evict}", help="keep (default) earlier questions and answers, or evict them "
         "after each answer (the media stay)")
 
@@ -61,6 +63,7 @@ def add_load_options(parser) -> None:
 def load_options(args) -> dict:
     """`tinyvila.load` keyword arguments from the parsed flags (unset ones left to the engine)."""
     options = {k: getattr(args, k) for k in ("device", "dtype", "max_seq_len") + MEDIA_OPTIONS}
+    options["prefill_graphs"] = getattr(args, "prefill_graphs", False) or None  # None: the engine's default
     return {k: v for k, v in options.items() if v is not None}
 
 

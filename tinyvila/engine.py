@@ -88,6 +88,8 @@ class Engine:
         self.stop_ids = stop_ids
         text = model.language_model.cfg
         self.cuda_graphs = bool(options.pop("cuda_graphs", True))  # capture GPU decode steps as CUDA graphs
+        # also short prefills (follow-up questions) as CUDA graphs: opt-in until measured on a GPU
+        self.prefill_graphs = bool(options.pop("prefill_graphs", False)) and self.cuda_graphs
         self._capture_stream = None
         self.defaults = self._check_options(options)  # max_seq_len included; None values dropped
         self.explicit_max_seq_len = "max_seq_len" in self.defaults
@@ -211,7 +213,9 @@ class Engine:
         if videos:
             if not self.model.takes_video:
                 raise TinyVilaError(f"{self.model.name} takes images only, not videos")
-            items += [self.model.prepare_video(open_video(src), **media_options) for src in videos]
+            for src in videos:
+                item = self.model.prepare_video(open_video(src), **media_options)
+                items += item if isinstance(item, list) else [item]  # a list: the family splits videos
         return items
 
     # ------------------------------------------------------------------ public API

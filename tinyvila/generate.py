@@ -33,6 +33,11 @@ class Prompt:
     keys: list
     spans: list
     positions: torch.Tensor | None = None
+    layout: object = None  # session.Layout: the media layout's slots, computed once per layout
+
+    def vis_slots(self, device) -> torch.Tensor:
+        """The cache slots of the visual tokens, in order."""
+        return self.layout.vis_slots if self.layout is not None else visual_slots(self.spans, device)
 
     @property
     def vis_end(self) -> int:
@@ -126,8 +131,10 @@ def check_fits(session, keys: list) -> None:
 def reused_prefix(cached: list, keys: list, spans: list) -> int:
     """How many leading cache slots the prompt `keys` can keep from a cache holding `cached`: the
     longest common prefix, at least one token left to prefill, never ending inside a visual item."""
-    p = 0
+    p, block = 0, 256
     limit = min(len(cached), len(keys) - 1)  # always prefill at least one token
+    while p + block <= limit and cached[p:p + block] == keys[p:p + block]:  # list compares run in C
+        p += block
     while p < limit and cached[p] == keys[p]:
         p += 1
     for s, e, _ in spans:
@@ -142,6 +149,9 @@ def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fr
     have recorded it, and the prompt is expanded again. Returns (last logits, the prompt as the
     cache now holds it, retrieval scores or None)."""
     eng = session.engine
+    prompt.layout = session.layout(prompt.spans, media, len(prompt.keys))
+    if session.short_prefills is not None:
+        session.short_prefills.turn_started()
     fresh_spans = [(s, e, j) for s, e, j in prompt.spans if j in fresh]
     pruner = session.sparsity.at_prefill.pruner(eng.model, media, fresh_spans, start, len(prompt.keys) - start,
                                                 eng.device) if fresh_spans else None
@@ -149,7 +159,7 @@ def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fr
     if pruner is not None:
         session.keep_pruned(pruner.items(media))
         keys, spans = session.expand(ids, media)
-        prompt = Prompt(keys, spans, session.positions(keys, spans, media))
+        prompt = Prompt(keys, spans, session.positions(keys, spans, media), session.layout(spans, media, len(keys)))
     return logits, prompt, scores
 
 
@@ -168,12 +178,17 @@ def prefill(session, prompt: Prompt, start: int, pruner=None):
     cut = cut if cut < len(keys) - start and pruner is None else 0
     cache.truncate(start)
     session.tokens = session.tokens[:start]
+    short = session.short_prefills
+    if short is not None and pruner is None and not cut and start >= vis_end:  # text only: a question
+        out = short.run(session, prompt, start, retrieve)
+        if out is not None:
+            return out
     h = session.embed(keys, spans, start)
     if cut:
         lm.fill(h[:cut], positions[..., start:start + cut], cache, start)
     rest = (h[cut:], positions[..., start + cut:], cache, start + cut)
     if retrieve:
-        return lm.scored(*rest, visual_slots(spans, h.device), max(0, vis_end - start - cut))
+        return lm.scored(*rest, prompt.vis_slots(h.device), max(0, vis_end - start - cut))
     if pruner is not None:
         return lm.pruned(*rest, pruner), None
     return lm(*rest), None
@@ -195,15 +210,22 @@ def attended_cache(session, prompt: Prompt, scores, max_new_tokens: int) -> Deco
     selected = session.sparsity.at_decode.select(scores)  # [L, G, k] indices into the visual tokens
     session.last_selection = (selected[:, 0] if session.sparsity.granularity == "layer" else selected).cpu()
     n_full = len(prompt.keys)
-    vis_slots = visual_slots(prompt.spans, session.cache.k.device)
-    text = torch.ones(n_full, dtype=torch.bool, device=vis_slots.device)
-    text[vis_slots] = False
-    text_slots = torch.nonzero(text).flatten()
+    vis_slots = prompt.vis_slots(session.cache.k.device)
+    text_slots = text_slots_of(prompt, vis_slots)
     L, G = selected.shape[:2]
     index = torch.cat([text_slots.expand(L, G, -1), vis_slots[selected]], dim=-1).sort(dim=-1).values
     buffer = decode_buffer(session, index.shape[-1] + max_new_tokens + 1)
     session.cache.gather_into(index, buffer)
     return DecodeTarget(buffer, n_full - buffer.length)
+
+
+def text_slots_of(prompt: Prompt, vis_slots: torch.Tensor) -> torch.Tensor:
+    """The cache slots of the prompt's text tokens, in order (from the layout's spans when known)."""
+    if prompt.layout is not None:
+        return prompt.layout.text_slots(len(prompt.keys))
+    text = torch.ones(len(prompt.keys), dtype=torch.bool, device=vis_slots.device)
+    text[vis_slots] = False
+    return torch.nonzero(text).flatten()
 
 
 def decode_buffer(session, needed: int) -> KVCache:
@@ -289,6 +311,10 @@ def finish_stats(stats, session, target: DecodeTarget, t_decode: float) -> None:
     sync(device)
     stats.decode_s = time.perf_counter() - t_decode
     stats.graph_capture_s = session.graphs.capture_s
+    if session.short_prefills is not None:
+        short = session.short_prefills
+        stats.prefill_graphed, stats.prefill_graph_capture_s, stats.prefill_graph_bytes = (
+            short.used and short.graphed, short.capture_s, short.bytes)
     steady = stats.decode_s - stats.graph_capture_s
     stats.decode_tok_s = stats.decode_tokens / steady if steady > 0 else 0.0
     stats.context_tokens = session.cache.length
@@ -320,6 +346,103 @@ class DecodeGraphs:
         self.steps.pop(id(cache), None)
 
 
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)  # token counts of the short prefills, each padded to the next
+MAX_PREFILL_GRAPHS = 8  # per session: buckets x visual-token counts, the least recently used dropped
+
+
+class PrefillGraphs:
+    """A session's short prefills: runs of at most 512 text tokens after the media (a follow-up
+    question over a cached image, a text-only first turn) through DecoderLM.static_prefill, padded
+    to a bucket, retrieval scores included. With `graphed` (a GPU engine loaded with
+    prefill_graphs=True) each (bucket, scored visual count) is captured as a CUDA graph on first
+    use, all in one memory pool, and replayed after: one launch instead of dozens per layer.
+    Without, the same static work runs as it is (how the CPU tests check it)."""
+
+    def __init__(self, graphed: bool):
+        self.graphed = graphed
+        self.entries = {}  # (bucket, padded visual count or None, positions dims) -> StaticPrefill
+        self.pool = None  # the graphs' shared memory pool (their replays never overlap)
+        self.bytes = 0  # GPU memory reserved by the captures, over the session
+        self.capture_s = 0.0  # capturing in the current turn
+        self.used = False  # the current turn's prefill ran here
+
+    def turn_started(self) -> None:
+        self.capture_s, self.used = 0.0, False
+
+    def run(self, session, prompt: Prompt, start: int, scored: bool):
+        """prefill()'s result for prompt.keys[start:] (text only), or None when the run is too
+        long for a bucket or its padding would pass the end of the cache: it then goes eagerly."""
+        n = len(prompt.keys) - start
+        bucket = next((b for b in PREFILL_BUCKETS if n <= b), None)
+        cache = session.cache
+        if bucket is None or start + bucket > cache.max_len or prompt.layout is None:
+            return None
+        vis = prompt.layout.vis_slots if scored else None
+        n_vis = None if vis is None else -(-vis.numel() // 256) * 256  # padded: few distinct graphs
+        key = (bucket, n_vis, prompt.positions.dim())
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            if len(self.entries) >= MAX_PREFILL_GRAPHS:
+                self.entries.pop(next(iter(self.entries)))
+            entry = StaticPrefill(session.lm, cache, bucket, prompt.positions.dim(), n_vis)
+        self.entries[key] = entry  # most recently used last
+        entry.set(prompt.keys[start:], prompt.layout.positions[..., start:start + bucket], start, vis)
+        if self.graphed and entry.graph is None:
+            self._capture(session, entry)
+        logits, scores = entry()
+        cache.length = start + n
+        self.used = True
+        return logits, (None if scores is None else scores[..., :vis.numel()])
+
+    def _capture(self, session, entry) -> None:
+        device = session.engine.device
+        t0 = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        entry.graph, entry.out = capture_graph(entry.run, device, session.engine.capture_stream(), pool=self.pool)
+        sync(device)
+        self.bytes += torch.cuda.memory_reserved(device) - reserved
+        self.capture_s += time.perf_counter() - t0
+
+
+class StaticPrefill:
+    """The fixed buffers of one short-prefill shape (StaticPrefill.run reads them) and, once
+    captured, its CUDA graph, whose replays rewrite `out`."""
+
+    def __init__(self, lm, cache: KVCache, bucket: int, positions_dims: int, n_vis: int | None):
+        device = cache.k.device
+        self.lm, self.cache = lm, cache
+        self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
+        self.positions = torch.zeros((3, bucket) if positions_dims == 2 else (bucket,), dtype=torch.long,
+                                     device=device)
+        self.start = torch.zeros(1, dtype=torch.int32, device=device)
+        self.count = torch.ones(1, dtype=torch.int32, device=device)
+        self.vis = None if n_vis is None else torch.zeros(n_vis, dtype=torch.long, device=device)
+        self.graph = self.out = None
+
+    def set(self, ids: list, positions: torch.Tensor, start: int, vis: torch.Tensor | None) -> None:
+        """The run's inputs: its token ids (padded with 0 here), RoPE positions over the whole bucket
+        (the layout's, past the prompt too), first slot, the visual slots to score."""
+        bucket = self.ids.numel()
+        self.ids.copy_(torch.tensor(ids + [0] * (bucket - len(ids))), non_blocking=True)
+        self.positions.copy_(positions)
+        self.start.fill_(start)
+        self.count.fill_(len(ids))
+        if vis is not None:
+            self.vis[:vis.numel()] = vis
+
+    def run(self):
+        return self.lm.static_prefill(self.ids, self.positions, self.cache, self.start, self.count, self.vis)
+
+    def __call__(self):
+        """(logits [1, V], r [L, H_kv, padded n_vis] or None)."""
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.out
+
+
 @dataclass
 class Stats:
     """What one answer cost. Times in seconds; `prefill_tokens` counts only this turn's new tokens."""
@@ -334,6 +457,9 @@ class Stats:
     decode_s: float = 0.0  # all of decode, the one-time graph capture included
     decode_tok_s: float = 0.0  # steady rate: decode_tokens / (decode_s - graph_capture_s)
     graph_capture_s: float = 0.0  # capturing the GPU decode step (once per conversation and buffer)
+    prefill_graphed: bool = False  # this turn's prefill replayed a captured short-prefill graph
+    prefill_graph_capture_s: float = 0.0  # capturing short-prefill graphs in this turn (once per bucket)
+    prefill_graph_bytes: int = 0  # GPU memory the session's short-prefill graphs hold (their shared pool)
     context_tokens: int = 0  # tokens in the KV cache at the end of the answer
     decode_context_tokens: int = 0  # of those, what decode attends to (fewer under retrieval)
     peak_mem_bytes: int = 0

@@ -321,8 +321,8 @@ def new_session(engine, req: ChatRequest, sparsity: dict, temp_files: list):
     """A session holding all of the conversation's media, in prompt order, its context sized for
     them all (as Engine.session sizes it for the media it is given)."""
     options = {k: v for k, v in engine.defaults.items() if k in engine.model.media_options}
-    items = [engine.load_media(**{f"{m.kind}s": [source(m, temp_files)]}, **options)[0]
-             for t in req.turns for m in t.media]
+    items = [item for t in req.turns for m in t.media  # a video may be several items (Qwen3-VL's frame pairs)
+             for item in engine.load_media(**{f"{m.kind}s": [source(m, temp_files)]}, **options)]
     context = engine.default_context(items, engine.sparsity.overridden(**sparsity))
     session = engine.session(system=req.system, max_seq_len=context, **sparsity)
     session.pending = items  # the media of the conversation's user messages, in order
@@ -364,7 +364,9 @@ def video_source(m: Media, temp_files: list) -> str:
 def render(session, req: ChatRequest) -> list:
     """The whole conversation as the family's chat messages, as Session.ask would build them."""
     head = [session.message("system", req.system)] if req.system else []
-    return head + [session.message(t.role, t.text, t.media) for t in req.turns]
+    sources = iter(session.source_items())  # the family's items of each image or video, in order
+    return head + [session.message(t.role, t.text, [item for _ in t.media for item in next(sources)])
+                   for t in req.turns]
 
 
 class Worker:

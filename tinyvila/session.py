@@ -13,7 +13,7 @@ import threading
 import torch
 
 from .errors import ContextError, TinyVilaError
-from .generate import DecodeGraphs, GenerationResult, generate, sync
+from .generate import DecodeGraphs, GenerationResult, PrefillGraphs, generate, sync
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .sparsity import Sparsity, visual_slots
@@ -38,8 +38,12 @@ class Session:
         self.busy = False
         self.cancel_requested = threading.Event()  # set by cancel(), from any thread
         self.graphs = DecodeGraphs()  # the GPU decode steps, captured on first use
+        # short prefills as CUDA graphs (opt-in: load(..., prefill_graphs=True)); None: all eager
+        graphed = getattr(engine, "prefill_graphs", False) and engine.capture_stream() is not None
+        self.short_prefills = PrefillGraphs(graphed=True) if graphed else None
         self.decode_buffer = None  # decode retrieval's compact cache (allocated on first use)
         self.last_selection = None  # per layer, the visual tokens the last answer's decode attended to
+        self._layout = {}  # media layout -> its positions and slots, computed once (Session.layout)
         text = self.lm.cfg
         self.cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, max_seq_len,
                              engine.device, engine.dtype)
@@ -63,6 +67,7 @@ class Session:
         """Forget the conversation (history, media and cache); the system prompt stays."""
         self.messages, self.media, self.pending, self.features, self.tokens = [], [], [], {}, []
         self._visual = {}
+        self._layout = {}
         self.cache.truncate(0)
         self.turns = 0
 
@@ -114,6 +119,7 @@ class Session:
     def close(self) -> None:
         self.cache = self.decode_buffer = None  # release the preallocated caches and the captured graphs
         self.graphs = DecodeGraphs()
+        self.short_prefills = None
 
     def nbytes(self) -> int:
         """The device memory the session holds: its KV cache and its decode buffer (0 once closed)."""
@@ -133,7 +139,8 @@ class Session:
         model = self.engine.model
         if getattr(model, "string_content", False):
             return {"role": role, "content": "".join(model.media_text(m) for m in media) + text}
-        return {"role": role, "content": [{"type": m.kind} for m in media] + [{"type": "text", "text": text}]}
+        content = [part for m in media for part in model.media_content(m)]
+        return {"role": role, "content": content + [{"type": "text", "text": text}]}
 
     def user_message(self, question: str, media: list) -> dict:
         """The user's turn. A question that already holds the placeholders (one per media item) is
@@ -143,6 +150,17 @@ class Session:
             raise TinyVilaError(f"the question has {given} media placeholder(s) but {len(media)} "
                                 f"media item(s) were given")
         return self.message("user", question, () if given else media)
+
+    def source_items(self) -> list:
+        """The media items of the conversation grouped per image or video given, in prompt order
+        (a family may split one video into several items: Qwen3-VL's frame pairs)."""
+        groups = []
+        for item in self.media + self.pending:
+            if getattr(item, "part", 0) and groups:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
 
     def history_start(self) -> list:
         """The messages a conversation starts with: the system prompt, if any."""
@@ -241,23 +259,61 @@ class Session:
         for j, visual in items:
             self.features[j] = self.features[j][visual.kept.to(self.features[j].device)]
             self._visual[j] = visual
+        self._layout = {}  # what was kept changed: positions are placed anew
 
     def positions(self, keys, spans, media) -> torch.Tensor:
-        """RoPE positions of the prompt, the pruned items placed per the position mode."""
-        pruned = {j: self._visual[j] for _, _, j in spans if self._visual[j].saliency is not None}
-        return self.engine.model.positions(len(keys), spans, media, self.engine.device, pruned,
-                                           self.sparsity.position_mode)
+        """RoPE positions of the prompt, the pruned items placed per the position mode: a slice of
+        the layout's positions (Session.layout), so no per-turn work."""
+        return self.layout(spans, media, len(keys)).positions[..., :len(keys)]
+
+    def layout(self, spans, media, n_tokens: int) -> "Layout":
+        """What depends only on the media layout (the visual spans, their items and what was kept
+        of them), computed once per layout rather than once per turn: RoPE positions for the whole
+        context, and the visual slots. A token's position depends only on the tokens before it
+        (the cached K/V, rotated once, rely on that already), so the positions of a longer prompt
+        with the same layout extend those of a shorter one, whatever the family does after media."""
+        key = tuple((s, e, j, id(media[j]), id(self._visual.get(j))) for s, e, j in spans)
+        layout = self._layout.get(key)
+        if layout is None or layout.positions.shape[-1] < n_tokens:
+            pruned = {j: self._visual[j] for _, _, j in spans if self._visual[j].saliency is not None}
+            n = max(n_tokens, self.cache.max_len if self.cache is not None else 0)
+            device = self.engine.device
+            positions = self.engine.model.positions(n, spans, media, device, pruned, self.sparsity.position_mode)
+            layout = Layout(positions, spans, device)
+            self._layout = {key: layout}  # one layout at a time: a conversation's media rarely change
+        return layout
 
     @torch.no_grad()  # as every forward here: no autograd graph, even for weights that require grad
     def embed(self, keys: list, spans: list, start: int) -> torch.Tensor:
         """Input embeddings for keys[start:]: token embeddings, media features at visual slots."""
         lm, device = self.lm, self.engine.device
         ids = torch.tensor([max(k, 0) for k in keys[start:]], device=device)
-        h = lm.embed(ids)
+        h = lm.embed_prompt(ids)  # wider than C for DeepStack: its features fill the extra columns
         for s, e, j in spans:
             if e > start:
                 h[max(s, start) - start:e - start] = self.features[j][max(s, start) - s:].to(h.dtype)
         return h
+
+
+class Layout:
+    """A media layout's RoPE positions over the whole context ([n] or [3, n]), its visual slots in
+    order, the text slots before its last item ends (`vis_end`), all on the device."""
+
+    def __init__(self, positions: torch.Tensor, spans: list, device):
+        self.positions = positions
+        self.vis_end = max((e for _, e, _ in spans), default=0)
+        vis, text, done = [], [], 0
+        for s, e, _ in sorted(spans):
+            text.append(torch.arange(done, s))
+            vis.append(torch.arange(s, e))
+            done = e
+        empty = torch.zeros(0, dtype=torch.long)
+        self.vis_slots = torch.cat(vis or [empty]).to(device)
+        self._text_before = torch.cat(text or [empty]).to(device)
+
+    def text_slots(self, n_tokens: int) -> torch.Tensor:
+        """The slots 0..n_tokens that hold no visual token, in order."""
+        return torch.cat([self._text_before, torch.arange(self.vis_end, n_tokens, device=self._text_before.device)])
 
 
 def _a(kind: str) -> str:

@@ -28,12 +28,14 @@ import tinyvila
 from tinyvila import __version__
 from tinyvila.engine import resolve_device
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
+from tinyvila.generate import PREFILL_BUCKETS
 from tinyvila.media import open_video
 from tinyvila.models import layers
 from tinyvila.models.llava_next import LlavaNext, LlavaNextConfig
 from tinyvila.models.longvila import LongVILA, VilaConfig
 from tinyvila.models.quantized import W4Linear
 from tinyvila.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, QwenVisionConfig
+from tinyvila.models.qwen3_vl import Qwen3VisionConfig, Qwen3VL, Qwen3VLConfig
 from tinyvila.quant.smoothquant import quantize_encoder
 from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
@@ -56,6 +58,20 @@ LONGVILA_QWEN2_7B = dict(QWEN2_7B, vocab_size=151648, rope_theta=15300000.0, max
 LLAMA3_8B = dict(vocab_size=128257, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=207112184.0,
                  max_position_embeddings=262144)
+# Qwen3-VL: the Qwen3 LLMs (4B: Qwen/Qwen3-VL-4B-Instruct config.json; 2B, 8B: the same fields of the
+# Qwen3-1.7B / Qwen3-8B LLMs they are built on) and two sizes of the ViT.
+QWEN3_VL_TEXT = dict(vocab_size=151936, head_dim=128, num_key_value_heads=8, rms_norm_eps=1e-6,
+                     max_position_embeddings=262144,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5000000, "mrope_interleaved": True,
+                                      "mrope_section": [24, 20, 20]})
+QWEN3_VL_2B = dict(QWEN3_VL_TEXT, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                   num_attention_heads=16, tie_word_embeddings=True)
+QWEN3_VL_4B = dict(QWEN3_VL_TEXT, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                   num_attention_heads=32, tie_word_embeddings=True)
+QWEN3_VL_8B = dict(QWEN3_VL_TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                   num_attention_heads=32)
+QWEN3_VIT_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=(5, 11, 17))
+QWEN3_VIT_LARGE = dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=(8, 16, 24))
 SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14,
               hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
@@ -64,6 +80,9 @@ ARCHS = {
     "llava-next-mistral-7b": ("llava_next", dict(text=(MISTRAL_7B, "mistral"))),
     "qwen2.5-vl-3b": ("qwen2_5_vl", dict(text=(QWEN2_3B, "qwen2"), out=2048)),
     "qwen2.5-vl-7b": ("qwen2_5_vl", dict(text=(QWEN2_7B, "qwen2"), out=3584)),
+    "qwen3-vl-2b": ("qwen3_vl", dict(text=(QWEN3_VL_2B, "qwen3"), vision=QWEN3_VIT_SMALL)),
+    "qwen3-vl-4b": ("qwen3_vl", dict(text=(QWEN3_VL_4B, "qwen3"), vision=QWEN3_VIT_SMALL)),
+    "qwen3-vl-8b": ("qwen3_vl", dict(text=(QWEN3_VL_8B, "qwen3"), vision=QWEN3_VIT_LARGE)),
     "longvila-7b": ("longvila", dict(text=(LONGVILA_QWEN2_7B, "qwen2"), image_size=448, generation="nvila")),
     "llama3-longvila-8b": ("longvila", dict(text=(LLAMA3_8B, "llama"), image_size=384, generation="old")),
 }
@@ -78,6 +97,9 @@ def build(arch: str, device, dtype, quant: str | None = None):
     elif family == "qwen2_5_vl":
         text.mrope_section = [16, 24, 24]
         cls, cfg = Qwen2_5_VL, Qwen2_5_VLConfig(text=text, vision=QwenVisionConfig(out_hidden_size=spec["out"]))
+    elif family == "qwen3_vl":
+        vision = Qwen3VisionConfig(out_hidden_size=text.hidden_size, **spec["vision"])
+        cls, cfg = Qwen3VL, Qwen3VLConfig(text=text, vision=vision)
     else:
         vision = layers.VisionConfig(image_size=spec["image_size"], **SIGLIP)
         old = spec["generation"] == "old"
@@ -112,8 +134,9 @@ def media_items(model, args):
     for spec in args.video:
         n, h, w = map(int, spec.split("x"))
         frames = open_video([picture(w, h) for _ in range(n)])
-        items.append(model.prepare_video(frames, max_frames=n) if "max_frames" in model.media_options
-                     else model.prepare_video(frames))
+        item = (model.prepare_video(frames, max_frames=n) if "max_frames" in model.media_options
+                else model.prepare_video(frames))
+        items += item if isinstance(item, list) else [item]  # Qwen3-VL: one item per frame pair
     return items
 
 
@@ -226,6 +249,12 @@ def hf_model(arch, device, dtype):
                                             fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
                                             tokens_per_second=2, in_chans=3, hidden_act="silu"))
         cls = transformers.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        vision = dict(spec["vision"], out_hidden_size=text["hidden_size"])
+        vision["deepstack_visual_indexes"] = list(vision["deepstack_visual_indexes"])
+        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision,
+                                         tie_word_embeddings=text.get("tie_word_embeddings", False))
+        cls = transformers.Qwen3VLForConditionalGeneration
     else:
         raise TinyVilaError(f"--compare-hf: transformers has no {arch} model class (VILA layout)")
     with torch.device(device):
@@ -240,7 +269,7 @@ def hf_inputs(model, items, ids, image_token_id, device):
         expanded += [image_token_id] * items[0].n_tokens if t == image_token_id else [t]
     inputs = {"input_ids": torch.tensor([expanded], device=device)}
     item = items[0]
-    if hasattr(item, "grid"):  # Qwen2.5-VL
+    if hasattr(item, "grid"):  # Qwen2.5-VL, Qwen3-VL
         inputs.update(pixel_values=item.pixels.to(device), image_grid_thw=torch.tensor([item.grid], device=device),
                       mm_token_type_ids=(inputs["input_ids"] == image_token_id).int())
     else:  # LLaVA-NeXT
@@ -285,7 +314,9 @@ def run_hf(args, items, ids, image_token_id) -> dict:
     return result
 
 
-QUESTION = list(range(200, 220))  # each turn's question: 20 tokens after the media
+def question(n: int) -> list:
+    """A question of n tokens after the media (--question-tokens; every turn asks one)."""
+    return [200 + i % 1000 for i in range(n)]
 
 
 class NoText:  # the bench feeds token ids; nothing is detokenized
@@ -306,24 +337,27 @@ def configs(args) -> list:
     return list(dict.fromkeys(stages))
 
 
-def conversation(engine, items, ids, params, context, sparsity, turns, timer):
-    """One conversation of `turns` questions about `items`; yields (turn, stats, projector seconds)
-    after each answer."""
-    session = Session(engine, list(items), None, context, sparsity=sparsity)
+def conversation(session, items, ids, question, params, turns, timer):
+    """One conversation of `turns` questions about `items` in `session` (cleared first, so its
+    captured graphs are kept and turns 2.. are real follow-ups over the cached media); yields
+    (turn, stats, projector seconds) after each answer."""
+    session.clear()
+    session.pending = list(items)
+    sparsity = session.sparsity
     turn_ids = ids
     for turn in range(turns):  # each question follows the last answer
         if turn:
-            kept = turn_ids if sparsity.history == "keep" else ids[:-len(QUESTION)]
-            turn_ids = kept + session.last_result.token_ids * (sparsity.history == "keep") + QUESTION
+            kept = turn_ids if sparsity.history == "keep" else ids[:-len(question)]
+            turn_ids = kept + session.last_result.token_ids * (sparsity.history == "keep") + question
         session.complete(turn_ids, params)  # media + pending: the items, whatever the history
         yield turn + 1, session.last_result.stats, timer.take()
-    session.close()
 
 
 def run(args) -> list:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.model:  # a real checkpoint folder (or hub id)
-        engine = tinyvila.load(args.model, device=device, dtype=dtype, cuda_graphs=not args.no_graphs)
+        engine = tinyvila.load(args.model, device=device, dtype=dtype, cuda_graphs=not args.no_graphs,
+                               prefill_graphs=args.prefill_graphs)
         engine.tokenizer, engine.stop_ids = NoText(), set()  # fixed-length runs, nothing to detokenize
         model = engine.model
     else:
@@ -331,22 +365,28 @@ def run(args) -> list:
         layers.use_encoder_graphs(model, device.type == "cuda" and not args.no_graphs)  # as the engine does
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
-                                 banned=None, stop_ids=set(), capture_stream=lambda: stream)
+                                 banned=None, stop_ids=set(), capture_stream=lambda: stream,
+                                 prefill_graphs=args.prefill_graphs and stream is not None)
     items = media_items(model, args)
     placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
-    ids = [1] + list(range(100, 100 + args.text)) + placeholders + QUESTION
+    asked = question(args.question_tokens)
+    ids = [1] + list(range(100, 100 + args.text)) + placeholders + asked
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    context = sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + 40) + 8
+    context = (sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + len(asked) + 20)
+               + PREFILL_BUCKETS[-1])  # room for a short prefill's padding past the prompt
     timer = ProjectorTimer(model, device)
     rows = []
     for sparsity in configs(args):  # dense first: the sparse rows are compared with it
-        # One untimed conversation first: it compiles the Triton kernels for this setting's shapes,
-        # captures its graphs and grows the allocator, none of which the timed runs should pay.
-        for _ in conversation(engine, items, ids, params, context, sparsity, args.turns, timer):
+        # One session per setting: its graphs are captured once. One untimed conversation first:
+        # it compiles the Triton kernels for this setting's shapes, captures its graphs and grows
+        # the allocator, none of which the timed runs should pay.
+        session = Session(engine, [], None, context, sparsity=sparsity)
+        for _ in conversation(session, items, ids, asked, params, args.turns, timer):
             pass
         for _ in range(args.runs):
             rows += [(sparsity, turn, stats, projector_s) for turn, stats, projector_s
-                     in conversation(engine, items, ids, params, context, sparsity, args.turns, timer)]
+                     in conversation(session, items, ids, asked, params, args.turns, timer)]
+        session.close()
     hf = None
     if args.compare_hf:
         if not args.arch:
@@ -388,6 +428,20 @@ def speedups(rows, lm, new_tokens: int) -> None:
                 line += (f"; vs d=0: {decode(alone, sparsity, turn)}, retrieval adds "
                          f"{1 / faster(alone, sparsity, turn, 'prefill_s') - 1:+.0%} to the prefill")
             print(line)
+
+
+def followups(rows) -> None:
+    """Each setting's TTFT turn by turn (medians over the runs): turns 2.. are the follow-ups."""
+    for sparsity in dict.fromkeys(sp for sp, _, _, _ in rows):
+        parts = []
+        for turn in sorted({t for sp, t, _, _ in rows if sp == sparsity}):
+            stats = [s for sp, t, s, _ in rows if sp == sparsity and t == turn]
+            ttft = float(np.median([s.ttft_s for s in stats])) * 1e3
+            graphed = ", graph" if all(s.prefill_graphed for s in stats) else ""
+            parts.append(f"turn {turn} {ttft:.1f} ms ({stats[0].prefill_tokens} new tokens{graphed})")
+        captured = max((s.prefill_graph_bytes for sp, _, s, _ in rows if sp == sparsity), default=0)
+        memory = f"; prefill graphs hold {captured / 2**20:.0f} MiB" if captured else ""
+        print(f"{sparsity.label} TTFT: " + ", ".join(parts) + memory)
 
 
 def check_plot_path(p, path: str) -> None:
@@ -445,6 +499,10 @@ def parse_args(argv):
     p.add_argument("--prefill-sparsity", type=float, metavar="P", help="also run with prefill sparsity P (after dense)")
     p.add_argument("--decode-sparsity", type=float, metavar="D", help="also run with decode sparsity D (after dense)")
     p.add_argument("--turns", type=int, default=1, help="questions per conversation (each after the last answer)")
+    p.add_argument("--question-tokens", type=int, default=20, metavar="Q",
+                   help="tokens in each question (turns 2.. are follow-ups of this length over the cached media)")
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="run short prefills (follow-up questions) as CUDA graphs (default: off, eager)")
     p.add_argument("--history", choices=["keep", "evict"], default="keep", help="multi-turn history mode")
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
@@ -455,6 +513,8 @@ def parse_args(argv):
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    if args.question_tokens < 1 or args.turns < 1:
+        p.error("--question-tokens and --turns must be at least 1")
     if args.quant and not args.arch:
         p.error("--quant builds a quantized --arch; a --model checkpoint runs as it is stored")
     if args.plot:  # checked before the runs, so a long bench does not fail at its end
@@ -493,6 +553,8 @@ def report(args, rows, model, hf) -> None:
               f"{'n/a' if roofline is None else f'{roofline:.0%}'} | "
               f"{s.context_tokens} | {s.decode_context_tokens} | {s.peak_mem_bytes / 1e9:.2f} |")
     speedups(rows, model.language_model, args.new_tokens)
+    if args.turns > 1:
+        followups(rows)
     if hf:
         ours = rows[-1][2]
         print(f"\ntransformers {__import__('transformers').__version__}: vision {hf['vision_s'] * 1e3:.1f} ms, TTFT "

@@ -165,9 +165,9 @@ def bench_linears(args, out):
               f"dequantization: {gm_lt:.2f}x)")
 
 
-# arch, images, videos (tinyvila-bench's media specs): CLIP-L/336 anyres, Qwen's ViT, a SigLIP chunk
+# arch, images, videos (tinyvila-bench's media specs): CLIP-L/336 anyres, Qwen's ViTs, a SigLIP chunk
 ENCODERS = [("llava-next-vicuna-7b", ["672x672"], []), ("qwen2.5-vl-7b", ["1344x1344"], []),
-            ("longvila-7b", [], ["32x448x448"])]
+            ("qwen3-vl-8b", ["1344x1344"], []), ("longvila-7b", [], ["32x448x448"])]
 
 
 def _kernel_kind(name: str) -> str:

@@ -1,0 +1,101 @@
+"""Short prefills as CUDA graphs (`pytest -m gpu` on a GPU machine): the graphed static prefill
+against the eager prefill in real conversations (answers, cache contents, retrieval selections),
+at the bucket edges, in a session mixing short and long turns, with its capture done once and
+its memory reported."""
+import pytest
+import torch
+
+import tinyvila
+from tinyvila.generate import PREFILL_BUCKETS, PrefillGraphs, Prompt
+from tinyvila.kv_cache import KVCache
+
+from fixtures_images import draw_image
+from fixtures_qwen import build_qwen2_5_vl
+
+pytestmark = pytest.mark.gpu
+LONG = "Now tell me everything again, " * 30  # past the largest bucket: eager
+QUESTIONS = ("Describe it.", "What colour is the top left corner?", "And the bottom?", LONG, "Thanks, and the sky?")
+
+
+@pytest.fixture(scope="module")
+def qwen_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen_gpu_prefill")
+    build_qwen2_5_vl(d)
+    return d
+
+
+def conversation(eng, **options):
+    """Per turn: the result, the cache's slots, the decode selection."""
+    out = []
+    with eng.session(images=[draw_image(120, 90, seed=1)], max_seq_len=2048, **options) as s:
+        for q in QUESTIONS:
+            r = s.ask(q, max_new_tokens=6, temperature=0, ignore_eos=True)
+            out.append((r, s.cache.k[:, :, :s.cache.length].clone(), s.last_selection))
+    return out
+
+
+@pytest.mark.parametrize("which", ["llava", "qwen"])
+@pytest.mark.parametrize("options", [{}, dict(sparsity="image"), dict(decode_sparsity=0.5, history="evict")])
+def test_graphed_follow_ups_equal_eager_in_fp32(llava_mistral, qwen_path, which, options):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    path = llava_mistral if which == "llava" else qwen_path
+    graphed = conversation(tinyvila.load(path, device="cuda", dtype="float32", prefill_graphs=True), **options)
+    eager = conversation(tinyvila.load(path, device="cuda", dtype="float32"), **options)
+    assert [r.stats.prefill_graphed for r, _, _ in graphed] == [False, True, True, False, True]
+    assert not any(r.stats.prefill_graphed for r, _, _ in eager)
+    for (a, cache_a, sel_a), (b, cache_b, sel_b) in zip(graphed, eager):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(cache_a, cache_b, atol=1e-4, rtol=1e-4)
+        assert (sel_a is None) == (sel_b is None) and (sel_a is None or torch.equal(sel_a, sel_b))
+
+
+def test_capture_once_per_bucket_and_memory_reported(llava_vicuna):
+    eng = tinyvila.load(llava_vicuna, device="cuda", dtype="float16", prefill_graphs=True)
+    results = [r for r, _, _ in conversation(eng)]
+    first_short, second_short = results[1].stats, results[2].stats  # both in the 16- or 32-token bucket
+    assert first_short.prefill_graph_capture_s > 0 and first_short.prefill_graph_bytes > 0
+    if second_short.prefill_tokens <= 16 or first_short.prefill_tokens > 16:  # the same bucket: no new capture
+        assert second_short.prefill_graph_capture_s == 0
+    assert results[-1].stats.prefill_graph_bytes < 2 ** 30  # bounded: tiny model, a few buckets
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 512])
+def test_graphed_static_prefill_at_bucket_edges_equals_eager(llava_mistral, n):
+    """One prefill of n text tokens after a cached prefix, graphed, against the eager one: logits,
+    every cache slot written, retrieval scores of the real rows."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eng = tinyvila.load(llava_mistral, device="cuda", dtype="float32", prefill_graphs=True)
+    with eng.session(max_seq_len=1200) as s:
+        lm, start = s.lm, 40
+        ids = torch.randint(3, 200, (start + n,), generator=torch.Generator().manual_seed(n)).tolist()
+        eager = KVCache(*s.cache.k.shape[:2], s.cache.k.shape[-1], s.cache.max_len, "cuda", torch.float32)
+        prompt = Prompt(ids, [], s.positions(ids, [], []), s.layout([], [], len(ids)))
+        vis = torch.arange(5, 30, device="cuda")
+        with torch.no_grad():
+            for cache in (eager, s.cache):
+                lm(lm.embed(torch.tensor(ids[:start], device="cuda")), prompt.positions[:start], cache, 0)
+            want, want_r = lm.scored(lm.embed(torch.tensor(ids[start:], device="cuda")), prompt.positions[start:],
+                                     eager, start, vis)
+            prompt.layout.vis_slots = vis
+            s.tokens = ids[:start]
+            got, got_r = s.short_prefills.run(s, prompt, start, True)
+        assert s.short_prefills.used and len(s.short_prefills.entries) == 1
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got_r, want_r, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s.cache.k[:, :, :start + n], eager.k[:, :, :start + n], atol=1e-5, rtol=1e-5)
+        assert s.cache.length == start + n
+        assert s.short_prefills.run(s, Prompt(ids + [5] * (PREFILL_BUCKETS[-1] + 1 - n), [], prompt.positions,
+                                              prompt.layout), start, False) is None  # too long: eager
+
+
+def test_prefill_graphs_stay_off_by_default_on_a_gpu(llava_vicuna):
+    eng = tinyvila.load(llava_vicuna, device="cuda", dtype="float16")
+    with eng.session() as s:
+        assert s.short_prefills is None
+        r = s.ask("Hello, who are you?", max_new_tokens=2)
+        assert not r.stats.prefill_graphed and r.stats.prefill_graph_bytes == 0
+    graphed = tinyvila.load(llava_vicuna, device="cuda", dtype="float16", prefill_graphs=True)
+    with graphed.session() as s:
+        assert isinstance(s.short_prefills, PrefillGraphs)
+        assert s.ask("Hello, who are you?", max_new_tokens=2).stats.prefill_graphed  # text-only first turn
