@@ -34,6 +34,7 @@ from tinyvila import __version__
 from tinyvila.errors import TinyVilaError, check_output_file, run_cli
 
 QUESTIONS = ("Describe the image in detail.", "What else is in the picture?")
+WARMUP = 2  # untimed conversations first, on each side: kernels compiled, graphs captured, caches grown
 
 
 def parse_args(argv):
@@ -83,7 +84,7 @@ def png_url(img: Image.Image) -> str:
 
 # ---------------------------------------------------------------------- in-process
 def in_process(args, seeds) -> list:
-    """Turn-2 stats of each conversation of `seeds` (the first one untimed) in this process."""
+    """Turn-2 stats of each conversation of `seeds` (the first WARMUP untimed) in this process."""
     import torch
 
     import tinyvila
@@ -98,7 +99,7 @@ def in_process(args, seeds) -> list:
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the server started next needs the memory
-    return out[1:]
+    return out[WARMUP:]
 
 
 # ---------------------------------------------------------------------- over HTTP
@@ -169,8 +170,8 @@ def conversation(client: Client, size, seed: int) -> tuple:
 
 
 def over_http(args, url: str, model: str, seeds) -> list:
-    """(cached, cold) per conversation: `concurrency` clients, each one untimed conversation then
-    `runs` timed ones."""
+    """(cached, cold) per conversation: `concurrency` clients, each WARMUP untimed conversations
+    then `runs` timed ones."""
     results, errors = [], []
 
     def client_runs(i):
@@ -179,7 +180,7 @@ def over_http(args, url: str, model: str, seeds) -> list:
             c.new_tokens = args.new_tokens
             for j, seed in enumerate(seeds):
                 pair = conversation(c, args.size, seed + i * len(seeds))  # client 0: the in-process images
-                if j:
+                if j >= WARMUP:
                     results.append(pair)
         except (TinyVilaError, OSError, http.client.HTTPException) as e:
             errors.append(e)
@@ -258,7 +259,7 @@ def report(args, local: list, http_runs: list, url: str) -> None:
 def run(args) -> None:
     if args.json:
         check_output_file(args.json, "--json")
-    seeds = range(args.runs + 1)  # the first: untimed warm-up (kernels compiled, graphs captured)
+    seeds = range(WARMUP + args.runs)
     local = in_process(args, seeds) if args.model else []
     proc = None
     with tempfile.TemporaryFile("w+") as log:
