@@ -311,13 +311,13 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section=
     the positions' device."""
     if positions.dim() == 1:
         freqs = positions.float()[:, None] * inv_freq[None, :]
-    elif mrope_axis is not None:
+    else:
         per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
-        freqs = per_axis.gather(0, mrope_axis.expand(1, per_axis.shape[1], -1))[0]
-    else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
-        per_axis = positions.float()[:, :, None] * inv_freq[None, None, :]  # [3, T, D/2]
-        chunks = per_axis.split(list(mrope_section), dim=-1)
-        freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+        if mrope_axis is not None:  # interleaved: each frequency from its own axis
+            freqs = per_axis.gather(0, mrope_axis.expand(1, per_axis.shape[1], -1))[0]
+        else:  # M-RoPE: frequency chunk i takes its angle from the t, h or w position in turn
+            chunks = per_axis.split(list(mrope_section), dim=-1)
+            freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 

@@ -35,12 +35,8 @@ class Prompt:
     slots), visual spans [(start, end, media index)] and RoPE positions [T] or [3, T]."""
     keys: list
     spans: list
-    positions: torch.Tensor | None = None
-    layout: object = None  # session.Layout: the media layout's slots, computed once per layout
-
-    def vis_slots(self, device) -> torch.Tensor:
-        """The cache slots of the visual tokens, in order."""
-        return self.layout.vis_slots if self.layout is not None else visual_slots(self.spans, device)
+    positions: torch.Tensor
+    layout: object  # session.Layout: the media layout's positions and slots, computed once per layout
 
     @property
     def vis_end(self) -> int:
@@ -128,8 +124,7 @@ def generate(session, ids: list, media: list, params: SamplingParams, callback=N
     Closing the generator early ends the answer there ("cancelled")."""
     turn = begin_turn(session, ids, media, params, on_done)
     try:
-        for token in decode_tokens(session, turn.token, turn.target, turn.sampler, params, turn.prompt, turn.answer,
-                                   turn.stats):
+        for token in decode_tokens(turn):
             piece = turn.decoder.push(token)
             if piece:
                 if callback is not None:
@@ -171,7 +166,7 @@ def open_turn(session, ids: list, media: list, params: SamplingParams, on_done=N
         t = time.perf_counter()
         fresh = session.encode_new(spans, media)  # the media new in this conversation
         stats.vision_s = time.perf_counter() - t if fresh else 0.0
-        prompt = Prompt(keys, spans, session.positions(keys, spans, media))
+        prompt = Prompt(keys, spans, session.positions(keys, spans, media), session.layout(spans, media, len(keys)))
     except BaseException:
         session.busy = False
         raise
@@ -284,7 +279,6 @@ def prefill_turn(session, ids: list, media: list, prompt: Prompt, start: int, fr
     have recorded it, and the prompt is expanded again. Returns (last logits, the prompt as the
     cache now holds it, retrieval scores or None)."""
     eng = session.engine
-    prompt.layout = session.layout(prompt.spans, media, len(prompt.keys))
     if session.short_prefills is not None:
         session.short_prefills.turn_started()
     fresh_spans = [(s, e, j) for s, e, j in prompt.spans if j in fresh]
@@ -323,15 +317,10 @@ def prefill(session, prompt: Prompt, start: int, pruner=None):
         lm.fill(h[:cut], positions[..., start:start + cut], cache, start)
     rest = (h[cut:], positions[..., start + cut:], cache, start + cut)
     if retrieve:
-        return lm.scored(*rest, prompt.vis_slots(h.device), max(0, vis_end - start - cut))
+        return lm.scored(*rest, prompt.layout.vis_slots, max(0, vis_end - start - cut))
     if pruner is not None:
         return lm.pruned(*rest, pruner), None
     return lm(*rest), None
-
-
-def visual_slots(spans: list, device) -> torch.Tensor:
-    """The cache slots of the prompt's visual tokens, in order."""
-    return torch.cat([torch.arange(s, e, device=device) for s, e, _ in spans])
 
 
 def attended_cache(session, prompt: Prompt, scores, max_new_tokens: int) -> DecodeTarget:
@@ -345,22 +334,12 @@ def attended_cache(session, prompt: Prompt, scores, max_new_tokens: int) -> Deco
     selected = session.sparsity.at_decode.select(scores)  # [L, G, k] indices into the visual tokens
     session.last_selection = (selected[:, 0] if session.sparsity.granularity == "layer" else selected).cpu()
     n_full = len(prompt.keys)
-    vis_slots = prompt.vis_slots(session.cache.k.device)
-    text_slots = text_slots_of(prompt, vis_slots)
+    vis_slots, text_slots = prompt.layout.vis_slots, prompt.layout.text_slots(n_full)
     L, G = selected.shape[:2]
     index = torch.cat([text_slots.expand(L, G, -1), vis_slots[selected]], dim=-1).sort(dim=-1).values
     buffer = decode_buffer(session, index.shape[-1] + max_new_tokens + 1)
     session.cache.gather_into(index, buffer)
     return DecodeTarget(buffer, n_full - buffer.length)
-
-
-def text_slots_of(prompt: Prompt, vis_slots: torch.Tensor) -> torch.Tensor:
-    """The cache slots of the prompt's text tokens, in order (from the layout's spans when known)."""
-    if prompt.layout is not None:
-        return prompt.layout.text_slots(len(prompt.keys))
-    text = torch.ones(len(prompt.keys), dtype=torch.bool, device=vis_slots.device)
-    text[vis_slots] = False
-    return torch.nonzero(text).flatten()
 
 
 def decode_buffer(session, needed: int) -> KVCache:
@@ -375,41 +354,37 @@ def decode_buffer(session, needed: int) -> KVCache:
     return session.decode_buffer
 
 
-def decode_tokens(session, token: int, target: DecodeTarget, sampler, params: SamplingParams, prompt: Prompt,
-                  answer: Answer, stats):
-    """Yield the answer's tokens from `token` (prefill's) on, each before the next is computed,
-    until a stop token (not yielded), max_new_tokens, the end of the context or cancel();
-    `answer` collects them and says why it ended. Greedy decoding on a GPU replays the captured
+def decode_tokens(turn: Turn):
+    """Yield the answer's tokens from the turn's first (prefill's) on, each before the next is
+    computed, until a stop token (not yielded), max_new_tokens, the end of the context or cancel();
+    `turn.answer` collects them and says why it ended. Greedy decoding on a GPU replays the captured
     step one token ahead of the host (GraphedDecode.greedy); otherwise each token is one
     decode_one_token and one sample."""
-    eng, full, cache, dropped = session.engine, session.cache, target.cache, target.dropped
-    delta = int(prompt.positions.max()) + 1 - len(prompt.keys)  # decode position offset (M-RoPE shrinks it)
-    dims = prompt.positions.dim()
-    stop_ids = () if params.ignore_eos else eng.stop_ids
+    session, params, answer, token = turn.session, turn.params, turn.answer, turn.token
+    eng, cache, dims = session.engine, turn.target.cache, turn.prompt.positions.dim()
     greedy = None  # the GPU's greedy tokens, computed one step ahead of this loop
-    while token not in stop_ids:
+    while token not in turn.stop_ids:
         answer.tokens.append(token)
         yield token
         ends = answer_ends(session, params, answer)
         if ends:
             answer.finish = ends
             return
-        n = len(session.tokens)  # the token's position in the conversation; its slot is n - dropped
+        pos, slot = turn.step_input()
         if eng.device.type == "cuda" and params.temperature == 0:
             if greedy is None:
-                steps = min(params.max_new_tokens - len(answer.tokens), full.max_len - n)
-                greedy = session.graphs.step(session, cache, token, n + delta, n - dropped, dims).greedy(
-                    token, n + delta, n - dropped, steps)
+                steps = min(params.max_new_tokens - len(answer.tokens), session.cache.max_len - len(session.tokens))
+                greedy = session.graphs.step(session, cache, token, pos, slot, dims).greedy(token, pos, slot, steps)
             with eng.lock:
                 token = next(greedy)
             session.tokens.append(answer.tokens[-1])
-            cache.length = len(session.tokens) - dropped
+            cache.length = len(session.tokens) - turn.target.dropped
         else:
             with eng.lock:
-                logits = decode_one_token(session, cache, token, n + delta, n - dropped, dims)
+                logits = decode_one_token(session, cache, token, pos, slot, dims)
             session.tokens.append(token)
-            token = sampler(logits)
-        stats.decode_tokens += 1
+            token = turn.sampler(logits)
+        turn.stats.decode_tokens += 1
 
 
 @torch.no_grad()
