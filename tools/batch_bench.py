@@ -24,7 +24,7 @@ from tinyvila.generate import peak_memory, reset_peak_memory
 from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
 
-from .bench import configs, engine_for, media_items, question
+from .bench import configs, engine_for, media_items, prompt_ids, question
 
 
 def conversations(model, args) -> list:
@@ -33,9 +33,8 @@ def conversations(model, args) -> list:
     out, asked = [], question(args.question_tokens)
     for i in range(args.batch):
         items = media_items(model, args, seed=i)
-        placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
         own = asked[i % len(asked):] + asked[:i % len(asked)]
-        out.append((items, [1] + list(range(100, 100 + args.text)) + placeholders + own))
+        out.append((items, prompt_ids(model, items, args.text, own)))
     return out
 
 

@@ -319,6 +319,12 @@ def question(n: int) -> list:
     return [200 + i % 1000 for i in range(n)]
 
 
+def prompt_ids(model, items, text: int, asked: list) -> list:
+    """A bench prompt: BOS, `text` filler tokens, a placeholder per media item, then the question."""
+    placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
+    return [1] + list(range(100, 100 + text)) + placeholders + asked
+
+
 class NoText:  # the bench feeds token ids; nothing is detokenized
     def stream_decoder(self):
         return SimpleNamespace(push=lambda t: "", flush=lambda: "")
@@ -376,9 +382,8 @@ def run(args) -> list:
     device = torch.device(args.device)
     engine, model = engine_for(args)
     items = media_items(model, args)
-    placeholders = [model.image_token_id if it.kind == "image" else model.video_token_id for it in items]
     asked = question(args.question_tokens)
-    ids = [1] + list(range(100, 100 + args.text)) + placeholders + asked
+    ids = prompt_ids(model, items, args.text, asked)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     context = (sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + len(asked) + 20)
                + PREFILL_BUCKETS[-1])  # room for a short prefill's padding past the prompt
