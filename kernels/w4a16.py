@@ -28,7 +28,8 @@ gate|up output itself and forms silu(gate) * up as it loads x (`swiglu=True`: no
 
 Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on data):
   M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
-  M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU.
+  M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU; from
+                        M = 17 with the operands swapped (y^T = W^T x^T, see _gemm_swapped_kernel).
   otherwise             dequantize into a scratch W [K, N] of the activation dtype, then cuBLAS.
 Thresholds from python -m tinyvila.tools.kernel_bench (the 7B models' projections, fp16, G=128):
 the GEMV wins up to M=2 and loses from M=3 (one FMA a weight a row on CUDA cores against a
@@ -49,9 +50,12 @@ CUBLAS_MIN_M = 192
 # One config for every shape: (4, 4, 64, 16) on the small 4096->4096 and 3584->4608 layers is
 # faster alone but not in a whole LLaVA-NeXT-7B decode step.
 GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
-# fused GEMM: (largest M, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step, programs per SM)
-GEMM_CONFIG = [(16, 16, 64, 4, 3, 128, 2), (32, 32, 64, 4, 4, 64, 2), (64, 64, 64, 4, 4, 64, 2),
-               (128, 128, 64, 4, 4, 64, 1), (1 << 62, 128, 128, 8, 3, 128, 1)]
+# fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
+# programs per SM). Picked on an H100 from the 7B projections (.kernel_bench); the straight tile
+# wins to M = 16, the swapped one above it (3-20% faster at M = 32-148, geometric mean of 4 shapes).
+GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 128, 8, 3, 64, 4),
+               (64, True, 64, 128, 8, 3, 64, 4), (128, True, 64, 128, 8, 3, 64, 1),
+               (1 << 62, True, 64, 128, 8, 3, 64, 4)]
 ONE_BITS = 0x3F800000  # 1.0f
 
 
@@ -348,6 +352,42 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
 
 
 @triton.jit
+def _gemm_swapped_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits,
+                         tiles_per_split, KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Fused-dequant GEMM with the operands swapped: the output tile is computed transposed,
+    y^T [BLOCK_N, BLOCK_M] = W^T x^T, so the dequantized weights are the tensor-core product's A
+    operand, whose long side (64 rows a warpgroup on Hopper) BLOCK_N weight columns fill, and the
+    activation rows are its short side. From M = 17 this beats the straight tile, whose 64- and
+    128-row tiles spill registers. Programs next to each other in launch order share a weight tile
+    (M tiles vary fastest), so it comes from L2 after the first."""
+    KT: tl.constexpr = 8 * KT8
+    N = N8 * 8
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    k = tl.arange(0, KT)
+    r = tl.arange(0, KT8)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, K // KT)
+    xt_ptrs = X + rows[None, :].to(tl.int64) * stride_xm + k[:, None]  # x^T [KT, BLOCK_M]
+    w_offs = r[:, None] * N + cols[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for t in range(t0, t1):
+        xt = tl.load(xt_ptrs + t * KT, mask=rmask[None, :], other=0.0)
+        words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
+        s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
+        w = _dequant_tile(words, s16[None, :], c[None, :], xt.dtype, KT, BLOCK_N)
+        acc = tl.dot(tl.trans(w), xt, acc, input_precision=PRECISION)
+    _store_or_reduce(tl.trans(acc), rows, cols, M, N, Y, Bias, Part, Counters, pid_n * tl.num_programs(0) + pid_m,
+                     split, splits, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """W [K, N] (row-major, the activation dtype) from the packed words; a program: KT rows x BLOCK_N."""
     KT: tl.constexpr = 8 * KT8
@@ -416,24 +456,29 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
     return y
 
 
-def gemm(x, packed, group_size, bias=None, block_m=None, block_n=None, num_warps=None, num_stages=None,
-         k_tile=None, waves=None, split=None):
-    """The fused-dequant tensor-core path: x [M, K] -> y [M, N]. Unset options come from GEMM_CONFIG."""
+def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=None, num_warps=None,
+         num_stages=None, k_tile=None, waves=None, split=None):
+    """The fused-dequant tensor-core path: x [M, K] -> y [M, N], the straight or the swapped-operand
+    kernel. Unset options come from GEMM_CONFIG."""
     M, K, N = _check(x, packed, group_size, bias)
     cfg = next(c for c in GEMM_CONFIG if M <= c[0])[1:]
-    block_m, block_n, num_warps, num_stages, kt, waves = (a or b for a, b in zip(
-        (block_m, block_n, num_warps, num_stages, k_tile, waves), cfg))
+    swapped, block_m, block_n, num_warps, num_stages, kt, waves = (b if a is None else a for a, b in zip(
+        (swapped, block_m, block_n, num_warps, num_stages, k_tile, waves), cfg))
     kt = _k_tile(group_size, kt)
     counters = packed["counters"]
-    n_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    split, per = _splits(n_tiles, K // kt, waves * sm_count(x.device), counters.numel(), split)
+    m_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+    split, per = _splits(m_tiles * n_tiles, K // kt, waves * sm_count(x.device), counters.numel(), split)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     part = torch.empty(split if split > 1 else 1, M, N, device=x.device, dtype=torch.float32)
-    _gemm_kernel[(n_tiles, split)](
-        x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y, part, counters,
-        M, N // 8, K, x.stride(0), split, per, KT8=kt // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        GROUP_M=8, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    args = (x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y, part, counters,
+            M, N // 8, K, x.stride(0), split, per)
+    opts = dict(KT8=kt // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split > 1,
+                HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                num_warps=num_warps, num_stages=num_stages)
+    if swapped:
+        _gemm_swapped_kernel[(m_tiles, n_tiles, split)](*args, **opts)
+    else:
+        _gemm_kernel[(m_tiles * n_tiles, split)](*args, GROUP_M=8, **opts)
     return y
 
 

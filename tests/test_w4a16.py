@@ -72,7 +72,8 @@ def test_w4a16_linear_tiny(m, n, bias):
     assert not packed["workspace"].any(), "the split-K workspace must be back at zero"
 
 
-@pytest.mark.parametrize("path, split", [("gemv", 1), ("gemv", 3), ("gemm", 1), ("gemm", 3), ("dequant_matmul", 1)])
+@pytest.mark.parametrize("path, split", [("gemv", 1), ("gemv", 3), ("gemm", 1), ("gemm", 3), ("swapped", 1), ("swapped", 3),
+                                         ("dequant_matmul", 1)])
 def test_each_path_and_split_k(path, split):
     """Every path forced, with and without split-K, at a group size larger than the K tile."""
     n, k, group = 72, 256, 128  # K tile 64: 4 tiles, 2 groups
@@ -80,8 +81,8 @@ def test_each_path_and_split_k(path, split):
     x, b = _inputs(3 if path == "gemv" else 20, k, n, torch.float32, bias=True)
     if path == "gemv":
         ours = w4a16.gemv(x, packed, group, b, cols_per_thread=1, num_warps=1, split=split)
-    elif path == "gemm":
-        ours = w4a16.gemm(x, packed, group, b, block_m=16, block_n=32, split=split)
+    elif path in ("gemm", "swapped"):  # 20 rows: two M tiles of 16
+        ours = w4a16.gemm(x, packed, group, b, swapped=path == "swapped", block_m=16, block_n=32, split=split)
     else:
         ours = w4a16.dequant_matmul(x, packed, group, b)
     _check_all_written(ours)
@@ -154,11 +155,11 @@ def test_w4a16_linear_real_shapes(dtype, m, k, n, group):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 17, 64, 150])
 def test_gemv_and_gemm_forced_at_small_m(m):
     packed, x, b, ref = _gpu_case(m, 4096, 4096, 128, torch.float16, bias=True, seed=10 + m)
-    for out in ([w4a16.gemv(x, packed, 128, b)] if m <= 4 else []) + [w4a16.gemm(x, packed, 128, b),
-                                                                       w4a16.dequant_matmul(x, packed, 128, b)]:
+    fused = [w4a16.gemm(x, packed, 128, b, swapped=swapped) for swapped in (False, True)]
+    for out in ([w4a16.gemv(x, packed, 128, b)] if m <= 4 else []) + fused + [w4a16.dequant_matmul(x, packed, 128, b)]:
         _check_all_written(out)
         assert _rel_err(out, ref) < 2e-3
 

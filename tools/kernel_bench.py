@@ -1,14 +1,16 @@
 """`python -m tinyvila.tools.kernel_bench`: time the decode kernels (W4A16 linears, attention) on the GPU.
 
     python -m tinyvila.tools.kernel_bench                    # the default tables
-    python -m tinyvila.tools.kernel_bench --dtype bfloat16 --gemv-m 1,2,4,8 --gemm-m 16,128,512,2048
+    python -m tinyvila.tools.kernel_bench --dtype bfloat16 --gemv-m 1,2,4 --gemm-m 16,128,512
 
 Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, bytes moved (packed
 weights + scales + zeros + x read, y written) over the time, and that rate as a fraction of the
-device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth). Prefill (GEMM) table: w4a16_linear
-against cuBLAS on the same product with fp16/bf16 weights (F.linear), and each of our two large-M
-paths (fused-dequant Triton GEMM; Triton dequantize + cuBLAS), and the GEMV for M <= 4, so the
-switch points can be read off. Decode attention table: one token's attention over a KV cache of
+device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth). GEMM table, every M from 1 to
+2994 by default: w4a16_linear against cuBLAS on the same product with fp16/bf16 weights (F.linear;
+the ratio is our time over cuBLAS's), torch's tinygemm int4 kernel (gpt-fast's path, bf16
+activations; "-" where the GPU or torch lacks it), each of our two larger-M paths (fused-dequant
+Triton GEMM; Triton dequantize + cuBLAS), and the GEMV for M <= 4, so the switch points can be read
+off. Decode attention table: one token's attention over a KV cache of
 the 7B models' head layouts (query heads / KV heads, head dim 128) at the split count decode uses,
 time per call and the K/V bytes read over the time against the copy bandwidth.
 
@@ -36,6 +38,8 @@ from tinyvila.tools.bench import copy_bandwidth
 GEMV_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096), (3584, 18944), (18944, 3584),
                (3584, 4608)]
 GEMM_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096)]
+# every batch size a prefill, a follow-up or a batch of conversations gives the 4-bit linears
+GEMM_M = [1, 2, 4, 8, 16, 32, 64, 128, 148, 256, 512, 1381, 2994]
 # decode attention (query heads, KV heads, keys): LLaVA-NeXT-7B after a 672x672 image, Qwen2.5-VL-7B
 # after a 1344x1344 one, LongVILA-7B after 256 frames
 ATTENTION_SHAPES = [(32, 32, 3000), (28, 4, 2400), (28, 4, 65900)]
@@ -126,14 +130,31 @@ def gemv_rows(shapes, ms, group, dtype, device, bw, reps):
     return rows
 
 
+def tinygemm_layer(K, N, group, device):
+    """torch's tinygemm int4 operands (gpt-fast's int4 path: bf16 activations, group-wise scales
+    and zeros) with random contents, or None where this torch or GPU lacks the kernel."""
+    try:
+        w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device)
+        packed = torch._convert_weight_to_int4pack(w, 8)
+        sz = (torch.rand(K // group, N, 2, device=device) * 0.02).to(torch.bfloat16)
+        torch._weight_int4pack_mm(torch.randn(1, K, device=device, dtype=torch.bfloat16), packed, group, sz)
+        return packed, sz
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def gemm_rows(shapes, ms, group, dtype, device, reps):
     rows = []
     for K, N in shapes:
         lb = layer_bytes(K, N, group)
         layers = [make_layer(K, N, group, device) for _ in range(copies_for(lb))]
         dense = [torch.randn(N, K, device=device, dtype=dtype) * 0.02 for _ in range(copies_for(N * K * 2))]
+        tiny = tinygemm_layer(K, N, group, device)
+        tinys = [tiny] * copies_for(lb) if tiny is None else [tinygemm_layer(K, N, group, device)
+                                                               for _ in range(copies_for(lb))]
         for m in ms:
             x = torch.randn(m, K, device=device, dtype=dtype)
+            xb = x.to(torch.bfloat16)
             r = max(5, min(reps, int(2e6 / (m * K * N / 1e6 + 1))))  # fewer calls per graph for big products
 
             def timed(fn, ws):
@@ -144,9 +165,11 @@ def gemm_rows(shapes, ms, group, dtype, device, reps):
             t_fused = timed(lambda x, L: w4a16.gemm(x, L, group), layers)
             t_deq = timed(lambda x, L: w4a16.dequant_matmul(x, L, group), layers)
             t_gemv = timed(lambda x, L: w4a16.gemv(x, L, group), layers) if m <= 4 else float("nan")
+            t_tiny = float("nan") if tiny is None else timed(
+                lambda x, T: torch._weight_int4pack_mm(xb, T[0], group, T[1]), tinys)
             flops = 2 * m * K * N
-            rows.append((f"{K}->{N}", m, t_ours * 1e6, flops / t_ours / 1e12, t_cublas * 1e6, t_cublas / t_ours,
-                         t_fused * 1e6, t_deq * 1e6, t_gemv * 1e6))
+            rows.append((f"{K}->{N}", m, t_ours * 1e6, flops / t_ours / 1e12, t_cublas * 1e6, t_ours / t_cublas,
+                         t_tiny * 1e6, t_fused * 1e6, t_deq * 1e6, t_gemv * 1e6))
         del layers, dense
     return rows
 
@@ -187,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-shapes", type=_shapes, default=GEMV_SHAPES, help="KxN,KxN,... (default: 7B shapes)")
     ap.add_argument("--gemm-shapes", type=_shapes, default=GEMM_SHAPES)
     ap.add_argument("--gemv-m", type=_ints, default=[1], help="decode rows (default 1)")
-    ap.add_argument("--gemm-m", type=_ints, default=[16, 128, 512, 2048])
+    ap.add_argument("--gemm-m", type=_ints, default=GEMM_M)
     ap.add_argument("--attention", type=_attention_shapes, default=ATTENTION_SHAPES,
                     help="decode attention shapes HQ/HKV/KEYS,... (default: the 7B models after an image or video)")
     ap.add_argument("--reps", type=int, default=100, help="calls per captured graph")
@@ -220,13 +243,14 @@ def run(args) -> None:
             print(f"| {shape} | {m} | {t:.2f} | {gbs:.0f} | {frac:.1%} |")
         print()
     if args.gemm_shapes and args.gemm_m:
-        print(f"| shape K->N | M | w4a16_linear (us) | TFLOP/s | cuBLAS {args.dtype} weights (us) | cuBLAS time / ours "
-              "| fused GEMM (us) | dequant + cuBLAS (us) | GEMV (us) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for shape, m, t, tf, tc, ratio, tfu, tdq, tgv in gemm_rows(args.gemm_shapes, args.gemm_m, args.group, dtype,
-                                                                   device, args.reps):
-            gv = "-" if tgv != tgv else f"{tgv:.1f}"
-            print(f"| {shape} | {m} | {t:.1f} | {tf:.0f} | {tc:.1f} | {ratio:.2f} | {tfu:.1f} | {tdq:.1f} | {gv} |")
+        print(f"| shape K->N | M | w4a16_linear (us) | TFLOP/s | cuBLAS {args.dtype} weights (us) | ours / cuBLAS "
+              "| tinygemm int4, bf16 (us) | fused GEMM (us) | dequant + cuBLAS (us) | GEMV (us) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for shape, m, t, tf, tc, ratio, tti, tfu, tdq, tgv in gemm_rows(args.gemm_shapes, args.gemm_m, args.group,
+                                                                        dtype, device, args.reps):
+            gv, ti = ("-" if v != v else f"{v:.1f}" for v in (tgv, tti))
+            print(f"| {shape} | {m} | {t:.1f} | {tf:.0f} | {tc:.1f} | {ratio:.2f} | {ti} | {tfu:.1f} | {tdq:.1f} "
+                  f"| {gv} |")
         print()
     if args.attention:
         print("| decode attention, heads q/kv | keys | splits | time (us) | GB/s | fraction of copy bandwidth |")
