@@ -29,7 +29,7 @@ gate|up output itself and forms silu(gate) * up as it loads x (`swiglu=True`: no
 Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on data):
   M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
   M < CUBLAS_MIN_M      fused-dequant GEMM (tl.dot), split-K when the tiles do not fill the GPU; from
-                        M = 17 with the operands swapped (y^T = W^T x^T, see _gemm_swapped_kernel).
+                        M = 17 with the operands swapped (y^T = W^T x^T, see _gemm_kernel).
   otherwise             dequantize into a scratch W [K, N] of the activation dtype, then cuBLAS.
 Thresholds from python -m tinyvila.tools.kernel_bench (the 7B models' projections, fp16, G=128):
 the GEMV wins up to M=2 and loses from M=3 (one FMA a weight a row on CUDA cores against a
@@ -317,19 +317,31 @@ def _dequant_tile(words, s16, c, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr)
 @triton.jit
 def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits, tiles_per_split,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """Fused-dequant GEMM: a [BLOCK_M, BLOCK_N] output tile, K step by step (one group each)."""
+                 GROUP_M: tl.constexpr, SWAPPED: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Fused-dequant GEMM: a [BLOCK_M, BLOCK_N] output tile, K step by step (one group each).
+    SWAPPED: the tile is computed transposed, y^T [BLOCK_N, BLOCK_M] = W^T x^T, so the dequantized
+    weights are the tensor-core product's A operand, whose long side (64 rows a warpgroup on
+    Hopper) BLOCK_N weight columns fill, and the activation rows are its short side. From M = 17
+    this beats the straight tile, whose 64- and 128-row tiles spill registers. The grid is then
+    (M tiles, N tiles, splits): programs next to each other in launch order share a weight tile,
+    which comes from L2 after the first; the straight grid is (tiles, splits) in grouped order."""
     KT: tl.constexpr = 8 * KT8
     N = N8 * 8
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n  # grouped order: programs running together share weight tiles in L2
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    if SWAPPED:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        split = tl.program_id(2)
+    else:
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        width = GROUP_M * grid_n  # grouped order: programs running together share weight tiles in L2
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -338,53 +350,28 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
     r = tl.arange(0, KT8)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, K // KT)
-    x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
     w_offs = r[:, None] * N + cols[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAPPED:
+        x_ptrs = X + rows[None, :].to(tl.int64) * stride_xm + k[:, None]  # x^T [KT, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for t in range(t0, t1):
-        a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
         words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
         s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
-        b = _dequant_tile(words, s16[None, :], c[None, :], a.dtype, KT, BLOCK_N)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SWAPPED:
+            xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
+            w = _dequant_tile(words, s16[None, :], c[None, :], xt.dtype, KT, BLOCK_N)
+            acc = tl.dot(tl.trans(w), xt, acc, input_precision=PRECISION)
+        else:
+            a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
+            w = _dequant_tile(words, s16[None, :], c[None, :], a.dtype, KT, BLOCK_N)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if SWAPPED:
+        acc = tl.trans(acc)
     _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, pid_m * grid_n + pid_n, split, splits,
                      SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _gemm_swapped_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits,
-                         tiles_per_split, KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
-    """Fused-dequant GEMM with the operands swapped: the output tile is computed transposed,
-    y^T [BLOCK_N, BLOCK_M] = W^T x^T, so the dequantized weights are the tensor-core product's A
-    operand, whose long side (64 rows a warpgroup on Hopper) BLOCK_N weight columns fill, and the
-    activation rows are its short side. From M = 17 this beats the straight tile, whose 64- and
-    128-row tiles spill registers. Programs next to each other in launch order share a weight tile
-    (M tiles vary fastest), so it comes from L2 after the first."""
-    KT: tl.constexpr = 8 * KT8
-    N = N8 * 8
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    split = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cmask = cols < N
-    k = tl.arange(0, KT)
-    r = tl.arange(0, KT8)
-    t0 = split * tiles_per_split
-    t1 = tl.minimum(t0 + tiles_per_split, K // KT)
-    xt_ptrs = X + rows[None, :].to(tl.int64) * stride_xm + k[:, None]  # x^T [KT, BLOCK_M]
-    w_offs = r[:, None] * N + cols[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for t in range(t0, t1):
-        xt = tl.load(xt_ptrs + t * KT, mask=rmask[None, :], other=0.0)
-        words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
-        s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
-        w = _dequant_tile(words, s16[None, :], c[None, :], xt.dtype, KT, BLOCK_N)
-        acc = tl.dot(tl.trans(w), xt, acc, input_precision=PRECISION)
-    _store_or_reduce(tl.trans(acc), rows, cols, M, N, Y, Bias, Part, Counters, pid_n * tl.num_programs(0) + pid_m,
-                     split, splits, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -475,10 +462,8 @@ def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=N
     opts = dict(KT8=kt // 8, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split > 1,
                 HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 num_warps=num_warps, num_stages=num_stages)
-    if swapped:
-        _gemm_swapped_kernel[(m_tiles, n_tiles, split)](*args, **opts)
-    else:
-        _gemm_kernel[(m_tiles * n_tiles, split)](*args, GROUP_M=8, **opts)
+    grid = (m_tiles, n_tiles, split) if swapped else (m_tiles * n_tiles, split)
+    _gemm_kernel[grid](*args, GROUP_M=8, SWAPPED=swapped, **opts)
     return y
 
 
