@@ -280,19 +280,12 @@ def test_follow_up_positions_from_the_layout_equal_the_familys(qwen3, tmp_path, 
     """Session.positions reuses the media layout's positions turn after turn: after a timestamped
     video and an image (kept whole or pruned) they must equal the family's for the whole prompt."""
     from fixtures_images import write_video
+    from test_short_prefill import check_positions_every_turn
 
     _, _, eng = qwen3["tied"]
     video = write_video(tmp_path / "clip.mp4", [draw_image(96, 64, seed=k) for k in range(8)], fps=4)
     with eng.session(videos=[str(video)], images=[draw_image(120, 90, seed=3)], **options) as s:
-        for q in ("Describe it.", "And then?"):
-            s.ask(q, max_new_tokens=2, temperature=0)
-            ids = eng.encode_text(eng.render(list(s.messages) + [s.user_message("More?", [])]))
-            media = s.media + s.pending
-            keys, spans = s.expand(ids, media)
-            pruned = {j: s._visual[j] for _, _, j in spans if s._visual[j].saliency is not None}
-            assert bool(pruned) == bool(options)
-            want = eng.model.positions(len(keys), spans, media, "cpu", pruned, s.sparsity.position_mode)
-            assert torch.equal(s.positions(keys, spans, media), want)
+        assert check_positions_every_turn(eng, s) == bool(options)
 
 
 def test_video_sampling_and_size():

@@ -150,15 +150,22 @@ def test_positions_from_the_layout_equal_the_familys_for_every_turn(engines, nam
     dense end under "original") they must equal the family's for the whole prompt, turn after turn."""
     eng = engines[name]
     with eng.session(images=[draw_image(120, 90, seed=2)], **options) as s:
-        for q in ("Describe it.", "And then?"):
-            s.ask(q, max_new_tokens=2, temperature=0)
-            ids = eng.encode_text(eng.render(list(s.messages) + [s.user_message("More?", [])]))
-            media = s.media + s.pending
-            keys, spans = s.expand(ids, media)
-            pruned = {j: s._visual[j] for _, _, j in spans if s._visual[j].saliency is not None}
-            assert pruned or not options.get("sparsity") and not options.get("prefill_sparsity")
-            want = eng.model.positions(len(keys), spans, media, "cpu", pruned, s.sparsity.position_mode)
-            assert torch.equal(s.positions(keys, spans, media), want)
+        pruned = check_positions_every_turn(eng, s)
+        assert pruned or not options.get("sparsity") and not options.get("prefill_sparsity")
+
+
+def check_positions_every_turn(eng, s) -> bool:
+    """Two turns of session `s`; after each, the positions Session.positions gives a next question
+    must equal the family's own for the whole prompt. Returns whether any media item was pruned."""
+    for q in ("Describe it.", "And then?"):
+        s.ask(q, max_new_tokens=2, temperature=0)
+        ids = eng.encode_text(eng.render(list(s.messages) + [s.user_message("More?", [])]))
+        media = s.media + s.pending
+        keys, spans = s.expand(ids, media)
+        pruned = {j: s._visual[j] for _, _, j in spans if s._visual[j].saliency is not None}
+        want = eng.model.positions(len(keys), spans, media, "cpu", pruned, s.sparsity.position_mode)
+        assert torch.equal(s.positions(keys, spans, media), want)
+    return bool(pruned)
 
 
 def test_reused_prefix_across_blocks():
