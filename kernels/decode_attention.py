@@ -12,6 +12,11 @@ GPU), and merging in the last program of each KV head behind a semaphore (its se
 than the launch it saves, which PDL already overlaps).
 Grouped-query attention: query head h reads KV head h // (Hq // Hkv); one program serves a whole
 group, so every key and value is read once. fp16 / bf16 in (fp32 for tests), fp32 accumulation.
+
+`decode_attention_rows`: one launch for B conversations' tokens (batched decode), row b over its own
+cache, found through a `CacheTable` (each cache's device address and capacity, in device tensors a
+CUDA graph replays), with its own length; the key range of a row is cut into SPLITS chunks of its
+live length, as the rows' lengths differ.
 """
 import math
 
@@ -34,21 +39,45 @@ def decode_attention_ref(q, k, v, length, scale=None, window=None):
     return torch.einsum("hs,hsd->hd", p, values).to(q.dtype)
 
 
+def decode_attention_rows_ref(q, kvs, lengths, scale=None, window=None):
+    """q [B, Hq, D]; kvs: row b's (k, v) [Hkv, S_b, D]; lengths: ints. Row by row, as above."""
+    return torch.stack([decode_attention_ref(q[b], k, v, int(n), scale, window)
+                        for b, ((k, v), n) in enumerate(zip(kvs, lengths))])
+
+
 @triton.jit
 def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window, split_size,
-             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    # One program per (KV head, split): the GROUP query heads sharing that KV head are scored
-    # together with tensor-core dots, so each key and value is read once.
+             Table, layer, n_kv, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr,
+             D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    # One program per (KV head, split), or per (row, KV head, split) with ROWS: the GROUP query
+    # heads sharing that KV head are scored together with tensor-core dots, so each key and value
+    # is read once.
     chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
-    kv = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a KV head of a long cache is large
     split = tl.program_id(1)
-    length = tl.load(Length)
+    if ROWS:  # row b's cache [L, Hkv, cap, D] from the table's columns b (K address, V address, cap)
+        n_rows = tl.num_programs(0) // n_kv
+        row = tl.program_id(0) // n_kv
+        kv = (tl.program_id(0) % n_kv).to(tl.int64)
+        length = tl.load(Length + row)
+        stride_kh = tl.load(Table + 2 * n_rows + row) * D
+        stride_ks = D
+        layer_offset = layer * n_kv * stride_kh
+        K = tl.load(Table + row).to(tl.pointer_type(Q.dtype.element_ty)) + layer_offset
+        V = tl.load(Table + n_rows + row).to(tl.pointer_type(Q.dtype.element_ty)) + layer_offset
+    else:
+        row = 0
+        kv = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a KV head of a long cache is large
+        length = tl.load(Length)
     lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)
-    start = tl.maximum(lo, split * split_size)
-    end = tl.minimum(length, split * split_size + split_size)
+    if ROWS:  # the row's own live keys, cut in SPLITS
+        split_size = tl.cdiv(tl.cdiv(length - lo, SPLITS), BLOCK) * BLOCK
+        first = lo + split * split_size
+    else:
+        first = split * split_size
+    start = tl.maximum(lo, first)
+    end = tl.minimum(length, first + split_size)
     g = tl.arange(0, GROUP_PAD)
-    heads = kv * GROUP + g
+    heads = (row * n_kv + kv) * GROUP + g
     in_group = g < GROUP
     d = tl.arange(0, D)
     q = tl.load(Q + heads[:, None] * D + d[None, :], mask=in_group[:, None], other=0.0)  # [GROUP_PAD, D]
@@ -117,11 +146,46 @@ def decode_attention(q, k, v, length, scale=None, window=None, splits=None, bloc
     scale = scale if scale is not None else D ** -0.5
     group = Hq // Hkv
     _partial[(Hkv, splits)](q, k, v, length, part, mx, sm, k.stride(0), k.stride(1), scale, window or 0, split_size,
+                            length, 0, Hkv, ROWS=False,
                             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=splits, D=D,
                             BLOCK=block, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                             num_warps=num_warps, **launch_options(q.device, dependent=True))
     _merge[(Hq,)](part, mx, sm, out, SPLITS=splits, D=D, **launch_options(q.device, dependent=True))
     return out
+
+
+def decode_attention_rows(q, table, layer: int, lengths, n_kv: int, scale=None, window=None, splits=None, block=64,
+                          workspace=None, num_warps=4):
+    """Triton decode attention of B conversations' tokens, q [B, Hq, D]: row b attends over
+    layer `layer` of its own cache, a contiguous K and V [L, n_kv, cap_b, D] of q's dtype, given by
+    `table` int64 [3, B] (K address, V address, cap_b), its first lengths[b] keys (int32 [B], on the
+    device). Same result as decode_attention_rows_ref. The table and lengths are read on the
+    device, so a CUDA graph replays the launch for any rows."""
+    B, Hq, D = q.shape
+    assert D & (D - 1) == 0 and Hq % n_kv == 0 and q.is_contiguous(), (q.shape, n_kv)
+    assert table.shape == (3, B) and table.dtype == torch.int64 and table.is_contiguous() and table.device == q.device
+    assert lengths.shape == (B,) and lengths.dtype == torch.int32 and lengths.device == q.device
+    if workspace is not None:
+        splits = workspace[1].numel() // (B * Hq)
+    splits = splits or rows_split_count(B, n_kv, sm_count(q.device))
+    part, mx, sm = workspace if workspace is not None else decode_workspace(B * Hq, splits, D, q.device)
+    assert mx.numel() == B * Hq * splits, "the workspace is for another batch or split count"
+    out = torch.empty_like(q)
+    group = Hq // n_kv
+    _partial[(B * n_kv, splits)](q, q, q, lengths, part, mx, sm, 0, 0, scale if scale is not None else D ** -0.5,
+                                 window or 0, 0, table, layer, n_kv, ROWS=True, GROUP=group,
+                                 GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=splits, D=D, BLOCK=block,
+                                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+                                 **launch_options(q.device, dependent=True))
+    _merge[(B * Hq,)](part, mx, sm, out, SPLITS=splits, D=D, **launch_options(q.device, dependent=True))
+    return out
+
+
+def rows_split_count(n_rows: int, n_kv_heads: int, sms: int = SM_COUNT_DEFAULT) -> int:
+    """Splits per row for decode_attention_rows: a couple of programs per multiprocessor in all
+    (a power of two, at most 16; each row's live keys are cut in this many)."""
+    want = max(1, (2 * sms + n_rows * n_kv_heads - 1) // (n_rows * n_kv_heads))
+    return min(16, 1 << (want - 1).bit_length())
 
 
 def decode_workspace(n_heads: int, splits: int, head_dim: int, device):

@@ -6,6 +6,10 @@ activation dtype) and writes the rotated k and the v into the caches at slot `sl
 device tensor, so CUDA graphs can replay it). Returns the rotated q [Hq, D]. M-RoPE needs nothing
 special here: its tables already mix the t/h/w angles. `qk_norm=(q weight, k weight, eps)` (Qwen3)
 first RMS-normalises each q and k head as the RMSNorm module does (fp32, cast, then the weight).
+
+`rope_append_rows`: the same for B conversations' tokens in one launch (batched decode), row b
+into its own cache at its own slot, the caches given by a table of device addresses as
+`decode_attention_rows` reads them.
 """
 import torch
 
@@ -35,12 +39,30 @@ def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_nor
     return rot(q)
 
 
+def rope_append_rows_ref(qkv, cos, sin, kvs, slots, n_heads, n_kv, qk_norm=None):
+    """qkv [B, (Hq + 2 Hkv) D], cos/sin [B, D], kvs: row b's (k, v) cache [Hkv, S_b, D], slots: ints.
+    Returns q [B, Hq, D]."""
+    return torch.stack([rope_append_ref(qkv[b], cos[b:b + 1], sin[b:b + 1], k, v, slots[b], n_heads, n_kv, qk_norm)
+                        for b, (k, v) in enumerate(kvs)])
+
+
 @triton.jit
-def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks, QW, KW, eps,
+def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks, QW, KW, eps, Table, layer,
                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                 QK_NORM: tl.constexpr, PDL: tl.constexpr):
+                 QK_NORM: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
     chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
+    row = tl.program_id(1)  # ROWS: the conversation; its cache from the table's column `row`
+    if ROWS:
+        n_rows = tl.num_programs(1)
+        stride_kh = tl.load(Table + 2 * n_rows + row) * D
+        stride_ks = D
+        K_cache = tl.load(Table + row).to(tl.pointer_type(QKV.dtype.element_ty)) + layer * N_KV * stride_kh
+        V_cache = tl.load(Table + n_rows + row).to(tl.pointer_type(QKV.dtype.element_ty)) + layer * N_KV * stride_kh
+        QKV += row * (N_HEADS + 2 * N_KV) * D
+        Q_out += row * N_HEADS * D
+        Cos += row * D
+        Sin += row * D
     half = HALF
     i = tl.arange(0, HALF)
     cos = tl.load(Cos + i)
@@ -48,7 +70,7 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
     base = QKV + head * D
     x1 = tl.load(base + i)
     x2 = tl.load(base + half + i)
-    slot = tl.load(Slot)
+    slot = tl.load(Slot + row)
     if head < N_HEADS + N_KV:
         if QK_NORM:  # RMSNorm of the head: fp32 statistics, cast back, then the weight
             f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
@@ -82,7 +104,23 @@ def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_norm=No
     q = torch.empty(n_heads, D, device=qkv.device, dtype=qkv.dtype)
     q_w, k_w, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)  # unused without the norm
     _rope_append[(n_heads + 2 * n_kv,)](qkv, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
-                                       k_cache.stride(0), k_cache.stride(1), q_w, k_w, eps, N_HEADS=n_heads,
-                                       N_KV=n_kv, D=D, HALF=D // 2, QK_NORM=qk_norm is not None,
+                                       k_cache.stride(0), k_cache.stride(1), q_w, k_w, eps, slot, 0, N_HEADS=n_heads,
+                                       N_KV=n_kv, D=D, HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=False,
                                        **launch_options(qkv.device, dependent=True))
+    return q
+
+
+def rope_append_rows(qkv, cos, sin, table, layer: int, slots, n_heads, n_kv, qk_norm=None):
+    """rope_append for B rows: qkv [B, (Hq + 2 Hkv) D], cos/sin [B, D], row b's k and v written to
+    slot slots[b] (device tensor [B]) of layer `layer` of its cache, given by `table` int64 [3, B]
+    as decode_attention_rows reads it. Returns q [B, Hq, D]."""
+    B, D = cos.shape
+    assert qkv.is_contiguous() and qkv.shape == (B, (n_heads + 2 * n_kv) * D), (qkv.shape, n_heads, n_kv, D)
+    assert table.shape == (3, B) and table.dtype == torch.int64 and slots.shape == (B,) and cos.dtype == qkv.dtype
+    q = torch.empty(B, n_heads, D, device=qkv.device, dtype=qkv.dtype)
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
+    _rope_append[(n_heads + 2 * n_kv, B)](qkv, cos.contiguous(), sin.contiguous(), q, qkv, qkv, slots, 0, 0,
+                                          q_w, k_w, eps, table, layer, N_HEADS=n_heads, N_KV=n_kv, D=D,
+                                          HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=True,
+                                          **launch_options(qkv.device, dependent=True))
     return q

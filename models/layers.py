@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from tinyvila.errors import CheckpointError, TinyVilaError
-from tinyvila.kernels.decode_attention import decode_attention
+from tinyvila.kernels.decode_attention import decode_attention, decode_attention_rows
 from tinyvila.kernels.retrieval import retrieval_attention
 from tinyvila.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from tinyvila.kernels.rope import rope_
-from tinyvila.kernels.rope_append import rope_append
+from tinyvila.kernels.rope_append import rope_append, rope_append_rows
 from tinyvila.kernels.saliency import saliency_attention
 from tinyvila.loader import iter_tensors, progress_bar
 
@@ -477,6 +477,14 @@ class Attention(nn.Module):
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
         return self.o_proj(out.reshape(1, -1))
 
+    def decode_batch(self, x, cos, sin, table, layer: int, slots, lengths, window, workspace):
+        """decode for B conversations' tokens x [B, C], row b at slot slots[b] of its own cache (table:
+        KVCache.address columns), attending over its first lengths[b] slots; graph-capturable."""
+        norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        q = rope_append_rows(self.qkv_proj(x), cos, sin, table, layer, slots, self.n_heads, self.n_kv, norms)
+        out = decode_attention_rows(q, table, layer, lengths, self.n_kv, window=window, workspace=workspace)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool):
@@ -716,11 +724,22 @@ class DecoderLM(nn.Module):
                                                                             window, workspace))
         return self.project(h)
 
+    def decode_batch(self, ids, positions, table, slots, lengths, workspace):
+        """The GPU decode step of B conversations, every input a device tensor so that a CUDA graph
+        can capture it once per batch size: ids [B], positions [B] or [3, B], table int64 [3, B]
+        (each row's KVCache.address), slots [B], lengths int32 [B] (slots + 1). The linears run at
+        M = B, attention in one launch over each row's own cache. Returns fp32 logits [B, V]."""
+        h = self.embed(ids)
+        cos, sin = self.rope_tables(positions, h.dtype)
+        window = self.cfg.sliding_window
+        h = self.fused_blocks(h, lambda i, layer, x: layer.self_attn.decode_batch(x, cos, sin, table, i, slots, lengths,
+                                                                                  window, workspace))
+        return self.project(h)
+
     def decode_rows(self, ids, positions, caches, slots) -> torch.Tensor:
-        """One decode step of B conversations: ids [B] (each row's token), positions [B] or [3, B],
-        caches: each row's own KVCache, slots: each row's slot in it (ints). The linears run at
-        M = B, one weight read for the batch; attention runs per row over its own cache, eagerly
-        (a varlen decode attention kernel and CUDA graphs per batch size are later GPU work).
+        """One decode step of B conversations in plain PyTorch (the CPU path): ids [B] (each row's
+        token), positions [B] or [3, B], caches: each row's own KVCache, slots: each row's slot in
+        it (ints). The linears run at M = B, attention row by row over each row's own cache.
         Sets each cache's length; returns fp32 logits [B, V]."""
         h = self.embed(ids)
         cos, sin = self.rope_tables(positions, h.dtype)

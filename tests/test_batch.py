@@ -244,6 +244,38 @@ def test_decode_rows_each_row_over_its_own_cache(eng, image_files):
     assert [c.length for c, _, _ in rows] == [n + 1 for _, n, _ in rows]
 
 
+@pytest.mark.parametrize("family", ["llava_mistral", "qwen"])
+def test_decode_batch_kernels_equal_decode_rows(eng, qwen, image_files, family):
+    """The GPU step (Triton kernels, here in the interpreter): one launch for every row's own
+    cache through the address table, a padding row over a one-slot scratch cache among them.
+    Mistral's sliding window and GQA; Qwen's M-RoPE and q/k/v biases."""
+    from tinyvila.kernels.decode_attention import decode_workspace, rows_split_count
+    from tinyvila.kv_cache import KVCache
+
+    engine = eng if family == "llava_mistral" else qwen
+    lm = engine.model.language_model
+    sessions = [session(engine, image_files, conv) for conv in CONVERSATIONS[:3]]
+    for s, conv in zip(sessions, CONVERSATIONS):
+        s.ask(conv[2][0], max_new_tokens=2, ignore_eos=True)
+    cfg = lm.cfg
+    scratch = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 1, "cpu", torch.float32)
+    caches = [s.cache for s in sessions]
+    slots = [c.length for c in caches]
+    ids, pos = torch.tensor([5, 6, 0, 7]), torch.tensor(slots[:2] + [0] + slots[2:])
+    table = torch.tensor([a for a in zip(*(c.address() for c in caches[:2] + [scratch] + caches[2:]))])
+    positions = pos.expand(3, -1) if family == "qwen" else pos
+    with torch.no_grad():
+        want = lm.decode_rows(ids[[0, 1, 3]], positions[..., [0, 1, 3]], caches, slots)
+        for c, n in zip(caches, slots):
+            c.length = n
+        ws = decode_workspace(4 * cfg.num_attention_heads, rows_split_count(4, cfg.num_key_value_heads), cfg.head_dim,
+                              "cpu")
+        slot_t = torch.tensor(slots[:2] + [0] + slots[2:])
+        got = lm.decode_batch(ids, positions, table, slot_t, (slot_t + 1).int(), ws)
+    torch.testing.assert_close(got[[0, 1, 3]], want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1]) and not torch.allclose(got[1], got[3])  # the rows differ
+
+
 def test_batcher_arguments():
     with pytest.raises(TinyVilaError, match="max_batch"):
         Batcher(None, max_batch=0)
@@ -293,16 +325,19 @@ def test_bench_batch_runs_and_matches_batch_1(llava_vicuna, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
-    """On a GPU in fp32 (never run on the CPU CI): the eager batched step gives each conversation
-    the tokens of its graphed batch-1 decode."""
+    """On a GPU in fp32 (never run on the CPU CI): the batched step, graphed per batch bucket (and
+    eager without graphs), gives each conversation the tokens of its graphed batch-1 decode."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    gpu = tinyvila.load(llava_mistral, device="cuda", dtype="float32")
-    convs = CONVERSATIONS[:4]
-    alone = [solo(gpu, image_files, conv) for conv in convs]
-    batcher = Batcher(gpu, prefill_chunk=32)
-    _, requests = submit_all(batcher, gpu, image_files, convs)
-    batcher.run()
-    assert tokens(requests) == alone
+    for graphs in (True, False):
+        gpu = tinyvila.load(llava_mistral, device="cuda", dtype="float32", cuda_graphs=graphs)
+        convs = CONVERSATIONS[:4]
+        alone = [solo(gpu, image_files, conv) for conv in convs]
+        batcher = Batcher(gpu, prefill_chunk=32)
+        _, requests = submit_all(batcher, gpu, image_files, convs)
+        batcher.run()
+        assert tokens(requests) == alone
+        buckets = batcher._step_gpu.buckets.values()
+        assert len(buckets) > 1 and all((b["graph"] is not None) == graphs for b in buckets)
 
 
 def test_what_a_newcomer_prefills_ahead(eng, image_files):

@@ -73,7 +73,8 @@ def test_decode_attention_real_shapes(dtype, hq, hkv, length):
 
 
 from tinyvila.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref  # noqa: E402
-from tinyvila.kernels.rope_append import rope_append, rope_append_ref  # noqa: E402
+from tinyvila.kernels.decode_attention import decode_attention_rows, decode_attention_rows_ref  # noqa: E402
+from tinyvila.kernels.rope_append import rope_append, rope_append_ref, rope_append_rows, rope_append_rows_ref  # noqa
 from tinyvila.kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
 
 
@@ -110,6 +111,58 @@ def test_rope_append(hq, hkv):
     q_ref = rope_append_ref(qkv, cos, sin, k_ref, v_ref, slot, hq, hkv)
     assert torch.allclose(q.cpu(), q_ref, atol=1e-5)
     assert torch.allclose(k.cpu(), k_ref, atol=1e-5) and torch.equal(v.cpu(), v_ref)
+
+
+def _row_caches(caps, layers, hkv, d, dtype, seed=0):
+    """Each row's own cache [L, Hkv, cap, D] (K, V) and the address table the row kernels read."""
+    g = torch.Generator().manual_seed(seed)
+    caches = [tuple(torch.randn(layers, hkv, cap, d, generator=g).to(DEVICE, dtype) for _ in "kv") for cap in caps]
+    table = torch.tensor([[k.data_ptr() for k, _ in caches], [v.data_ptr() for _, v in caches], caps],
+                         dtype=torch.int64, device=DEVICE)
+    return caches, table
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("window, splits", [(None, 1), (None, 4), (20, 2)])
+def test_decode_attention_rows(hq, hkv, window, splits):
+    """Rows of different capacities and lengths (one of a single key), each over its own cache."""
+    caps, lengths, D = [40, 9, 70], [33, 1, 64], 16
+    caches, table = _row_caches(caps, 3, hkv, D, torch.float32)
+    q = torch.randn(len(caps), hq, D).to(DEVICE)
+    for layer in (0, 2):
+        ours = decode_attention_rows(q, table, layer, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), hkv,
+                                     window=window, splits=splits, block=16)
+        ref = decode_attention_rows_ref(q, [(k[layer], v[layer]) for k, v in caches], lengths, window=window)
+        assert (ours - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_decode_attention_rows_real_shapes():
+    caps, lengths = [4096, 3100, 600, 9000], [2990, 3100, 17, 8192]
+    caches, table = _row_caches(caps, 2, 8, 128, torch.float16)
+    q = torch.randn(len(caps), 32, 128, device=DEVICE, dtype=torch.float16)
+    ours = decode_attention_rows(q, table, 1, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), 8)
+    ref = decode_attention_rows_ref(q, [(k[1], v[1]) for k, v in caches], lengths)
+    assert (ours.float() - ref.float()).abs().max() <= 2e-2
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_append_rows(qk_norm):
+    """Rows writing their k and v into their own caches at their own slots, q rotated per row."""
+    hq, hkv, D, caps, slots, layer = 4, 2, 16, [40, 9, 70], [33, 0, 69], 1
+    caches, table = _row_caches(caps, 3, hkv, D, torch.float32)
+    before = [(k.cpu().clone(), v.cpu().clone()) for k, v in caches]
+    qkv = torch.randn(3, (hq + 2 * hkv) * D)
+    ang = torch.randn(3, D // 2)
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    norm = (torch.randn(D) + 1, torch.randn(D) + 1, 1e-6) if qk_norm else None
+    q = rope_append_rows(qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), table, layer,
+                         torch.tensor(slots, device=DEVICE), hq, hkv, None if norm is None else
+                         (norm[0].to(DEVICE), norm[1].to(DEVICE), norm[2]))
+    q_ref = rope_append_rows_ref(qkv, cos, sin, [(k[layer], v[layer]) for k, v in before], slots, hq, hkv, norm)
+    assert torch.allclose(q.cpu(), q_ref, atol=1e-5)
+    for (k, v), (k_ref, v_ref) in zip(caches, before):  # the written slots, and nothing else
+        assert torch.allclose(k.cpu(), k_ref, atol=1e-5) and torch.equal(v.cpu(), v_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

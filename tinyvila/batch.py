@@ -9,10 +9,12 @@ A `Batcher` runs the turns of several sessions of one engine together. Each `ste
     3. the opening request gets one chunk of its prefill (generate.prefill_ahead), so the others'
        streams stall for one chunk at most; once its independent part is in the cache, the rest
        of its prefill runs and it answers its first token (generate.start_answer) and joins;
-    4. one decode step for every running conversation (DecoderLM.decode_rows): the linears at
-       M = batch, attention per row over the row's own cache (its full cache, or the decode buffer
-       holding its own retrieval selection), sampling per row with its own options and seed. A
-       conversation that ends (stop token, length, cancel) leaves at once.
+    4. one decode step for every running conversation: the linears at M = batch, attention over
+       each row's own cache (its full cache, or the decode buffer holding its own retrieval
+       selection), sampling per row with its own options and seed. On a GPU the step is
+       DecoderLM.decode_batch (one attention launch for all rows), a CUDA graph per batch-size
+       bucket (`BatchDecode`); on a CPU DecoderLM.decode_rows. A conversation that ends (stop
+       token, length, cancel) leaves at once.
 
 Each conversation's tokens are those it gets alone (batch 1). An error fails only its own request.
 """
@@ -23,8 +25,13 @@ from collections import deque
 
 import torch
 
+from tinyvila.kernels.decode_attention import decode_workspace, rows_split_count
+from tinyvila.kernels.gpu import sm_count
+from tinyvila.models.layers import capture_graph
+
 from .errors import TinyVilaError
 from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer
+from .kv_cache import KVCache
 from .sampling import SamplingParams, is_number
 
 _END = object()  # the end of a request's stream
@@ -88,6 +95,62 @@ class Request:
         self._done.set()
 
 
+class BatchDecode:
+    """The GPU decode step of B conversations (DecoderLM.decode_batch), as one CUDA graph per
+    bucket of B (1, 2, 4, 8, ...) captured on first use, all in one memory pool. Rows past the
+    real ones are padding over a one-slot scratch cache. Each step's inputs (token, slot, RoPE
+    position and the cache's addresses, per row) go to the device in one copy."""
+
+    def __init__(self, engine):
+        lm = engine.model.language_model
+        cfg = lm.cfg
+        self.lm, self.device, self.stream = lm, engine.device, engine.capture_stream()
+        self.scratch = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 1, engine.device,
+                               engine.dtype)
+        self.pool = torch.cuda.graph_pool_handle() if self.stream is not None else None
+        self.buckets = {}  # bucket size -> its buffers, workspace and graph
+        self.capture_s = 0.0
+
+    def __call__(self, tokens: list, positions: list, caches: list, slots: list, mrope: bool) -> torch.Tensor:
+        """fp32 logits [B, V] of the rows (ints and KVCaches, one each per row), valid until the
+        next call."""
+        n = len(tokens)
+        bucket = 1 << (n - 1).bit_length()
+        b = self.buckets.get((bucket, mrope)) or self._bucket(bucket, mrope)
+        pad = bucket - n
+        addresses = list(zip(*(c.address() for c in caches + [self.scratch] * pad)))
+        b["host"].copy_(torch.tensor([tokens + [0] * pad, slots + [0] * pad, *addresses, positions + [0] * pad]))
+        b["inputs"].copy_(b["host"], non_blocking=True)
+        if b["graph"] is None and self.stream is not None:
+            t0 = time.perf_counter()
+            b["graph"], b["logits"] = capture_graph(b["run"], self.device, self.stream, pool=self.pool)
+            self.capture_s += time.perf_counter() - t0
+        if b["graph"] is not None:
+            b["graph"].replay()
+            logits = b["logits"]
+        else:
+            logits = b["run"]()
+        for cache, slot in zip(caches, slots):
+            cache.length = slot + 1
+        return logits[:n]
+
+    def _bucket(self, bucket: int, mrope: bool) -> dict:
+        cfg = self.lm.cfg
+        splits = rows_split_count(bucket, cfg.num_key_value_heads, sm_count(self.device))
+        workspace = decode_workspace(bucket * cfg.num_attention_heads, splits, cfg.head_dim, self.device)
+        inputs = torch.zeros(6, bucket, dtype=torch.long, device=self.device)  # token, slot, K, V, cap, position
+
+        def run():
+            slots, pos = inputs[1], inputs[5]
+            with torch.no_grad():
+                return self.lm.decode_batch(inputs[0], pos.expand(3, -1) if mrope else pos, inputs[2:5], slots,
+                                            (slots + 1).to(torch.int32), workspace)
+
+        host = torch.zeros(6, bucket, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.buckets[bucket, mrope] = dict(inputs=inputs, host=host, run=run, graph=None, logits=None)
+        return self.buckets[bucket, mrope]
+
+
 class Batcher:
     """Runs the turns of several sessions of `engine` in shared decode steps: at most `max_batch`
     conversations answering at once, a newcomer's prompt prefilled `prefill_chunk` tokens per step.
@@ -107,6 +170,7 @@ class Batcher:
         self._running = []  # (Request, Turn) decoding
         self._wake = threading.Condition()  # guards _waiting; wakes the background thread
         self._thread, self._stopping = None, False
+        self._step_gpu = None  # BatchDecode, made on the first GPU step
 
     # ------------------------------------------------------------------ submitting
     def ask(self, session, question: str, callback=None, **sampling) -> Request:
@@ -249,18 +313,11 @@ class Batcher:
         """One decode step for every running conversation, then each row samples its next token."""
         if not self._running:
             return
-        eng, lm = self.engine, self.engine.model.language_model
         turns = [turn for _, turn in self._running]
         fed = [turn.answer.tokens[-1] for turn in turns]
-        inputs = [turn.step_input() for turn in turns]
-        positions = torch.tensor([pos for pos, _ in inputs], device=eng.device)
-        if turns[0].prompt.positions.dim() == 2:  # M-RoPE: a text token's t, h and w positions are equal
-            positions = positions.expand(3, -1)
         t = time.perf_counter()
         try:
-            with eng.lock, torch.no_grad():
-                logits = lm.decode_rows(torch.tensor(fed, device=eng.device), positions,
-                                        [turn.target.cache for turn in turns], [slot for _, slot in inputs])
+            logits = self._step_logits(turns, fed)
         except Exception as e:
             self._fail_all(e)
             return
@@ -278,6 +335,21 @@ class Batcher:
                 continue
             if self._accept(request, turn, token):
                 self._running.append((request, turn))
+
+    def _step_logits(self, turns: list, fed: list) -> torch.Tensor:
+        """fp32 logits [B, V] of one decode step of `turns` fed `fed`."""
+        eng = self.engine
+        inputs = [turn.step_input() for turn in turns]
+        positions, slots = [pos for pos, _ in inputs], [slot for _, slot in inputs]
+        caches = [turn.target.cache for turn in turns]
+        mrope = turns[0].prompt.positions.dim() == 2  # a text token's t, h and w positions are equal
+        with eng.lock, torch.no_grad():
+            if eng.device.type == "cuda":
+                self._step_gpu = self._step_gpu or BatchDecode(eng)
+                return self._step_gpu(fed, positions, caches, slots, mrope)
+            pos = torch.tensor(positions, device=eng.device)
+            return eng.model.language_model.decode_rows(torch.tensor(fed, device=eng.device),
+                                                        pos.expand(3, -1) if mrope else pos, caches, slots)
 
     def _greedy(self, logits: torch.Tensor) -> list:
         """Each row's greedy token, as Sampler picks it at temperature 0 (never a banned id)."""

@@ -23,6 +23,11 @@ class KVCache:
         """This layer's K and V buffers, [H_kv, max_len, D] each."""
         return self.k[i], self.v[i]
 
+    def address(self) -> tuple:
+        """(K address, V address, capacity): this cache's column of the table the batched decode
+        kernels read (kernels/decode_attention.py: decode_attention_rows)."""
+        return self.k.data_ptr(), self.v.data_ptr(), self.max_len
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
