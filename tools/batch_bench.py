@@ -10,8 +10,11 @@ another), and the table shows, per batch size: the aggregate decode rate (every 
 the time spent in decode steps), the per-conversation rate (median and lowest: each answer's tokens
 over its own decode time, stalls included), both against batch 1, the longest stall a newcomer's
 prefill caused the running conversations, and whether every conversation's tokens equal its
-batch-1 tokens. The batched step is eager (attention row by row), so batch 1 here is the batcher's
-eager step too, not the CUDA-graphed decode of a lone session.
+batch-1 tokens. On a GPU it also gives what the bytes allow: a decode step of B rows reads the
+weights once and each row's own K/V (its mean context while answering), so at the copy bandwidth
+measured in the same run B rows make at most B x bandwidth / (weights + B x K/V) tokens a second.
+Batch 1 here is the batcher's own step at one row (its CUDA graph for one row), which decodes as a
+lone session's graphed step does.
 """
 import json
 import statistics
@@ -24,7 +27,7 @@ from tinyvila.generate import peak_memory, reset_peak_memory
 from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
 
-from .bench import configs, engine_for, media_items, prompt_ids, question
+from .bench import configs, copy_bandwidth, decode_bytes, engine_for, media_items, prompt_ids, question
 
 
 def conversations(model, args) -> list:
@@ -60,6 +63,7 @@ def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict
                 conversations=len(convs), aggregate_tok_s=batcher.decode_rows / batcher.decode_s,
                 per_conversation_median_tok_s=statistics.median(per), per_conversation_min_tok_s=min(per),
                 longest_stall_s=batcher.longest_stall_s, wall_s=wall,
+                decode_context=statistics.mean(r.stats.decode_context_tokens for r in results) - new_tokens / 2,
                 peak_mem_bytes=max([peak_memory(engine.device)] + [r.stats.peak_mem_bytes for r in results]),
                 tokens=[r.token_ids for r in results])
 
@@ -75,23 +79,38 @@ def main(args) -> list:
         together = run_batch(engine, convs, sparsity, args.batch, args, args.new_tokens) if args.batch > 1 else alone
         together["tokens_match"] = alone["tokens_match"] = together["tokens"] == alone["tokens"]
         records += [alone, together] if args.batch > 1 else [alone]
-    report(args, records)
+    report(args, records, model.language_model)
     return records
 
 
-def report(args, records) -> None:
+def bytes_bound(records, lm, bandwidth) -> None:
+    """Each record's `bound_tok_s`: the aggregate rate its bytes allow at the copy bandwidth (None
+    without a GPU), its rows all decoding together at their mean context."""
+    weights = decode_bytes(lm, 0)
+    for r in records:
+        rows = min(r["batch"], r["conversations"])
+        kv = decode_bytes(lm, int(r["decode_context"])) - weights
+        r["bound_tok_s"] = rows * bandwidth / (weights + rows * kv) if bandwidth else None
+
+
+def report(args, records, lm) -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | per-conversation tok/s median / min | "
-          f"x batch 1 | longest stall ms | wall s | peak GB | tokens = batch 1 |  ({args.arch or args.model}, "
-          f"{' '.join(args.image + args.video)}, {args.new_tokens} new tokens each, {name}, {args.dtype})")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    bytes_bound(records, lm, bandwidth)
+    print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | bytes allow tok/s | of that | "
+          f"per-conversation tok/s median / min | x batch 1 | longest stall ms | wall s | peak GB | tokens = batch 1 |"
+          f"  ({args.arch or args.model}, {' '.join(args.image + args.video)}, {args.new_tokens} new tokens each, "
+          f"{name}, {args.dtype}" + (f", copy {bandwidth / 1e12:.2f} TB/s)" if bandwidth else ")"))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = {}
     for r in records:
         b = base.setdefault(r["sparsity"], r)
+        bound = r["bound_tok_s"]
         print(f"| {r['sparsity']} | {r['batch']} | {r['stagger']} | {r['aggregate_tok_s']:.1f} | "
-              f"x{r['aggregate_tok_s'] / b['aggregate_tok_s']:.2f} | {r['per_conversation_median_tok_s']:.1f} / "
-              f"{r['per_conversation_min_tok_s']:.1f} | "
+              f"x{r['aggregate_tok_s'] / b['aggregate_tok_s']:.2f} | "
+              + (f"{bound:.0f} | {r['aggregate_tok_s'] / bound:.0%} | " if bound else "n/a | n/a | ")
+              + f"{r['per_conversation_median_tok_s']:.1f} / {r['per_conversation_min_tok_s']:.1f} | "
               f"{r['per_conversation_median_tok_s'] / b['per_conversation_median_tok_s']:.0%} | "
               f"{r['longest_stall_s'] * 1e3:.1f} | {r['wall_s']:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
               f"{'yes' if r['tokens_match'] else 'NO'} |")
