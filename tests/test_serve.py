@@ -157,6 +157,25 @@ def test_two_turns_continue_the_session(server, eng, img):
     assert r2.usage.prompt_tokens == r2.usage.prompt_tokens_details.cached_tokens + ref.stats.prefill_tokens
 
 
+def test_a_resent_image_is_recognised_without_decoding_it(monkeypatch):
+    """A conversation resent with its history carries the same data: URLs: the bytes' digest of a
+    payload seen before comes from the digest of its text; a new payload is decoded (and checked)."""
+    import hashlib
+
+    from tinyvila import serve
+
+    digests, decoded = serve.PayloadDigests(limit=2), []
+    real = base64.b64decode
+    monkeypatch.setattr(serve.base64, "b64decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    payloads = [base64.b64encode(bytes([i]) * 300).decode() for i in range(3)]
+    want = [hashlib.sha256(bytes([i]) * 300).hexdigest() for i in range(3)]
+    assert [digests.digest(p, "image") for p in payloads[:2] * 2] == want[:2] * 2 and len(decoded) == 2
+    assert digests.digest(payloads[2], "image") == want[2] and len(decoded) == 3
+    assert digests.digest(payloads[0], "image") == want[0] and len(decoded) == 4  # over the limit: forgotten
+    with pytest.raises(serve.APIError, match="not valid base64"):
+        digests.digest(payloads[1][:-3] + "!!!", "image")
+
+
 def test_history_the_server_never_produced(server, eng, img):
     """A client-made assistant turn: a new session prefills the whole conversation."""
     msgs = [user("Hi", data_url(img)), {"role": "assistant", "content": "A made-up answer."},
@@ -213,6 +232,9 @@ def test_errors_then_a_good_request(server, media_dir, tmp_path):
         (dict(good, top_p=2), None, 400, None),
         (dict(good, max_tokens=0), None, 400, None),
         (dict(good, n=2), None, 400, None),
+        (msg([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}]), None, 400,
+         None),
+        (msg([{"type": "image_url", "image_url": {"url": "data:image/png;base64,\u00e9t\u00e9"}}]), None, 400, None),
         (dict(good, model="gpt-4o"), None, 404, "model_not_found"),
         (good, None, 401, "invalid_api_key"),
     ] + [(inline(data), None, 400, None) for data in bad_images().values()]

@@ -77,9 +77,45 @@ class Media:
     """One image or video of the conversation; equal when the kind and the bytes are equal."""
     kind: str  # "image" or "video"
     digest: str  # sha256 of the bytes
-    data: bytes | None = field(default=None, compare=False, repr=False)  # from a data: URL
+    payload: str | None = field(default=None, compare=False, repr=False)  # a data: URL's base64 text
     path: str | None = field(default=None, compare=False)  # a file inside --allowed-local-media
     mime: str = field(default="", compare=False)
+
+    def read(self) -> bytes:
+        """The inline bytes (decoded from the payload when a new session needs them)."""
+        return base64.b64decode(self.payload, validate=True)
+
+
+class PayloadDigests:
+    """The bytes' digest of recent data: URL payloads, by the digest of their base64 text. A client
+    resends a conversation's images with every request; hashing the text is several times cheaper
+    than decoding it first, so a continued conversation's images are recognised without decoding."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit, self.known = limit, OrderedDict()
+        self.lock = threading.Lock()
+
+    def digest(self, payload: str, kind: str) -> str:
+        try:
+            key = hashlib.sha256(payload.encode("ascii")).digest()
+        except UnicodeEncodeError:
+            key = None  # not base64: b64decode says so below
+        with self.lock:
+            known = self.known.get(key)
+        if known is not None:
+            return known
+        try:
+            digest = _digest(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError):
+            raise bad(f"the {kind} data: URL is not valid base64") from None
+        with self.lock:
+            self.known[key] = digest
+            while len(self.known) > self.limit:
+                self.known.popitem(last=False)
+        return digest
+
+
+PAYLOADS = PayloadDigests()
 
 
 @dataclass(frozen=True)
@@ -101,11 +137,7 @@ def parse_url(url, kind: str, allowed_dir: str | None) -> Media:
         head, sep, payload = url[5:].partition(",")
         if not sep or not head.endswith(";base64"):
             raise bad(f"a {kind} data: URL must be base64 (data:MIME;base64,...)")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad(f"the {kind} data: URL is not valid base64") from None
-        return Media(kind, _digest(data), data=data, mime=head[:-len(";base64")].lower())
+        return Media(kind, PAYLOADS.digest(payload, kind), payload=payload, mime=head[:-len(";base64")].lower())
     if scheme == "file":
         return Media(kind, *_allowed_file(unquote(urlparse(url).path), allowed_dir))
     raise bad(f"unsupported {kind} URL scheme {scheme or url[:20]!r}: use a data: URL")
@@ -356,7 +388,7 @@ def image_source(m: Media):
     if m.path is not None:
         return m.path
     try:
-        return Image.open(io.BytesIO(m.data))
+        return Image.open(io.BytesIO(m.read()))
     except Image.DecompressionBombError as e:
         raise MediaError(f"the image is too large ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -370,7 +402,7 @@ def video_source(m: Media, temp_files: list) -> str:
     fd, path = tempfile.mkstemp(prefix="tinyvila-serve-", suffix=VIDEO_SUFFIXES.get(m.mime, ".mp4"))
     temp_files.append(path)
     with os.fdopen(fd, "wb") as f:
-        f.write(m.data)
+        f.write(m.read())
     return path
 
 
