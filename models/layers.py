@@ -564,7 +564,7 @@ class DecoderLM(nn.Module):
         C = self.cfg.hidden_size
         if h.shape[1] == C:
             return h, None
-        return h[:, :C], h[:, C:].view(h.shape[0], -1, C)
+        return h[:, :C].contiguous(), h[:, C:].view(h.shape[0], -1, C)  # the fused blocks need rows contiguous
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids (media tokens) may lie outside the table: clamp, the caller overwrites them.
@@ -907,6 +907,12 @@ def capture_graph(fn, device, side, warm_up=None, runs: int = 1, pool=None):
     with torch.cuda.graph(graph, pool=pool), torch.no_grad():
         out = fn()
     return graph, out
+
+
+def pool_bytes(pool) -> int:
+    """GPU memory held by a CUDA graph memory pool (torch.cuda.graph_pool_handle()): its segments.
+    Unlike the change in memory_reserved around a capture, other allocations cannot blur it."""
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg["segment_pool_id"]) == tuple(pool))
 
 
 class GraphCache:

@@ -22,7 +22,7 @@ import torch
 
 from tinyvila.kernels.decode_attention import decode_workspace, split_count
 from tinyvila.kernels.gpu import sm_count
-from tinyvila.models.layers import capture_graph
+from tinyvila.models.layers import capture_graph, pool_bytes
 
 from .errors import ContextError
 from .kv_cache import KVCache
@@ -506,13 +506,13 @@ class PrefillGraphs:
     def _capture(self, session, entry) -> None:
         device = session.engine.device
         t0 = time.perf_counter()
-        reserved = torch.cuda.memory_reserved(device)
         if self.pool is None:  # the engine's, shared by its sessions (a bench's stand-in engine has none)
             shared = getattr(session.engine, "prefill_graph_pool", None)
             self.pool = shared() if shared is not None else torch.cuda.graph_pool_handle()
+        held = pool_bytes(self.pool)
         entry.graph, entry.out = capture_graph(entry.run, device, session.engine.capture_stream(), pool=self.pool)
         sync(device)
-        self.bytes += torch.cuda.memory_reserved(device) - reserved
+        self.bytes += pool_bytes(self.pool) - held  # what this session's captures added to the shared pool
         self.capture_s += time.perf_counter() - t0
 
 
