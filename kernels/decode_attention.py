@@ -62,8 +62,10 @@ def _partial(Q, K, V, Length, Out, Max, Sum, stride_kh, stride_ks, scale, window
         stride_kh = tl.load(Table + 2 * n_rows + row) * D
         stride_ks = D
         layer_offset = layer * n_kv * stride_kh
-        K = tl.load(Table + row).to(tl.pointer_type(Q.dtype.element_ty)) + layer_offset
-        V = tl.load(Table + n_rows + row).to(tl.pointer_type(Q.dtype.element_ty)) + layer_offset
+        # An address read from memory has no known alignment: say it (allocations and layer
+        # starts are 16-byte aligned), or every load would be a 2-byte one.
+        K = tl.multiple_of(tl.load(Table + row).to(tl.pointer_type(Q.dtype.element_ty)) + layer_offset, 16)
+        V = tl.multiple_of(tl.load(Table + n_rows + row).to(tl.pointer_type(Q.dtype.element_ty)) + layer_offset, 16)
     else:
         row = 0
         kv = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a KV head of a long cache is large

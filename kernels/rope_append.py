@@ -57,8 +57,11 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
         n_rows = tl.num_programs(1)
         stride_kh = tl.load(Table + 2 * n_rows + row) * D
         stride_ks = D
-        K_cache = tl.load(Table + row).to(tl.pointer_type(QKV.dtype.element_ty)) + layer * N_KV * stride_kh
-        V_cache = tl.load(Table + n_rows + row).to(tl.pointer_type(QKV.dtype.element_ty)) + layer * N_KV * stride_kh
+        # addresses read from memory: their 16-byte alignment said, so the stores stay vectorised
+        K_cache = tl.multiple_of(tl.load(Table + row).to(tl.pointer_type(QKV.dtype.element_ty))
+                                 + layer * N_KV * stride_kh, 16)
+        V_cache = tl.multiple_of(tl.load(Table + n_rows + row).to(tl.pointer_type(QKV.dtype.element_ty))
+                                 + layer * N_KV * stride_kh, 16)
         QKV += row * (N_HEADS + 2 * N_KV) * D
         Q_out += row * N_HEADS * D
         Cos += row * D
