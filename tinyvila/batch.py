@@ -135,16 +135,16 @@ class BatchDecode:
         return logits[:n]
 
     def _bucket(self, bucket: int, mrope: bool) -> dict:
-        cfg = self.lm.cfg
+        lm, cfg = self.lm, self.lm.cfg
         splits = rows_split_count(bucket, cfg.num_key_value_heads, sm_count(self.device))
         workspace = decode_workspace(bucket * cfg.num_attention_heads, splits, cfg.head_dim, self.device)
         inputs = torch.zeros(6, bucket, dtype=torch.long, device=self.device)  # token, slot, K, V, cap, position
 
-        def run():
+        def run():  # (refers to no `self`: the graphs go with the batcher, no cycle keeps them)
             slots, pos = inputs[1], inputs[5]
             with torch.no_grad():
-                return self.lm.decode_batch(inputs[0], pos.expand(3, -1) if mrope else pos, inputs[2:5], slots,
-                                            (slots + 1).to(torch.int32), workspace)
+                return lm.decode_batch(inputs[0], pos.expand(3, -1) if mrope else pos, inputs[2:5], slots,
+                                       (slots + 1).to(torch.int32), workspace)
 
         host = torch.zeros(6, bucket, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self.buckets[bucket, mrope] = dict(inputs=inputs, host=host, run=run, graph=None, logits=None)
