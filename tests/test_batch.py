@@ -78,7 +78,7 @@ def batch_sizes(eng):
 
 
 def test_each_conversation_gets_its_batch_1_tokens(eng, image_files, expected, batch_sizes):
-    batcher = Batcher(eng, max_batch=8, prefill_chunk=16)
+    batcher = Batcher(eng, max_batch=8, prefill_chunk=48)
     _, requests = submit_all(batcher, eng, image_files, CONVERSATIONS)
     batcher.run()
     assert tokens(requests) == expected
@@ -113,13 +113,14 @@ def test_sampling_with_seeds_equals_batch_1(eng, image_files):
 def test_one_joins_mid_way_while_the_others_decode(eng, image_files, expected):
     batcher = Batcher(eng, prefill_chunk=8)
     _, early = submit_all(batcher, eng, image_files, CONVERSATIONS[:2])
-    for _ in range(3):
+    while batcher._waiting or batcher._opening is not None or not batcher._running:  # both admitted, one decoding
         batcher.step()
     _, late = submit_all(batcher, eng, image_files, CONVERSATIONS[3:4])
-    batcher.step()  # the newcomer is admitted and gets one chunk ...
-    assert batcher._opening is not None
+    batcher.step()  # the newcomer is admitted (its media encoded): a step of its own ...
+    assert batcher._opening is not None and batcher._opening[1].done == 0
     before = len(batcher._running[0][1].answer.tokens)
-    batcher.step()  # ... while the others go on decoding
+    batcher.step()  # ... then gets one chunk, while the others go on decoding
+    assert batcher._opening[1].done == 8
     assert len(batcher._running[0][1].answer.tokens) == before + 1
     batcher.run()
     assert tokens(early) + tokens(late) == expected[:2] + expected[3:4]

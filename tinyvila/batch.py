@@ -6,9 +6,10 @@ A `Batcher` runs the turns of several sessions of one engine together. Each `ste
     2. if there is room (max_batch), the first waiting request whose conversation is not already
        answering is admitted: its question is templated now (so a follow-up queued behind its own
        conversation's answer sees that answer), its media encoded (generate.open_turn);
-    3. the opening request gets one chunk of its prefill (generate.prefill_ahead), so the others'
-       streams stall for one chunk at most; once its independent part is in the cache, the rest
-       of its prefill runs and it answers its first token (generate.start_answer) and joins;
+    3. otherwise the opening request gets one chunk of its prefill (generate.prefill_ahead), so
+       the others' streams stall for one chunk (or one admission) at most; once its independent
+       part is in the cache, the rest of its prefill runs and it answers its first token
+       (generate.start_answer) and joins; with nobody running, admission and prefill run at once;
     4. one decode step for every running conversation: the linears at M = batch, attention over
        each row's own cache (its full cache, or the decode buffer holding its own retrieval
        selection), sampling per row with its own options and seed. On a GPU the step is
@@ -156,7 +157,8 @@ class Batcher:
     conversations answering at once, a newcomer's prompt prefilled `prefill_chunk` tokens per step.
     Drive it with `step()` / `run()` in your thread or `start()` a background thread.
     `longest_stall_s`: the longest time running conversations waited for a newcomer between two
-    decode steps; `decode_rows / decode_s`: the aggregate decode rate."""
+    decode steps; `decode_rows / decode_s`: the aggregate decode rate (the once-per-bucket graph
+    captures left out, as `capture_s`)."""
 
     def __init__(self, engine, max_batch: int = 8, prefill_chunk: int = 512):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
@@ -165,6 +167,7 @@ class Batcher:
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
         self.longest_stall_s = 0.0
         self.decode_s, self.decode_rows = 0.0, 0  # time in decode steps, tokens they produced
+        self.capture_s = 0.0  # capturing the decode step's graphs (once per batch bucket)
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
         self._running = []  # (Request, Turn) decoding
@@ -266,11 +269,15 @@ class Batcher:
             self._end(request, turn)
 
     def _open(self) -> None:
-        """Admit a newcomer if there is room; prefill one chunk of the opening request, or, once
+        """Admit a newcomer if there is room (its admission, which encodes its media, is a step
+        of its own while others decode); else prefill one chunk of the opening request, or, once
         its independent part is in, start its answer. With nobody running, nobody waits: the
         whole prefill runs now."""
-        if self._opening is None and not self._admit():
-            return
+        if self._opening is None:
+            if not self._admit():
+                return
+            if self._running:
+                return  # the newcomer's media encoding is this step's stall; its prefill starts next step
         request, opening = self._opening
         try:
             while True:
@@ -323,7 +330,9 @@ class Batcher:
             return
         running, self._running = self._running, []
         greedy = self._greedy(logits)  # every row's argmax in one device-to-host copy
-        self.decode_s, self.decode_rows = self.decode_s + time.perf_counter() - t, self.decode_rows + len(running)
+        captured = self._step_gpu.capture_s if self._step_gpu is not None else 0.0
+        self.decode_s += time.perf_counter() - t - (captured - self.capture_s)
+        self.capture_s, self.decode_rows = captured, self.decode_rows + len(running)
         for b, (request, turn) in enumerate(running):
             turn.session.tokens.append(fed[b])
             turn.stats.decode_tokens += 1
