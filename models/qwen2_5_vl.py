@@ -485,13 +485,18 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, 1e-6)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True)
 
+    def mlp_input(self) -> nn.Module:
+        """The linear that reads norm2's output (under W8A8 the norm also quantizes for it)."""
+        return self.mlp.gate_up_proj
+
     def forward(self, x, cos, sin, groups, saliency_bounds=None):
+        """With `saliency_bounds`: (output, each patch's saliency) (VisionAttention.forward)."""
         attn = self.attn(norm_input(self.norm1, x, self.attn.qkv), cos, sin, groups, saliency_bounds)
         saliency = None
         if saliency_bounds is not None:
             attn, saliency = attn
         x = x + attn
-        x = x + self.mlp(norm_input(self.norm2, x, self.mlp.gate_up_proj))
+        x = x + self.mlp(norm_input(self.norm2, x, self.mlp_input()))
         return x if saliency_bounds is None else (x, saliency)
 
 

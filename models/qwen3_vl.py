@@ -28,7 +28,8 @@ from tinyvila.loader import read_json
 from tinyvila.sparsity import compact_grid
 
 from .layers import DecoderLM, GraphCache, TextConfig, activation
-from .quantized import act_input, norm_input
+from .quantized import act_input
+from .qwen2_5_vl import VisionBlock as Qwen25VisionBlock
 from .qwen2_5_vl import (MAX_RATIO, QwenMedia, QwenMediaError, Qwen2_5_VL, VisionAttention, _frames_to_uint8,
                          full_bounds, patch_positions, patchify, resize_frames_bicubic, segment_groups,
                          weight_has_lm_head)
@@ -225,23 +226,18 @@ class VisionMLP(nn.Module):
         return self.linear_fc2(act_input(self.act_name, self.act, self.linear_fc1(x), self.linear_fc2))
 
 
-class VisionBlock(nn.Module):
+class VisionBlock(Qwen25VisionBlock):
+    """Qwen2.5-VL's block with LayerNorms and a plain (ungated) MLP."""
+
     def __init__(self, cfg: Qwen3VisionConfig):
-        super().__init__()
+        nn.Module.__init__(self)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
         self.attn = VisionAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, groups, saliency_bounds=None):
-        """With `saliency_bounds`: (output, each patch's saliency) (VisionAttention.forward)."""
-        attn = self.attn(norm_input(self.norm1, x, self.attn.qkv), cos, sin, groups, saliency_bounds)
-        saliency = None
-        if saliency_bounds is not None:
-            attn, saliency = attn
-        x = x + attn
-        x = x + self.mlp(norm_input(self.norm2, x, self.mlp.linear_fc1))
-        return x if saliency_bounds is None else (x, saliency)
+    def mlp_input(self) -> nn.Module:
+        return self.mlp.linear_fc1
 
 
 class PatchMerger(nn.Module):
