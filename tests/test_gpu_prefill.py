@@ -62,14 +62,14 @@ def test_capture_once_per_bucket_and_memory_reported(llava_vicuna):
         for r, _, _ in conversation(eng):
             s = r.stats
             if not s.prefill_graphed:
-                assert s.prefill_graph_capture_s == 0
+                assert s.prefill_graph_capture_s == 0, (s.prefill_tokens, s.prefill_graph_capture_s)
                 continue
             bucket = next(b for b in PREFILL_BUCKETS if s.prefill_tokens <= b)
-            assert (s.prefill_graph_capture_s > 0) == (bucket not in captured)
+            assert (s.prefill_graph_capture_s > 0) == (bucket not in captured), (bucket, captured, s)
             captured.add(bucket)
         assert captured
         held.append(r.stats.prefill_graph_bytes)
-    assert 0 < held[0] < 2 ** 30 and held[1] <= held[0]
+    assert 0 < held[0] < 2 ** 30 and held[1] <= held[0], held
 
 
 @pytest.mark.parametrize("n", [1, 16, 17, 512])
