@@ -109,7 +109,7 @@ class BatchDecode:
         self.scratch = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 1, engine.device,
                                engine.dtype)
         self.pool = torch.cuda.graph_pool_handle() if self.stream is not None else None
-        self.buckets = {}  # bucket size -> its buffers, workspace and graph
+        self.buckets = {}  # (bucket size, M-RoPE) -> its buffers, workspace and graph
         self.capture_s = 0.0
 
     def __call__(self, tokens: list, positions: list, caches: list, slots: list, mrope: bool) -> torch.Tensor:
