@@ -277,6 +277,11 @@ def test_decode_batch_kernels_equal_decode_rows(eng, qwen, image_files, family):
     assert not torch.allclose(got[0], got[1]) and not torch.allclose(got[1], got[3])  # the rows differ
 
 
+def test_prepare_captures_nothing_on_a_cpu(eng):
+    batcher = Batcher(eng, max_batch=4)
+    assert batcher.prepare() is batcher and batcher._step_gpu is None
+
+
 def test_batcher_arguments():
     with pytest.raises(TinyVilaError, match="max_batch"):
         Batcher(None, max_batch=0)
@@ -333,12 +338,15 @@ def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
         gpu = tinyvila.load(llava_mistral, device="cuda", dtype="float32", cuda_graphs=graphs)
         convs = CONVERSATIONS[:4]
         alone = [solo(gpu, image_files, conv) for conv in convs]
-        batcher = Batcher(gpu, prefill_chunk=32)
+        batcher = Batcher(gpu, max_batch=5, prefill_chunk=32).prepare()  # buckets 1, 2, 4, 8 captured now
+        captured = batcher._step_gpu.capture_s
         _, requests = submit_all(batcher, gpu, image_files, convs)
         batcher.run()
         assert tokens(requests) == alone
-        buckets = batcher._step_gpu.buckets.values()
-        assert len(buckets) > 1 and all((b["graph"] is not None) == graphs for b in buckets)
+        buckets = batcher._step_gpu.buckets
+        assert sorted(rows for rows, _ in buckets) == [1, 2, 4, 8]
+        assert all((b["graph"] is not None) == graphs for b in buckets.values())
+        assert batcher._step_gpu.capture_s == captured and (captured > 0) == graphs  # none while running
 
 
 def test_what_a_newcomer_prefills_ahead(eng, image_files):

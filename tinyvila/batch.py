@@ -116,16 +116,7 @@ class BatchDecode:
         """fp32 logits [B, V] of the rows (ints and KVCaches, one each per row), valid until the
         next call."""
         n = len(tokens)
-        bucket = 1 << (n - 1).bit_length()
-        b = self.buckets.get((bucket, mrope)) or self._bucket(bucket, mrope)
-        pad = bucket - n
-        addresses = list(zip(*(c.address() for c in caches + [self.scratch] * pad)))
-        b["host"].copy_(torch.tensor([tokens + [0] * pad, slots + [0] * pad, *addresses, positions + [0] * pad]))
-        b["inputs"].copy_(b["host"], non_blocking=True)
-        if b["graph"] is None and self.stream is not None:
-            t0 = time.perf_counter()
-            b["graph"], b["logits"] = capture_graph(b["run"], self.device, self.stream, pool=self.pool)
-            self.capture_s += time.perf_counter() - t0
+        b = self._ready(tokens, positions, caches, slots, mrope)
         if b["graph"] is not None:
             b["graph"].replay()
             logits = b["logits"]
@@ -134,6 +125,27 @@ class BatchDecode:
         for cache, slot in zip(caches, slots):
             cache.length = slot + 1
         return logits[:n]
+
+    def prepare(self, max_rows: int, mrope: bool) -> None:
+        """Capture every bucket up to `max_rows` rows now (over the scratch cache alone: the graphs
+        read the rows' caches from the table), so that no step later stalls on a capture when the
+        batch grows."""
+        for rows in (1 << i for i in range((max_rows - 1).bit_length() + 1)):
+            self._ready([0] * rows, [0] * rows, [self.scratch] * rows, [0] * rows, mrope)
+
+    def _ready(self, tokens, positions, caches, slots, mrope) -> dict:
+        """The rows' bucket with their inputs on the device, its graph captured on first use."""
+        bucket = 1 << (len(tokens) - 1).bit_length()
+        b = self.buckets.get((bucket, mrope)) or self._bucket(bucket, mrope)
+        pad = bucket - len(tokens)
+        addresses = list(zip(*(c.address() for c in caches + [self.scratch] * pad)))
+        b["host"].copy_(torch.tensor([tokens + [0] * pad, slots + [0] * pad, *addresses, positions + [0] * pad]))
+        b["inputs"].copy_(b["host"], non_blocking=True)
+        if b["graph"] is None and self.stream is not None:
+            t0 = time.perf_counter()
+            b["graph"], b["logits"] = capture_graph(b["run"], self.device, self.stream, pool=self.pool)
+            self.capture_s += time.perf_counter() - t0
+        return b
 
     def _bucket(self, bucket: int, mrope: bool) -> dict:
         lm, cfg = self.lm, self.lm.cfg
@@ -204,6 +216,16 @@ class Batcher:
         return not (self._waiting or self._opening or self._running)
 
     # ------------------------------------------------------------------ running
+    def prepare(self) -> "Batcher":
+        """On a GPU, capture the decode step's graph for every batch size up to max_batch now
+        (a server does it at start), so that a growing batch never waits for a capture."""
+        eng = self.engine
+        if eng.device.type == "cuda":
+            self._step_gpu = self._step_gpu or BatchDecode(eng)
+            with eng.lock, torch.no_grad():
+                self._step_gpu.prepare(self.max_batch, eng.model.language_model.cfg.mrope_section is not None)
+        return self
+
     def step(self) -> bool:
         """One scheduling step (see the module's doc); returns whether work remains."""
         if self._thread is not None and threading.current_thread() is not self._thread:

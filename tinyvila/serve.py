@@ -427,7 +427,7 @@ class Worker:
         if args.max_batch > 1:
             from .batch import Batcher  # torch: not imported for --help
 
-            self.batcher = Batcher(engine, max_batch=args.max_batch).start()
+            self.batcher = Batcher(engine, max_batch=args.max_batch).prepare().start()
 
     def sparsity(self, req: ChatRequest) -> dict:
         """The conversation's sparsity options, as the chat picks them: --sparsity, else the video

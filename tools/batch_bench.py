@@ -44,7 +44,7 @@ def conversations(model, args) -> list:
 
 def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict:
     """The conversations through a batcher of `size`, submitted per --stagger: one record."""
-    batcher = Batcher(engine, max_batch=size, prefill_chunk=args.prefill_chunk)
+    batcher = Batcher(engine, max_batch=size, prefill_chunk=args.prefill_chunk).prepare()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     pending, requests, steps = list(convs), [], 0
     reset_peak_memory(engine.device)
