@@ -37,18 +37,19 @@ def hf_model(path):
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def hf_inputs(path, ids, messages, images):
+def hf_inputs(path, ids, messages, images=()):
     """transformers' tokenizer, chat template and PIL image processor, with the processor's pad
-    expansion (each <|image_pad|> becomes t*h*w/4 of them) done here: Qwen2_5_VLProcessor itself
-    needs torchvision for its video half."""
+    expansion (each <|image_pad|> becomes t*h*w/4 of them) done here: the Qwen2.5-VL and Qwen3-VL
+    processors themselves need torchvision for their video half."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     tok = AutoTokenizer.from_pretrained(path)
     template = json.loads((path / "chat_template.json").read_text())["chat_template"]
     text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-    inputs = dict(Qwen2VLImageProcessorPil.from_pretrained(path)(images=images, return_tensors="pt"))
+    inputs = dict(Qwen2VLImageProcessorPil.from_pretrained(path)(images=list(images), return_tensors="pt")) \
+        if images else {}
     pieces = text.split("<|image_pad|>")
-    counts = [int(g.prod()) // 4 for g in inputs["image_grid_thw"]]
+    counts = [int(g.prod()) // 4 for g in inputs.get("image_grid_thw", [])]
     text = pieces[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:]))
     inputs["input_ids"] = tok(text, return_tensors="pt")["input_ids"]
     inputs["mm_token_type_ids"] = (inputs["input_ids"] == ids["image_pad"]).int()
@@ -61,8 +62,37 @@ def user(n_images, text, kind="image"):
 
 def hf_greedy(model, inputs, n, banned):
     out = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=banned, eos_token_id=None,
-                         repetition_penalty=1.0, pad_token_id=0)
+                         repetition_penalty=1.0, pad_token_id=0, temperature=None, top_k=None, top_p=None)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def banned_ids(eng):
+    return eng.banned.nonzero().flatten().tolist()
+
+
+def check_image_parity(entry, model, img, new_tokens):
+    """One image and a question against transformers' `model`, step by step: preprocessing, the
+    expanded prompt, M-RoPE positions, logits, greedy tokens (Qwen2.5-VL and Qwen3-VL share every
+    step). Returns (the media item, the greedy result)."""
+    path, ids, eng = entry
+    inputs = hf_inputs(path, ids, [user(1, "What is shown here?")], [img])
+    item = eng.model.prepare_image(img)
+    assert item.grid == tuple(inputs["image_grid_thw"][0].tolist())
+    assert torch.allclose(item.pixels, inputs["pixel_values"], atol=1e-5)
+    with eng.session(images=[img]) as s:
+        keys, spans = s.expand(eng.encode_text(eng.render([user(1, "What is shown here?")])), s.pending)
+        positions = eng.model.positions(len(keys), spans, s.pending, "cpu")
+    assert [k if k >= 0 else ids["image_pad"] for k in keys] == inputs["input_ids"][0].tolist()
+    ref_pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"])
+    assert torch.equal(positions, ref_pos[:, 0])
+    ours = eng.logits("What is shown here?", images=[img])
+    with torch.no_grad():
+        ref = model(**inputs).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-4
+    r = eng.generate("What is shown here?", images=[img], max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    assert r.token_ids == hf_greedy(model, inputs, new_tokens, banned_ids(eng))
+    return item, r
 
 
 IMAGES = [(200, 150), (90, 220), (140, 140)]
@@ -85,30 +115,7 @@ def test_segment_attention_views_and_gathers(bounds):
 @pytest.mark.parametrize("name", ["untied", "tied"])
 @pytest.mark.parametrize("size", IMAGES)
 def test_image_parity_with_transformers(qwen, name, size):
-    path, ids, eng = qwen[name]
-    img = draw_image(*size, seed=sum(size))
-    model = hf_model(path)
-    inputs = hf_inputs(path, ids, [user(1, "What is shown here?")], [img])
-
-    item = eng.model.prepare_image(img)
-    assert item.grid == tuple(inputs["image_grid_thw"][0].tolist())
-    assert torch.allclose(item.pixels, inputs["pixel_values"], atol=1e-5)
-    with eng.session(images=[img]) as s:
-        keys, spans = s.expand(eng.encode_text(eng.render([user(1, "What is shown here?")])), s.pending)
-        positions = eng.model.positions(len(keys), spans, s.pending, "cpu")
-    assert [k if k >= 0 else ids["image_pad"] for k in keys] == inputs["input_ids"][0].tolist()
-    ref_pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                            image_grid_thw=inputs["image_grid_thw"])
-    assert torch.equal(positions, ref_pos[:, 0])
-
-    ours = eng.logits("What is shown here?", images=[img])
-    with torch.no_grad():
-        ref = model(**inputs).logits[0]
-    assert (ours - ref).abs().max().item() <= 1e-4
-
-    banned = eng.banned.nonzero().flatten().tolist()
-    r = eng.generate("What is shown here?", images=[img], max_new_tokens=20, temperature=0, ignore_eos=True)
-    assert r.token_ids == hf_greedy(model, inputs, 20, banned)
+    item, r = check_image_parity(qwen[name], hf_model(qwen[name][0]), draw_image(*size, seed=sum(size)), 20)
     assert r.stats.visual_tokens == item.n_tokens
 
 

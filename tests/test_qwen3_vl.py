@@ -8,6 +8,7 @@ import torch
 import tinyvila
 from fixtures_images import draw_image
 from fixtures_qwen3 import build_qwen3_vl
+from test_qwen2_5_vl import banned_ids, check_image_parity, hf_greedy, hf_inputs, user
 
 
 @pytest.fixture(scope="module")
@@ -30,38 +31,6 @@ def hf_model(path):
     if path not in _HF:
         _HF[path] = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     return _HF[path]
-
-
-def hf_inputs(path, ids, messages, images=()):
-    """transformers' tokenizer, chat template and PIL image processor, each <|image_pad|> expanded
-    to t*h*w/4 of them as Qwen3VLProcessor does (its video half needs torchvision)."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    tok = AutoTokenizer.from_pretrained(path)
-    template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-    inputs = dict(Qwen2VLImageProcessorPil.from_pretrained(path)(images=list(images), return_tensors="pt")) \
-        if images else {}
-    pieces = text.split("<|image_pad|>")
-    counts = [int(g.prod()) // 4 for g in inputs.get("image_grid_thw", [])]
-    text = pieces[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:]))
-    inputs["input_ids"] = tok(text, return_tensors="pt")["input_ids"]
-    inputs["mm_token_type_ids"] = (inputs["input_ids"] == ids["image_pad"]).int()
-    return inputs
-
-
-def user(n_images, text, kind="image"):
-    return {"role": "user", "content": [{"type": kind}] * n_images + [{"type": "text", "text": text}]}
-
-
-def hf_greedy(model, inputs, n, banned):
-    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, suppress_tokens=banned, eos_token_id=None,
-                         repetition_penalty=1.0, pad_token_id=0, temperature=None, top_k=None, top_p=None)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-def banned_ids(eng):
-    return eng.banned.nonzero().flatten().tolist()
 
 
 def test_config_and_stop_ids(qwen3):
@@ -126,28 +95,7 @@ def test_text_only_parity(qwen3, name):
 
 @pytest.mark.parametrize("name,size", [("untied", (200, 150)), ("untied", (90, 260)), ("tied", (140, 140))])
 def test_image_parity_with_transformers(qwen3, name, size):
-    path, ids, eng = qwen3[name]
-    img = draw_image(*size, seed=sum(size))
-    model = hf_model(path)
-    inputs = hf_inputs(path, ids, [user(1, "What is shown here?")], [img])
-
-    item = eng.model.prepare_image(img)
-    assert item.grid == tuple(inputs["image_grid_thw"][0].tolist())
-    assert torch.allclose(item.pixels, inputs["pixel_values"], atol=1e-5)
-    with eng.session(images=[img]) as s:
-        keys, spans = s.expand(eng.encode_text(eng.render([user(1, "What is shown here?")])), s.pending)
-        positions = eng.model.positions(len(keys), spans, s.pending, "cpu")
-    assert [k if k >= 0 else ids["image_pad"] for k in keys] == inputs["input_ids"][0].tolist()
-    ref_pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                            image_grid_thw=inputs["image_grid_thw"])
-    assert torch.equal(positions, ref_pos[:, 0])
-
-    ours = eng.logits("What is shown here?", images=[img])
-    with torch.no_grad():
-        ref = model(**inputs).logits[0]
-    assert (ours - ref).abs().max().item() <= 1e-4
-    r = eng.generate("What is shown here?", images=[img], max_new_tokens=16, temperature=0, ignore_eos=True)
-    assert r.token_ids == hf_greedy(model, inputs, 16, banned_ids(eng))
+    item, r = check_image_parity(qwen3[name], hf_model(qwen3[name][0]), draw_image(*size, seed=sum(size)), 16)
     assert r.stats.visual_tokens == item.n_tokens
 
 
