@@ -37,6 +37,15 @@ def qwen(tmp_path_factory):
     return tinyvila.load(d, device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from fixtures_qwen3 import build_qwen3_vl
+
+    d = tmp_path_factory.mktemp("qwen3_batch")
+    build_qwen3_vl(d)
+    return tinyvila.load(d, device="cpu", dtype="float32")
+
+
 def session(eng, image_files, conv):
     image, options, _, _ = conv
     return eng.session(images=[image_files[image]], **options)
@@ -245,15 +254,16 @@ def test_decode_rows_each_row_over_its_own_cache(eng, image_files):
     assert [c.length for c, _, _ in rows] == [n + 1 for _, n, _ in rows]
 
 
-@pytest.mark.parametrize("family", ["llava_mistral", "qwen"])
-def test_decode_batch_kernels_equal_decode_rows(eng, qwen, image_files, family):
+@pytest.mark.parametrize("family", ["llava_mistral", "qwen", "qwen3"])
+def test_decode_batch_kernels_equal_decode_rows(eng, qwen, qwen3, image_files, family):
     """The GPU step (Triton kernels, here in the interpreter): one launch for every row's own
     cache through the address table, a padding row over a one-slot scratch cache among them.
-    Mistral's sliding window and GQA; Qwen's M-RoPE and q/k/v biases."""
+    Mistral's sliding window and GQA; Qwen2.5's M-RoPE and q/k/v biases; Qwen3's q/k norms and
+    interleaved M-RoPE."""
     from tinyvila.kernels.decode_attention import decode_workspace, rows_split_count
     from tinyvila.kv_cache import KVCache
 
-    engine = eng if family == "llava_mistral" else qwen
+    engine = {"llava_mistral": eng, "qwen": qwen, "qwen3": qwen3}[family]
     lm = engine.model.language_model
     sessions = [session(engine, image_files, conv) for conv in CONVERSATIONS[:3]]
     for s, conv in zip(sessions, CONVERSATIONS):
@@ -264,7 +274,7 @@ def test_decode_batch_kernels_equal_decode_rows(eng, qwen, image_files, family):
     slots = [c.length for c in caches]
     ids, pos = torch.tensor([5, 6, 0, 7]), torch.tensor(slots[:2] + [0] + slots[2:])
     table = torch.tensor([a for a in zip(*(c.address() for c in caches[:2] + [scratch] + caches[2:]))])
-    positions = pos.expand(3, -1) if family == "qwen" else pos
+    positions = pos.expand(3, -1) if family != "llava_mistral" else pos
     with torch.no_grad():
         want = lm.decode_rows(ids[[0, 1, 3]], positions[..., [0, 1, 3]], caches, slots)
         for c, n in zip(caches, slots):
@@ -430,13 +440,9 @@ def test_serve_max_batch_concurrent_clients_get_their_batch_1_answers(batch_serv
     assert health["max_batch"] == 4 and health["answers"] == 6
 
 
-def test_qwen3_vl_rows(tmp_path_factory, image_files):
+def test_qwen3_vl_rows(qwen3, image_files):
     """Qwen3-VL: q/k norms in the batched projections, interleaved M-RoPE, DeepStack prefill."""
-    from fixtures_qwen3 import build_qwen3_vl
-
-    d = tmp_path_factory.mktemp("qwen3_batch")
-    build_qwen3_vl(d)
-    q3 = tinyvila.load(d, device="cpu", dtype="float32")
+    q3 = qwen3
     convs = [(0, {}, ["What is in the picture?"], dict(max_new_tokens=6)),
              (1, {"sparsity": "image"}, ["Describe it.", "More?"], dict(max_new_tokens=5)),
              (2, {"decode_sparsity": 0.5}, ["Colors?"], dict(max_new_tokens=8))]
