@@ -354,7 +354,7 @@ def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
         batcher.run()
         assert tokens(requests) == alone
         buckets = batcher._step_gpu.buckets
-        assert sorted(rows for rows, _ in buckets) == [1, 2, 4, 8]
+        assert sorted(buckets) == [1, 2, 4, 8]
         assert all((b["graph"] is not None) == graphs for b in buckets.values())
         assert batcher._step_gpu.capture_s == captured and (captured > 0) == graphs  # none while running
 

@@ -106,17 +106,18 @@ class BatchDecode:
         lm = engine.model.language_model
         cfg = lm.cfg
         self.lm, self.device, self.stream = lm, engine.device, engine.capture_stream()
+        self.mrope = cfg.mrope_section is not None  # a text token's t, h and w positions are equal
         self.scratch = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 1, engine.device,
                                engine.dtype)
         self.pool = torch.cuda.graph_pool_handle() if self.stream is not None else None
-        self.buckets = {}  # (bucket size, M-RoPE) -> its buffers, workspace and graph
+        self.buckets = {}  # bucket size -> its buffers, workspace and graph
         self.capture_s = 0.0
 
-    def __call__(self, tokens: list, positions: list, caches: list, slots: list, mrope: bool) -> torch.Tensor:
+    def __call__(self, tokens: list, positions: list, caches: list, slots: list) -> torch.Tensor:
         """fp32 logits [B, V] of the rows (ints and KVCaches, one each per row), valid until the
         next call."""
         n = len(tokens)
-        b = self._ready(tokens, positions, caches, slots, mrope)
+        b = self._ready(tokens, positions, caches, slots)
         if b["graph"] is not None:
             b["graph"].replay()
             logits = b["logits"]
@@ -126,17 +127,17 @@ class BatchDecode:
             cache.length = slot + 1
         return logits[:n]
 
-    def prepare(self, max_rows: int, mrope: bool) -> None:
+    def prepare(self, max_rows: int) -> None:
         """Capture every bucket up to `max_rows` rows now (over the scratch cache alone: the graphs
         read the rows' caches from the table), so that no step later stalls on a capture when the
         batch grows."""
         for rows in (1 << i for i in range((max_rows - 1).bit_length() + 1)):
-            self._ready([0] * rows, [0] * rows, [self.scratch] * rows, [0] * rows, mrope)
+            self._ready([0] * rows, [0] * rows, [self.scratch] * rows, [0] * rows)
 
-    def _ready(self, tokens, positions, caches, slots, mrope) -> dict:
+    def _ready(self, tokens, positions, caches, slots) -> dict:
         """The rows' bucket with their inputs on the device, its graph captured on first use."""
         bucket = 1 << (len(tokens) - 1).bit_length()
-        b = self.buckets.get((bucket, mrope)) or self._bucket(bucket, mrope)
+        b = self.buckets.get(bucket) or self._bucket(bucket)
         pad = bucket - len(tokens)
         addresses = list(zip(*(c.address() for c in caches + [self.scratch] * pad)))
         b["host"].copy_(torch.tensor([tokens + [0] * pad, slots + [0] * pad, *addresses, positions + [0] * pad]))
@@ -147,8 +148,8 @@ class BatchDecode:
             self.capture_s += time.perf_counter() - t0
         return b
 
-    def _bucket(self, bucket: int, mrope: bool) -> dict:
-        lm, cfg = self.lm, self.lm.cfg
+    def _bucket(self, bucket: int) -> dict:
+        lm, cfg, mrope = self.lm, self.lm.cfg, self.mrope
         splits = rows_split_count(bucket, cfg.num_key_value_heads, sm_count(self.device))
         workspace = decode_workspace(bucket * cfg.num_attention_heads, splits, cfg.head_dim, self.device)
         inputs = torch.zeros(6, bucket, dtype=torch.long, device=self.device)  # token, slot, K, V, cap, position
@@ -160,8 +161,8 @@ class BatchDecode:
                                        (slots + 1).to(torch.int32), workspace)
 
         host = torch.zeros(6, bucket, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self.buckets[bucket, mrope] = dict(inputs=inputs, host=host, run=run, graph=None, logits=None)
-        return self.buckets[bucket, mrope]
+        self.buckets[bucket] = dict(inputs=inputs, host=host, run=run, graph=None, logits=None)
+        return self.buckets[bucket]
 
 
 class Batcher:
@@ -219,11 +220,9 @@ class Batcher:
     def prepare(self) -> "Batcher":
         """On a GPU, capture the decode step's graph for every batch size up to max_batch now
         (a server does it at start), so that a growing batch never waits for a capture."""
-        eng = self.engine
-        if eng.device.type == "cuda":
-            self._step_gpu = self._step_gpu or BatchDecode(eng)
-            with eng.lock, torch.no_grad():
-                self._step_gpu.prepare(self.max_batch, eng.model.language_model.cfg.mrope_section is not None)
+        if self.engine.device.type == "cuda":
+            with self.engine.lock, torch.no_grad():
+                self._gpu_step().prepare(self.max_batch)
         return self
 
     def step(self) -> bool:
@@ -373,14 +372,19 @@ class Batcher:
         inputs = [turn.step_input() for turn in turns]
         positions, slots = [pos for pos, _ in inputs], [slot for _, slot in inputs]
         caches = [turn.target.cache for turn in turns]
-        mrope = turns[0].prompt.positions.dim() == 2  # a text token's t, h and w positions are equal
         with eng.lock, torch.no_grad():
             if eng.device.type == "cuda":
-                self._step_gpu = self._step_gpu or BatchDecode(eng)
-                return self._step_gpu(fed, positions, caches, slots, mrope)
+                return self._gpu_step()(fed, positions, caches, slots)
+            lm = eng.model.language_model
             pos = torch.tensor(positions, device=eng.device)
-            return eng.model.language_model.decode_rows(torch.tensor(fed, device=eng.device),
-                                                        pos.expand(3, -1) if mrope else pos, caches, slots)
+            mrope = lm.cfg.mrope_section is not None  # a text token's t, h and w positions are equal
+            return lm.decode_rows(torch.tensor(fed, device=eng.device), pos.expand(3, -1) if mrope else pos,
+                                  caches, slots)
+
+    def _gpu_step(self) -> BatchDecode:
+        if self._step_gpu is None:
+            self._step_gpu = BatchDecode(self.engine)
+        return self._step_gpu
 
     def _greedy(self, logits: torch.Tensor) -> list:
         """Each row's greedy token, as Sampler picks it at temperature 0 (never a banned id)."""
