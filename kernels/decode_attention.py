@@ -14,8 +14,8 @@ Grouped-query attention: query head h reads KV head h // (Hq // Hkv); one progra
 group, so every key and value is read once. fp16 / bf16 in (fp32 for tests), fp32 accumulation.
 
 `decode_attention_rows`: one launch for B conversations' tokens (batched decode), row b over its own
-cache, found through a `CacheTable` (each cache's device address and capacity, in device tensors a
-CUDA graph replays), with its own length; the key range of a row is cut into SPLITS chunks of its
+cache, found through a table of device addresses and capacities (an int64 device tensor a CUDA
+graph replays), with its own length; the key range of a row is cut into SPLITS chunks of its
 live length, as the rows' lengths differ.
 """
 import math

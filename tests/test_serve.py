@@ -169,9 +169,11 @@ def test_a_resent_image_is_recognised_without_decoding_it(monkeypatch):
     monkeypatch.setattr(serve.base64, "b64decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
     payloads = [base64.b64encode(bytes([i]) * 300).decode() for i in range(3)]
     want = [hashlib.sha256(bytes([i]) * 300).hexdigest() for i in range(3)]
-    assert [digests.digest(p, "image") for p in payloads[:2] * 2] == want[:2] * 2 and len(decoded) == 2
-    assert digests.digest(payloads[2], "image") == want[2] and len(decoded) == 3
-    assert digests.digest(payloads[0], "image") == want[0] and len(decoded) == 4  # over the limit: forgotten
+    got = [digests.digest(p, "image") for p in payloads[:2] * 2]
+    assert [d for d, _ in got] == want[:2] * 2 and len(decoded) == 2
+    assert [data for _, data in got] == [bytes([0]) * 300, bytes([1]) * 300, None, None]  # decoded once each
+    assert digests.digest(payloads[2], "image")[0] == want[2] and len(decoded) == 3
+    assert digests.digest(payloads[0], "image")[0] == want[0] and len(decoded) == 4  # over the limit: forgotten
     with pytest.raises(serve.APIError, match="not valid base64"):
         digests.digest(payloads[1][:-3] + "!!!", "image")
 

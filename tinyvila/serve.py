@@ -77,13 +77,15 @@ class Media:
     """One image or video of the conversation; equal when the kind and the bytes are equal."""
     kind: str  # "image" or "video"
     digest: str  # sha256 of the bytes
-    payload: str | None = field(default=None, compare=False, repr=False)  # a data: URL's base64 text
+    data: bytes | None = field(default=None, compare=False, repr=False)  # a data: URL's bytes, if decoded
     path: str | None = field(default=None, compare=False)  # a file inside --allowed-local-media
     mime: str = field(default="", compare=False)
+    payload: str | None = field(default=None, compare=False, repr=False)  # a data: URL's base64 text
 
     def read(self) -> bytes:
-        """The inline bytes (decoded from the payload when a new session needs them)."""
-        return base64.b64decode(self.payload, validate=True)
+        """The inline bytes: decoded on arrival for a payload not seen before, else now (a payload
+        recognised by its text is decoded only if a new session needs it)."""
+        return self.data if self.data is not None else base64.b64decode(self.payload, validate=True)
 
 
 class PayloadDigests:
@@ -95,7 +97,8 @@ class PayloadDigests:
         self.limit, self.known = limit, OrderedDict()
         self.lock = threading.Lock()
 
-    def digest(self, payload: str, kind: str) -> str:
+    def digest(self, payload: str, kind: str) -> tuple:
+        """(the bytes' sha256, the bytes if they had to be decoded for it, else None)."""
         try:
             key = hashlib.sha256(payload.encode("ascii")).digest()
         except UnicodeEncodeError:
@@ -103,16 +106,17 @@ class PayloadDigests:
         with self.lock:
             known = self.known.get(key)
         if known is not None:
-            return known
+            return known, None
         try:
-            digest = _digest(base64.b64decode(payload, validate=True))
+            data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise bad(f"the {kind} data: URL is not valid base64") from None
+        digest = _digest(data)
         with self.lock:
             self.known[key] = digest
             while len(self.known) > self.limit:
                 self.known.popitem(last=False)
-        return digest
+        return digest, data
 
 
 PAYLOADS = PayloadDigests()
@@ -137,7 +141,8 @@ def parse_url(url, kind: str, allowed_dir: str | None) -> Media:
         head, sep, payload = url[5:].partition(",")
         if not sep or not head.endswith(";base64"):
             raise bad(f"a {kind} data: URL must be base64 (data:MIME;base64,...)")
-        return Media(kind, PAYLOADS.digest(payload, kind), payload=payload, mime=head[:-len(";base64")].lower())
+        digest, data = PAYLOADS.digest(payload, kind)
+        return Media(kind, digest, payload=payload, data=data, mime=head[:-len(";base64")].lower())
     if scheme == "file":
         return Media(kind, *_allowed_file(unquote(urlparse(url).path), allowed_dir))
     raise bad(f"unsupported {kind} URL scheme {scheme or url[:20]!r}: use a data: URL")
