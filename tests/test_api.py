@@ -24,6 +24,7 @@ def test_callback_and_stream_give_the_answer(eng, image_files):
     pieces = []
     r = eng.generate("Describe it.", images=[image_files[0]], callback=pieces.append, **GREEDY)
     assert "".join(pieces) == r.text == eng.tokenizer.decode(r.token_ids)
+    assert pieces[0] == "" and all(pieces[1:])  # "" once, as the first token is chosen, then the text
     with eng.session(images=[image_files[0]]) as s:
         streamed = "".join(s.stream("Describe it.", **GREEDY))
         assert streamed == r.text and s.last_result.token_ids == r.token_ids

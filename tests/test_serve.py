@@ -158,25 +158,47 @@ def test_two_turns_continue_the_session(server, eng, img):
 
 
 def test_a_resent_image_is_recognised_without_decoding_it(monkeypatch):
-    """A conversation resent with its history carries the same data: URLs: the bytes' digest of a
-    payload seen before comes from the digest of its text; a new payload is decoded (and checked)."""
-    import hashlib
-
+    """A conversation resent with its history carries the same data: URLs: one seen before is found
+    in the raw body and swapped for a reference before the JSON is parsed, and comes out as the same
+    Media without being decoded; a new one is decoded (and checked). Not taken for a known URL: the
+    same text in a text part, the URL sent with escaped slashes, a URL that differs from a known one
+    only where the sample does not look, and one forgotten under the memory bound."""
     from tinyvila import serve
 
-    digests, decoded = serve.PayloadDigests(limit=2), []
+    seen_urls, decoded = serve.SeenURLs(), []
+    monkeypatch.setattr(serve, "SEEN", seen_urls)
     real = base64.b64decode
     monkeypatch.setattr(serve.base64, "b64decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
-    payloads = [base64.b64encode(bytes([i]) * 300).decode() for i in range(3)]
-    want = [hashlib.sha256(bytes([i]) * 300).hexdigest() for i in range(3)]
-    got = [digests.digest(p, "image") for p in payloads[:2] * 2]
-    assert [d for d, _ in got] == want[:2] * 2 and len(decoded) == 2
-    assert [data for _, data in got] == [bytes([0]) * 300, bytes([1]) * 300, None, None]  # decoded once each
-    assert digests.digest(payloads[2], "image")[0] == want[2] and len(decoded) == 3
-    assert digests.digest(payloads[0], "image")[0] == want[0] and len(decoded) == 4  # over the limit: forgotten
-    with pytest.raises(serve.APIError, match="not valid base64"):
-        digests.digest(payloads[1][:-3] + "!!!", "image")
+    big = bytes(range(256)) * 1200
+    twin = big[:1] + b"x" + big[2:]  # its text differs from big's only at characters the sample skips
+    url, twin_url = ("data:image/png;base64," + base64.b64encode(b).decode() for b in (big, twin))
+    assert seen_urls.sample(url.encode(), 0, len(url)) == seen_urls.sample(twin_url.encode(), 0, len(url))
 
+    def image(u, short=False):
+        return {"type": "image_url", "image_url": u if short else {"url": u}}
+
+    def parse(messages, body=None):
+        body, seen = seen_urls.recall(body or json.dumps({"messages": messages}).encode())
+        return serve.parse_messages(json.loads(body)["messages"], serve.MediaURLs(None, seen))[1], seen
+
+    first = [{"role": "user", "content": [image(url), {"type": "text", "text": "What is it?"}]}]
+    (turn,), seen = parse(first)
+    assert not seen and len(decoded) == 1 and turn.media[0].data == big
+    again = first + [{"role": "assistant", "content": url}, {"role": "user", "content": [image(url, short=True)]}]
+    turns, seen = parse(again)
+    assert len(seen) == 2 and len(decoded) == 1 and turns[1].text == url
+    assert turns[0].media == turns[2].media == turn.media and turns[2].media[0].data is None
+    assert turns[2].media[0].read() == big and len(decoded) == 2
+    assert not parse(None, json.dumps({"messages": first}).replace("/", "\\/").encode())[1]  # escaped
+    (other,), seen = parse([{"role": "user", "content": [image(twin_url)]}])
+    assert not seen and other.media != turn.media and other.media[0].data == twin
+    with pytest.raises(serve.APIError, match="not valid base64"):
+        parse([{"role": "user", "content": [image(url[:-3] + "!!!")]}])
+    seen_urls.max_bytes = len(url) + 10  # room for one: the newest stays
+    small = "data:image/png;base64," + base64.b64encode(b"tiny").decode()
+    parse([{"role": "user", "content": [image(url)]}])
+    parse([{"role": "user", "content": [image(small)]}])
+    assert len(parse([{"role": "user", "content": [image(small)]}])[1]) == 1 and not parse(first)[1]
 
 def test_history_the_server_never_produced(server, eng, img):
     """A client-made assistant turn: a new session prefills the whole conversation."""
@@ -416,13 +438,13 @@ def test_a_session_is_sized_for_all_of_its_media(vila_video):
     beyond the media (8192 tokens by default) cut to lie between what each prompt needs without
     and with its media."""
     from tinyvila.sampling import SamplingParams
-    from tinyvila.serve import ChatRequest, Job, SessionLRU, Worker, parse_args, parse_url
+    from tinyvila.serve import ChatRequest, Job, MediaURLs, SessionLRU, Worker, parse_args
 
     d, path, video = vila_video
     eng = tinyvila.load(path, device="cpu", dtype="float32", max_frames=4)
     args = parse_args([str(path), "--sparsity", "dense"])
-    clip = parse_url(f"file://{video}", "video", str(d))
-    picture = parse_url(data_url(draw_image(56, 56, seed=4)), "image", None)
+    clip = MediaURLs(str(d)).parse(f"file://{video}", "video")
+    picture = MediaURLs(None).parse(data_url(draw_image(56, 56, seed=4)), "image")
 
     def run(worker, turns):
         req = ChatRequest(None, turns, SamplingParams(max_new_tokens=3, temperature=0), [], False, False)

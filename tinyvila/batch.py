@@ -41,7 +41,7 @@ _END = object()  # the end of a request's stream
 class Request:
     """One turn submitted to a Batcher: `stream()` its text pieces as they come, `wait()` for its
     GenerationResult, `cancel()` it. `callback(piece)`, if given, gets each piece too (from the
-    batcher's thread)."""
+    batcher's thread), and first `callback("")` once the first token is chosen, as in generate()."""
 
     def __init__(self, session, make, params: SamplingParams, callback=None):
         self.session, self.params, self.callback = session, params, callback
@@ -395,6 +395,8 @@ class Batcher:
         """Take the row's next token; False (the conversation ended and left) on a stop token,
         cancel, max_new_tokens or a full context."""
         try:
+            if not turn.answer.tokens and request.callback is not None:
+                request.callback("")  # the first token is chosen
             if token in turn.stop_ids:
                 turn.answer.finish = "stop"
             else:

@@ -121,8 +121,15 @@ def generate(session, ids: list, media: list, params: SamplingParams, callback=N
     """One turn of `session` for the templated prompt `ids` (placeholder id once per item of
     `media`): yields the answer's text as it streams (each piece also to `callback`); at the end
     `session.last_result` holds the result and `on_done(text)` records the answer in the history.
+    `callback("")` comes first, once the first token is chosen (its text may need the next ones).
     Closing the generator early ends the answer there ("cancelled")."""
     turn = begin_turn(session, ids, media, params, on_done)
+    if callback is not None:
+        try:
+            callback("")
+        except BaseException:
+            release(turn)
+            raise
     try:
         for token in decode_tokens(turn):
             piece = turn.decoder.push(token)

@@ -22,6 +22,7 @@ import hmac
 import io
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -80,46 +81,109 @@ class Media:
     data: bytes | None = field(default=None, compare=False, repr=False)  # a data: URL's bytes, if decoded
     path: str | None = field(default=None, compare=False)  # a file inside --allowed-local-media
     mime: str = field(default="", compare=False)
-    payload: str | None = field(default=None, compare=False, repr=False)  # a data: URL's base64 text
+    url: bytes | None = field(default=None, compare=False, repr=False)  # a data: URL's text
 
     def read(self) -> bytes:
-        """The inline bytes: decoded on arrival for a payload not seen before, else now (a payload
+        """The inline bytes: decoded on arrival for a data: URL not seen before, else now (a URL
         recognised by its text is decoded only if a new session needs it)."""
-        return self.data if self.data is not None else base64.b64decode(self.payload, validate=True)
+        return self.data if self.data is not None else base64.b64decode(self.url.partition(b",")[2], validate=True)
 
 
-class PayloadDigests:
-    """The bytes' digest of recent data: URL payloads, by the digest of their base64 text. A client
-    resends a conversation's images with every request; hashing the text is several times cheaper
-    than decoding it first, so a continued conversation's images are recognised without decoding."""
+class SeenURLs:
+    """Recent data: URLs (their text) and their bytes' digests. A client resends a conversation's
+    images with every request: recall() finds the URLs seen before in the raw request body, each by
+    a sample of its characters confirmed by a memory compare, and swaps it for a short reference
+    before the JSON is parsed, so a continued conversation's images cost neither parsing nor
+    decoding their megabytes of text. Bounded in bytes, least recently used first."""
 
-    def __init__(self, limit: int = 4096):
-        self.limit, self.known = limit, OrderedDict()
+    URL_VALUE = re.compile(rb'"(?:url|image_url|video_url)"\s*:\s*$')  # a media part's URL, not a text
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.known = OrderedDict()  # sample -> (URL text, digest)
         self.lock = threading.Lock()
 
-    def digest(self, payload: str, kind: str) -> tuple:
-        """(the bytes' sha256, the bytes if they had to be decoded for it, else None)."""
-        try:
-            key = hashlib.sha256(payload.encode("ascii")).digest()
-        except UnicodeEncodeError:
-            key = None  # not base64: b64decode says so below
+    @staticmethod
+    def sample(text: bytes, start: int, end: int) -> tuple:
+        """About 512 characters spread over text[start:end], and its length."""
+        return end - start, text[start:end:max(1, (end - start) // 512)]
+
+    def recall(self, body: bytes) -> tuple:
+        """(body with each data: URL seen before swapped for a reference, {reference: (URL, digest)})."""
+        parts, seen, done = [], {}, 0
+        tag = uuid.uuid4().hex  # a reference can only come from this call
         with self.lock:
-            known = self.known.get(key)
-        if known is not None:
-            return known, None
+            start = body.find(b'"data:')
+            while start >= 0:
+                end = body.find(b'"', start + 1)
+                if end < 0:
+                    break
+                key = self.sample(body, start + 1, end)
+                hit = self.known.get(key)
+                if (hit is not None and body.startswith(hit[0], start + 1)
+                        and self.URL_VALUE.search(body, max(0, start - 40), start)):
+                    self.known.move_to_end(key)
+                    ref = f"tinyvila-seen:{tag}:{len(seen)}"
+                    seen[ref] = hit
+                    parts += [body[done:start + 1], ref.encode()]
+                    done = end
+                start = body.find(b'"data:', end + 1)
+        return b"".join(parts + [body[done:]]), seen
+
+    def digest(self, url: str, start: int, kind: str) -> tuple:
+        """(the bytes' sha256, the bytes) of the data: URL `url`, whose base64 text starts at
+        `start`, decoded (and checked); the URL is remembered."""
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = base64.b64decode(url[start:], validate=True)
         except (binascii.Error, ValueError):
             raise bad(f"the {kind} data: URL is not valid base64") from None
-        digest = _digest(data)
+        digest, text = _digest(data), url.encode("ascii")  # base64: ASCII
+        key = self.sample(text, 0, len(text))
         with self.lock:
-            self.known[key] = digest
-            while len(self.known) > self.limit:
-                self.known.popitem(last=False)
+            if (old := self.known.pop(key, None)) is not None:
+                self.nbytes -= len(old[0])  # the same URL again (sent escaped), or one with the same sample
+            self.known[key] = text, digest
+            self.nbytes += len(text)
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= len(self.known.popitem(last=False)[1][0])
         return digest, data
 
 
-PAYLOADS = PayloadDigests()
+SEEN = SeenURLs()
+
+
+class MediaURLs:
+    """Turns a request's media URLs into Media: data: URLs (those recalled from earlier requests by
+    reference), or file:// paths inside the allowed folder."""
+
+    def __init__(self, allowed_dir: str | None, seen: dict | None = None):
+        self.allowed_dir, self.seen = allowed_dir, seen or {}
+
+    def parse(self, url, kind: str) -> Media:
+        if isinstance(url, str) and url in self.seen:
+            text, digest = self.seen[url]
+            return Media(kind, digest, url=text, mime=_mime(text[5:text.find(b",")].decode()))
+        if not isinstance(url, str) or not url:
+            raise bad(f"{kind}_url needs a url string")
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            raise bad(f"this server does not fetch URLs: send the {kind} inline as a data: URL (base64)",
+                      "url_not_supported")
+        if scheme == "data":
+            comma = url.find(",")  # the URL is not sliced: an image's text is megabytes
+            head = url[5:comma]
+            if comma < 0 or not head.endswith(";base64"):
+                raise bad(f"a {kind} data: URL must be base64 (data:MIME;base64,...)")
+            digest, data = SEEN.digest(url, comma + 1, kind)
+            return Media(kind, digest, data=data, mime=_mime(head))
+        if scheme == "file":
+            return Media(kind, *_allowed_file(unquote(urlparse(url).path), self.allowed_dir))
+        raise bad(f"unsupported {kind} URL scheme {scheme or url[:20]!r}: use a data: URL")
+
+
+def _mime(head: str) -> str:
+    """The MIME type of a data: URL's head ("image/png;base64")."""
+    return head.partition(";")[0].lower()
 
 
 @dataclass(frozen=True)
@@ -127,25 +191,6 @@ class Turn:
     role: str  # "user" or "assistant"
     text: str
     media: tuple = ()
-
-
-def parse_url(url, kind: str, allowed_dir: str | None) -> Media:
-    """A media part's URL as a Media: data: URLs, or file:// paths inside the allowed folder."""
-    if not isinstance(url, str) or not url:
-        raise bad(f"{kind}_url needs a url string")
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        raise bad(f"this server does not fetch URLs: send the {kind} inline as a data: URL (base64)",
-                  "url_not_supported")
-    if scheme == "data":
-        head, sep, payload = url[5:].partition(",")
-        if not sep or not head.endswith(";base64"):
-            raise bad(f"a {kind} data: URL must be base64 (data:MIME;base64,...)")
-        digest, data = PAYLOADS.digest(payload, kind)
-        return Media(kind, digest, payload=payload, data=data, mime=head[:-len(";base64")].lower())
-    if scheme == "file":
-        return Media(kind, *_allowed_file(unquote(urlparse(url).path), allowed_dir))
-    raise bad(f"unsupported {kind} URL scheme {scheme or url[:20]!r}: use a data: URL")
 
 
 def _digest(data: bytes) -> str:
@@ -167,7 +212,7 @@ def _allowed_file(path: str, allowed_dir: str | None):
         return _digest(f.read()), None, real
 
 
-def parse_content(content, role: str, allowed_dir) -> Turn:
+def parse_content(content, role: str, urls: MediaURLs) -> Turn:
     if isinstance(content, str):
         return Turn(role, content)
     if not isinstance(content, list):
@@ -180,7 +225,7 @@ def parse_content(content, role: str, allowed_dir) -> Turn:
         elif kind in ("image_url", "video_url"):
             ref = part.get(kind)
             url = ref.get("url") if isinstance(ref, dict) else ref
-            media.append(parse_url(url, kind[:-4], allowed_dir))
+            media.append(urls.parse(url, kind[:-4]))
         else:
             raise bad(f"unknown content part {kind!r} (use text, image_url or video_url)", "unknown_content_part")
     if media and role != "user":
@@ -189,7 +234,7 @@ def parse_content(content, role: str, allowed_dir) -> Turn:
     return Turn(role, "\n".join(texts), tuple(media))
 
 
-def parse_messages(messages, allowed_dir):
+def parse_messages(messages, urls: MediaURLs):
     """(system prompt or None, [Turn]) from the request's messages."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "missing_messages")
@@ -198,7 +243,7 @@ def parse_messages(messages, allowed_dir):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ROLES:
             raise bad(f"message {i}: role must be one of {', '.join(ROLES)}")
-        turn = parse_content(m.get("content"), role, allowed_dir)
+        turn = parse_content(m.get("content"), role, urls)
         if role in ("system", "developer"):
             if i != 0:
                 raise bad("a system message may only come first")
@@ -221,7 +266,7 @@ class ChatRequest:
     include_usage: bool
 
 
-def parse_request(body: dict, defaults: dict, allowed_dir, max_tokens: int) -> ChatRequest:
+def parse_request(body: dict, defaults: dict, urls: MediaURLs, max_tokens: int) -> ChatRequest:
     from .sampling import SamplingParams  # torch, loaded with the model: --help does not wait for it
 
     if body.get("n") not in (None, 1):
@@ -237,7 +282,7 @@ def parse_request(body: dict, defaults: dict, allowed_dir, max_tokens: int) -> C
                                              ignore_eos=bool(body.get("ignore_eos", False)), **sampling)
     except TinyVilaError as e:
         raise bad(str(e).replace("max_new_tokens", "max_tokens")) from None
-    system, turns = parse_messages(body.get("messages"), allowed_dir)
+    system, turns = parse_messages(body.get("messages"), urls)
     options = body.get("stream_options") or {}
     return ChatRequest(system, turns, params, stop, bool(body.get("stream", False)),
                     isinstance(options, dict) and bool(options.get("include_usage")))
@@ -359,7 +404,11 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
     def on_piece(self, piece: str) -> None:
-        """The session's callback, in the worker thread, during the answer."""
+        """The session's callback, in the worker thread, during the answer ("" once the first token
+        is chosen: the stream starts then, before that token's text, which may need the next)."""
+        if not piece:
+            self.emit("start", None)
+            return
         text = self.watch.push(piece)
         if text:
             self.emit("piece", text)
@@ -576,13 +625,14 @@ class Server:
     async def chat(self, request):
         try:
             self.check_key(request)
-            body = await self.read_json(request)
+            body, seen = await self.read_json(request)
             if not isinstance(body.get("model"), str):
                 raise bad("model is required")
             if body["model"] != self.name:
                 raise APIError(404, f"the model '{body['model']}' does not exist here (this server has "
                                f"'{self.name}')", code="model_not_found")
-            req = parse_request(body, self.defaults, self.args.allowed_local_media, self.engine.max_seq_len)
+            req = parse_request(body, self.defaults, MediaURLs(self.args.allowed_local_media, seen),
+                                self.engine.max_seq_len)
             job = Job(req, asyncio.get_running_loop(), req.stream)
             if req.stream:
                 return await self.stream(job, body["model"])
@@ -610,7 +660,8 @@ class Server:
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                            "authentication_error", "invalid_api_key")
 
-    async def read_json(self, request) -> dict:
+    async def read_json(self, request) -> tuple:
+        """(the body's JSON object, its recalled data: URLs: SeenURLs.recall)."""
         too_big = APIError(413, f"the request body is over {self.args.max_body_mb:g} MB", code="body_too_large")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
@@ -620,13 +671,14 @@ class Server:
             body += chunk
             if len(body) > self.max_body:
                 raise too_big
+        body, seen = SEEN.recall(bytes(body))
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise bad("the request body is not valid JSON", "malformed_json") from None
         if not isinstance(data, dict):
             raise bad("the request body must be a JSON object", "malformed_json")
-        return data
+        return data, seen
 
     async def submit(self, job: Job):
         """Run the job after those before it; ("done", payload) or ("error", APIError)."""
@@ -677,6 +729,8 @@ class Server:
 
         try:
             yield chunk({"role": "assistant", "content": ""})
+            if item[0] == "start":
+                item = await job.events.get()
             while item[0] == "piece":
                 yield chunk({"content": item[1]})
                 item = await job.events.get()
