@@ -3,11 +3,13 @@
 y[m, n] = sum_k x[m, k] * (q[k, n] - z[k // G, n]) * s[k // G, n]  (+ bias[n]),  x [M, K], y [M, N].
 
 Layout made by `repack_awq` (once, at load) from the AutoAWQ "GEMM" tensors of quant/pack.py:
-  qweight  int32 [K/8, N]: word (r, n) holds q[8r + j, n] in nibble j (bits 4j..4j+3). Packed along
-           K, not N as AWQ does: a row of words is contiguous along N, so loads are 16 bytes a thread
-           and coalesced, and one word is 8 consecutive K of one column, so a thread's 8 nibbles are
-           8 consecutive rows of the GEMM's B tile (stored to shared memory 16 bytes at a time) and
-           no nibble order is left to get wrong.
+  qweight  int32 [K/8, N]: word (r, n) holds rows 8r..8r+7 of column n, row 8r + AWQ_ORDER[p] in
+           nibble p (bits 4p..4p+3). Packed along K, not N as AWQ does: a row of words is contiguous
+           along N, so loads are 16 bytes a thread and coalesced, and one word is 8 consecutive K of
+           one column, so a thread's 8 nibbles are 8 consecutive rows of the GEMM's B tile. The
+           nibble order is AWQ's interleave, (0, 2, 4, 6, 1, 3, 5, 7), along K: nibbles p and p + 4
+           (bits 4p and 16 + 4p) are rows 2p and 2p + 1, so one mask-and-or makes them the fp16x2
+           pair {1024 + q, 1024 + q'} of two consecutive rows, as tensor-core operands pair them.
   scales   [K/G, N] as the checkpoint stores them (fp16; casting them to bf16 would round them).
   zeros    uint8 [K/G, N], unpacked (3 bytes a group column with the scale, against 64 of weights
            at G=128).
@@ -17,7 +19,10 @@ Layout made by `repack_awq` (once, at load) from the AutoAWQ "GEMM" tensors of q
            its partial sums into the workspace with fp32 atomics (the last program reads and zeroes
            it: a one-load tail); the GEMM, with fewer splits, writes partials to a scratch buffer and
            the last program adds them in a fixed order.
-No int -> float conversions: f = bitcast((q << 19) | 0x3F800000) = 1 + q/16 exactly, so
+No int -> float conversions. The fused GEMM on fp16 (inline PTX, on a GPU): per word, three shifts
+and four LOP3 give four fp16x2 pairs 1024 + q, then (pair - (1024 + z)) * s in fp16x2 is exact up to
+its one rounding, the one the fp32 form below has too: two weights per instruction. Elsewhere
+(the interpreter, bf16 activations): f = bitcast((q << 19) | 0x3F800000) = 1 + q/16 exactly, so
   (q - z) * s = f * 16s - s*(16 + z)      (exact in fp32: one FMA; the GEMM and dequantize paths)
 and the GEMV factors it per K tile (the tiles never straddle a group):
   sum_k (q - z) s x = 16s * sum_k f x - s*(16 + z) * sum_k x      (shift, LOP3, FMA a weight).
@@ -36,13 +41,15 @@ the GEMV wins up to M=2 and loses from M=3 (one FMA a weight a row on CUDA cores
 tensor-core tile); the fused GEMM beats dequantize + cuBLAS at M=128 and loses at M=256 (the
 dequantization is paid once and cuBLAS's tiles win on a large M), so the switch sits between them.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
 from tinyvila.kernels.gpu import sm_count
 from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
 from tinyvila.kernels.triton_lang import tl, triton
-from tinyvila.quant.pack import AWQ_ORDER
+from tinyvila.quant.pack import AWQ_ORDER, AWQ_REVERSE_ORDER
 
 GEMV_MAX_M = 2
 CUBLAS_MIN_M = 192
@@ -92,10 +99,10 @@ def repack_awq(qweight, qzeros, scales, dtype):
     assert scales.shape[1] == N and qzeros.shape == (scales.shape[0], N8), (qweight.shape, qzeros.shape, scales.shape)
     assert K % scales.shape[0] == 0 and K % 8 == 0, (K, scales.shape)
     _k_tile(K // scales.shape[0], 64)  # the group size must suit the kernels
-    q = _unpack_awq(qweight).view(K // 8, 8, N)  # [r, j, n] = q[8r + j, n]
+    q = _unpack_awq(qweight).view(K // 8, 8, N)  # [r, i, n] = q[8r + i, n]
     words = torch.zeros(K // 8, N, dtype=torch.int64, device=qweight.device)
-    for j in range(8):
-        words |= q[:, j].to(torch.int64) << (4 * j)
+    for nibble, row in enumerate(AWQ_ORDER):
+        words |= q[:, row].to(torch.int64) << (4 * nibble)
     words = (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
     return {
         "qweight": words,
@@ -111,7 +118,8 @@ def dequantize_w4(packed, group_size):
     qw = packed["qweight"]
     K8, N = qw.shape
     shifts = torch.arange(0, 32, 4, device=qw.device, dtype=torch.int32)
-    q = ((qw[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(8 * K8, N).float()  # row 8r + j
+    nibbles = (qw[:, None, :] >> shifts[None, :, None]) & 0xF  # [r, p, n]: nibble p of word (r, n)
+    q = nibbles[:, AWQ_REVERSE_ORDER].reshape(8 * K8, N).float()  # row 8r + i sits in nibble REVERSE[i]
     z = packed["zeros"].float().repeat_interleave(group_size, 0)
     s = packed["scales"].float().repeat_interleave(group_size, 0)
     assert z.shape == q.shape, f"group size {group_size} does not match the packed shapes"
@@ -127,6 +135,12 @@ def w4a16_linear_ref(x, packed, group_size, bias=None):
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
+
+
+@triton.jit
+def _row(j: tl.constexpr):
+    """The row offset (in the word's 8 rows) of nibble j: AWQ_ORDER[j]."""
+    return (j % 4) * 2 + j // 4
 
 
 @triton.jit
@@ -181,7 +195,7 @@ def _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, tile, split
 
 @triton.jit
 def _gemv_row(f, d, xs, Xt, row, M, k, K, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
-    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of rows k = 8r + j of the
+    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of rows k = 8r + _row(j) of the
     step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term).
     SWIGLU: the row is a gate|up pair [2K] and x = silu(gate) * up, rounded as kernels/silu_mul.py
     rounds it (the down projection reads the gate/up output directly)."""
@@ -251,7 +265,7 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         Xt = X + t * KT
         for j in tl.static_range(8):
             f = _plane(words, j, one)
-            k = 8 * r + j
+            k = 8 * r + _row(j)
             d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, K, False, SWIGLU)  # M >= 1: row 0 always exists
             if BLOCK_M > 1:
                 d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, K, True, SWIGLU)
@@ -296,18 +310,25 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
 
 @triton.jit
 def _dequant_tile(words, s16, c, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[KT/8, BLOCK_N] words -> the [KT, BLOCK_N] weight tile in `dtype`: the 8 nibble planes joined
-    as a minor dimension, so row 8r + j is register j of the thread holding word r (no data moves).
-    1.0f is a literal here: measured faster in this kernel than the register form the GEMV uses."""
+    """[KT/8, BLOCK_N] words -> the [KT, BLOCK_N] weight tile in `dtype` (p_i: row 8r + i, from
+    nibble AWQ_REVERSE_ORDER[i]). 1.0f is a literal here: measured faster in this kernel than the
+    register form the GEMV uses."""
     ONE: tl.constexpr = 0x3F800000
     p0 = (_plane(words, 0, ONE) * s16 - c).to(dtype)
-    p1 = (_plane(words, 1, ONE) * s16 - c).to(dtype)
-    p2 = (_plane(words, 2, ONE) * s16 - c).to(dtype)
-    p3 = (_plane(words, 3, ONE) * s16 - c).to(dtype)
-    p4 = (_plane(words, 4, ONE) * s16 - c).to(dtype)
-    p5 = (_plane(words, 5, ONE) * s16 - c).to(dtype)
-    p6 = (_plane(words, 6, ONE) * s16 - c).to(dtype)
+    p1 = (_plane(words, 4, ONE) * s16 - c).to(dtype)
+    p2 = (_plane(words, 1, ONE) * s16 - c).to(dtype)
+    p3 = (_plane(words, 5, ONE) * s16 - c).to(dtype)
+    p4 = (_plane(words, 2, ONE) * s16 - c).to(dtype)
+    p5 = (_plane(words, 6, ONE) * s16 - c).to(dtype)
+    p6 = (_plane(words, 3, ONE) * s16 - c).to(dtype)
     p7 = (_plane(words, 7, ONE) * s16 - c).to(dtype)
+    return _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT, BLOCK_N)
+
+
+@triton.jit
+def _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Eight [KT/8, BLOCK_N] planes (p_i: rows 8r + i) -> the [KT, BLOCK_N] tile: joined as a minor
+    dimension, so row 8r + i is register i of the thread holding word r (no data moves)."""
     w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
     # w[r, n, a, b, e] is plane a*4 + b*2 + e: the last join index is the lowest bit of j
     w = tl.permute(w, 0, 2, 3, 4, 1)  # [r, a, b, e, n]: row ((r*2 + a)*2 + b)*2 + e = 8r + j
@@ -315,10 +336,66 @@ def _dequant_tile(words, s16, c, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def _dequant_tile_ptx(words, s2, z2, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fp16 tile of _dequant_tile in inline PTX, two weights an instruction. Per word: nibbles p
+    and p + 4 are rows 2p and 2p + 1, so (w >> 4p) & 0x000F000F | 0x64006400 is the fp16x2 pair
+    {1024 + q, 1024 + q'} (0x6400 is 1024.0, whose last place is 1); minus the pair 1024 + z
+    (exact) and times s (rounded once, as the fp32 form is when cast). s2, z2: s and 1024 + z as
+    fp16x2 bits (_pair_scales). Each output register is already the pair of consecutive rows a
+    tensor-core operand takes."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t1, t2, t3, a0, a1, a2, a3;
+        shr.b32 t1, $8, 4;
+        shr.b32 t2, $8, 8;
+        shr.b32 t3, $8, 12;
+        lop3.b32 a0, $8, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 a1, t1, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 a2, t2, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 a3, t3, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 a0, a0, $10;
+        sub.f16x2 a1, a1, $10;
+        sub.f16x2 a2, a2, $10;
+        sub.f16x2 a3, a3, $10;
+        mul.f16x2 a0, a0, $9;
+        mul.f16x2 a1, a1, $9;
+        mul.f16x2 a2, a2, $9;
+        mul.f16x2 a3, a3, $9;
+        mov.b32 {$0, $1}, a0;
+        mov.b32 {$2, $3}, a1;
+        mov.b32 {$4, $5}, a2;
+        mov.b32 {$6, $7}, a3;
+        }""",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, s2, z2], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    return _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT, BLOCK_N)
+
+
+@triton.jit
+def _pair_scales(S, Z, g, N, cols, cmask):
+    """s and 1024 + z of group g for the columns `cols`, each as the bits of an fp16x2 pair."""
+    s = tl.load(S + tl.cast(g, tl.int64) * N + cols, mask=cmask, other=0.0)
+    z = tl.load(Z + tl.cast(g, tl.int64) * N + cols, mask=cmask, other=0).to(tl.int32)
+    bits = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits * 0x10001, (0x6400 + z) * 0x10001
+
+
+@triton.jit
+def _weight_tile(words, S, Z, g, N, cols, cmask, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr, PTX: tl.constexpr):
+    """Group g's [KT, BLOCK_N] weight tile from its words, in `dtype` (PTX: fp16, inline PTX)."""
+    if PTX:
+        s2, z2 = _pair_scales(S, Z, g, N, cols, cmask)
+        w = _dequant_tile_ptx(words, s2[None, :], z2[None, :], KT, BLOCK_N)
+    else:
+        s16, c = _group_scales(S, Z, g, N, cols, cmask)
+        w = _dequant_tile(words, s16[None, :], c[None, :], dtype, KT, BLOCK_N)
+    return w
+
+
+@triton.jit
 def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits, tiles_per_split,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr, SWAPPED: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, PTX: tl.constexpr):
     """Fused-dequant GEMM: a [BLOCK_M, BLOCK_N] output tile, K step by step (one group each).
     SWAPPED: the tile is computed transposed, y^T [BLOCK_N, BLOCK_M] = W^T x^T, so the dequantized
     weights are the tensor-core product's A operand, whose long side (64 rows a warpgroup on
@@ -359,14 +436,12 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for t in range(t0, t1):
         words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
-        s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
+        w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
         if SWAPPED:
             xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
-            w = _dequant_tile(words, s16[None, :], c[None, :], xt.dtype, KT, BLOCK_N)
             acc = tl.dot(tl.trans(w), xt, acc, input_precision=PRECISION)
         else:
             a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
-            w = _dequant_tile(words, s16[None, :], c[None, :], a.dtype, KT, BLOCK_N)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if SWAPPED:
         acc = tl.trans(acc)
@@ -388,7 +463,7 @@ def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr,
     s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
     for j in tl.static_range(8):
         w = _plane(words, j, one) * s16[None, :] - c[None, :]
-        offs = (t * KT + 8 * r + j).to(tl.int64)[:, None] * N + cols[None, :]
+        offs = (t * KT + 8 * r + _row(j)).to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(W + offs, w.to(W.dtype.element_ty), mask=cmask[None, :])
 
 
@@ -463,8 +538,15 @@ def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=N
                 HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 num_warps=num_warps, num_stages=num_stages)
     grid = (m_tiles, n_tiles, split) if swapped else (m_tiles * n_tiles, split)
-    _gemm_kernel[grid](*args, GROUP_M=8, SWAPPED=swapped, **opts)
+    _gemm_kernel[grid](*args, GROUP_M=8, SWAPPED=swapped, PTX=ptx_dequant(x, packed), **opts)
     return y
+
+
+def ptx_dequant(x, packed) -> bool:
+    """Whether the fused GEMM dequantizes in inline PTX: fp16 activations and scales on a GPU
+    (not under the interpreter, which runs no PTX), unless TINYVILA_W4_PTX=0 (for A/B timing)."""
+    return (x.dtype == torch.float16 and packed["scales"].dtype == torch.float16 and x.device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("TINYVILA_W4_PTX") != "0")
 
 
 def dequantize(packed, group_size, dtype, block_n=256, num_warps=8, k_tile=128):

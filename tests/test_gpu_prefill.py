@@ -29,7 +29,8 @@ def paths(llava_mistral, tmp_path_factory):
 def conversation(eng, **options):
     """Per turn: the result, the cache's slots, the decode selection."""
     out = []
-    with eng.session(images=[draw_image(120, 90, seed=1)], max_seq_len=2048, **options) as s:
+    options = {"max_seq_len": 2048, **options}
+    with eng.session(images=[draw_image(120, 90, seed=1)], **options) as s:
         for q in QUESTIONS:
             r = s.ask(q, max_new_tokens=6, temperature=0, ignore_eos=True)
             out.append((r, s.cache.k[:, :, :s.cache.length].clone(), s.last_selection))
@@ -59,7 +60,7 @@ def test_capture_once_per_bucket_and_memory_reported(llava_vicuna):
     held = []
     for _ in range(2):
         captured = set()
-        for r, _, _ in conversation(eng):
+        for r, _, _ in conversation(eng, max_seq_len=1024):  # the checkpoint's limit
             s = r.stats
             if not s.prefill_graphed:
                 assert s.prefill_graph_capture_s == 0, (s.prefill_tokens, s.prefill_graph_capture_s)

@@ -52,9 +52,9 @@ def test_repack_nibble_order_known_answer():
     packed = repack_awq(pack.pack(q), pack.pack(torch.full((K // G, N), 8, dtype=torch.int32)),
                         torch.ones(K // G, N, dtype=torch.float16), torch.float32)
     assert torch.equal(dequantize_w4(packed, G), (q - 8).float().t())
-    # layout: word (r, n) holds q[8r + j, n] in nibble j
+    # layout: word (r, n) holds q[8r + i, n] in nibble p with i = (0, 2, 4, 6, 1, 3, 5, 7)[p]
     word = int(packed["qweight"][3, 5]) & 0xFFFFFFFF
-    assert [(word >> (4 * j)) & 0xF for j in range(8)] == [(24 + j + 15) % 16 for j in range(8)]
+    assert [(word >> (4 * p)) & 0xF for p in range(8)] == [(24 + i + 15) % 16 for i in (0, 2, 4, 6, 1, 3, 5, 7)]
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 17])
