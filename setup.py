@@ -39,9 +39,10 @@ setup(
         # transformers is the reference the tests compare against; the runtime never imports it.
         # protobuf lets transformers read a bare sentencepiece tokenizer.model.
         "test": ["transformers>=5.0", "protobuf", "pytest>=8", "av", "matplotlib", "starlette>=0.37", "uvicorn>=0.29",
-                 "openai>=1.0"],
-        # tinyvila-serve's HTTP stack.
-        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+                 "httptools>=0.6", "openai>=1.0"],
+        # tinyvila-serve's HTTP stack (uvicorn parses HTTP with httptools when it is installed: a
+        # request carrying megabytes of images is read faster than by its pure-Python parser).
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "httptools>=0.6"],
         # tinyvila-eval's plots and tinyvila-bench --plot.
         "eval": ["matplotlib"],
     },
