@@ -165,6 +165,28 @@ def test_gemv_and_gemm_forced_at_small_m(m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("swapped", [False, True])
+def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped):
+    """The fused GEMM's inline-PTX fp16 dequantization against its fp32 form: one-hot rows pick
+    single weights (every nibble position, edge zeros, a scale whose products are subnormal, a
+    large one), which must be the reference's values rounded to fp16 by both; random rows agree."""
+    packed, _ = _layer(256, 1024, 128, seed=5, device="cuda")
+    packed["zeros"][0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
+    packed["scales"][1, :2] = torch.tensor([3e-5, 60.0], dtype=torch.float16)
+    x = torch.zeros(64, 1024, device="cuda", dtype=torch.float16)
+    x[torch.arange(64), torch.arange(64) * 16 + torch.arange(64) % 8] = 1  # rows 0..63 pick k = 16i + i % 8
+    x = torch.cat([x, torch.randn(64, 1024, device="cuda", dtype=torch.float16)])
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TINYVILA_W4_PTX", flag)
+        outs[flag] = w4a16.gemm(x, packed, 128, swapped=swapped, block_m=64 if swapped else 16)
+    assert w4a16.ptx_dequant(x, packed)
+    want = dequantize_w4(packed, 128)[:, torch.arange(64) * 16 + torch.arange(64) % 8].t().half()
+    assert torch.equal(outs["1"][:64], want) and torch.equal(outs["0"][:64], want)
+    assert _rel_err(outs["1"][64:], outs["0"][64:]) < 1e-3
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay():
     """Captured once, replayed with new inputs: the split-K semaphores must reset themselves."""
     packed, x, b, _ = _gpu_case(1, 4096, 4096, 128, torch.float16, bias=True)
