@@ -11,6 +11,7 @@ from PIL import Image
 
 import tinyvila
 from tinyvila.errors import TinyVilaError
+from tinyvila.sampling import SamplingParams
 
 GREEDY = dict(temperature=0, max_new_tokens=8, ignore_eos=True)
 
@@ -24,10 +25,20 @@ def test_callback_and_stream_give_the_answer(eng, image_files):
     pieces = []
     r = eng.generate("Describe it.", images=[image_files[0]], callback=pieces.append, **GREEDY)
     assert "".join(pieces) == r.text == eng.tokenizer.decode(r.token_ids)
-    assert pieces[0] == "" and all(pieces[1:])  # "" once, as the first token is chosen, then the text
     with eng.session(images=[image_files[0]]) as s:
         streamed = "".join(s.stream("Describe it.", **GREEDY))
         assert streamed == r.text and s.last_result.token_ids == r.token_ids
+
+
+def test_on_start_comes_once_before_the_text(eng, image_files):
+    """Session.complete's on_start marks the first token, before any text (the server starts its
+    stream there)."""
+    events = []
+    with eng.session(images=[image_files[0]]) as s:
+        ids = eng.encode_text(eng.render([s.user_message("Describe it.", s.pending)]))
+        r = s.complete(ids, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True),
+                       callback=events.append, on_start=lambda: events.append(None))
+    assert events[0] is None and None not in events[1:] and "".join(events[1:]) == r.text and r.text
 
 
 def test_stopping_a_stream_keeps_the_session_usable(eng, image_files):

@@ -10,6 +10,7 @@ import torch
 import tinyvila
 from tinyvila.batch import Batcher
 from tinyvila.errors import ContextError, TinyVilaError
+from tinyvila.sampling import SamplingParams
 
 from fixtures_images import draw_image
 from fixtures_qwen import build_qwen2_5_vl
@@ -214,8 +215,14 @@ def test_background_thread_streams_and_callbacks(eng, image_files, expected):
         pieces = []
         sessions, requests = submit_all(batcher, eng, image_files, CONVERSATIONS[:3])
         cb = batcher.ask(sessions[0], "And the sky?", callback=pieces.append, max_new_tokens=4, ignore_eos=True)
+        other = eng.session(images=[image_files[3]])
+        ids = eng.encode_text(eng.render([other.user_message("Hello?", other.pending)]))
+        events = []  # its pieces, and None when its first token is chosen
+        started = batcher.submit(other, ids, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+                                 callback=events.append, on_start=lambda: events.append(None))
         streamed = ["".join(r.stream()) for r in (requests[0][0], requests[1][0], requests[2][0])]
-        assert cb.wait(timeout=120).text == "".join(pieces) and pieces[0] == "" and all(pieces[1:])
+        assert cb.wait(timeout=120).text == "".join(pieces) and pieces
+        assert events[0] is None and None not in events[1:] and "".join(events[1:]) == started.wait().text
         with pytest.raises(TinyVilaError, match="background thread"):
             batcher.step()
     finally:
@@ -363,7 +370,6 @@ def test_what_a_newcomer_prefills_ahead(eng, image_files):
     """All but the last token (dense), up to the media's end (retrieval: the question scores them in
     one pass), up to the fresh media (FastV: its pruning pass needs them and all after)."""
     from tinyvila.generate import open_turn
-    from tinyvila.sampling import SamplingParams
 
     ends = {}
     for name, options in (("dense", {}), ("retrieval", {"decode_sparsity": 0.5}), ("fastv", {"sparsity": "fastv:k=1"})):

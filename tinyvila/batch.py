@@ -40,11 +40,11 @@ _END = object()  # the end of a request's stream
 
 class Request:
     """One turn submitted to a Batcher: `stream()` its text pieces as they come, `wait()` for its
-    GenerationResult, `cancel()` it. `callback(piece)`, if given, gets each piece too (from the
-    batcher's thread), and first `callback("")` once the first token is chosen, as in generate()."""
+    GenerationResult, `cancel()` it. `callback(piece)`, if given, gets each piece too, and
+    `on_start()` is called once its first token is chosen (both from the batcher's thread)."""
 
-    def __init__(self, session, make, params: SamplingParams, callback=None):
-        self.session, self.params, self.callback = session, params, callback
+    def __init__(self, session, make, params: SamplingParams, callback=None, on_start=None):
+        self.session, self.params, self.callback, self.on_start = session, params, callback, on_start
         self._make = make  # () -> (ids, media, on_done), called at admission
         self._pieces = queue.Queue()
         self._done = threading.Event()
@@ -194,11 +194,12 @@ class Batcher:
         params = SamplingParams.from_options(**sampling)
         return self._add(Request(session, lambda: session.question_turn(question), params, callback))
 
-    def submit(self, session, ids: list, params: SamplingParams | None = None, callback=None) -> Request:
+    def submit(self, session, ids: list, params: SamplingParams | None = None, callback=None,
+               on_start=None) -> Request:
         """As Session.complete, batched: already templated ids (a placeholder per media item)."""
         ids = list(ids)
         return self._add(Request(session, lambda: (ids, session.media + session.pending, None),
-                                 params or SamplingParams(), callback))
+                                 params or SamplingParams(), callback, on_start))
 
     def _add(self, request: Request) -> Request:
         if request.session.engine is not self.engine:
@@ -395,8 +396,8 @@ class Batcher:
         """Take the row's next token; False (the conversation ended and left) on a stop token,
         cancel, max_new_tokens or a full context."""
         try:
-            if not turn.answer.tokens and request.callback is not None:
-                request.callback("")  # the first token is chosen
+            if not turn.answer.tokens and request.on_start is not None:
+                request.on_start()  # the first token is chosen
             if token in turn.stop_ids:
                 turn.answer.finish = "stop"
             else:

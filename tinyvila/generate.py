@@ -117,16 +117,16 @@ class Turn:
         return n + self.delta, n - self.target.dropped
 
 
-def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None):
+def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None, on_start=None):
     """One turn of `session` for the templated prompt `ids` (placeholder id once per item of
     `media`): yields the answer's text as it streams (each piece also to `callback`); at the end
     `session.last_result` holds the result and `on_done(text)` records the answer in the history.
-    `callback("")` comes first, once the first token is chosen (its text may need the next ones).
-    Closing the generator early ends the answer there ("cancelled")."""
+    `on_start()` is called once the first token is chosen, before its text (which may need the next
+    tokens). Closing the generator early ends the answer there ("cancelled")."""
     turn = begin_turn(session, ids, media, params, on_done)
-    if callback is not None:
+    if on_start is not None:
         try:
-            callback("")
+            on_start()
         except BaseException:
             release(turn)
             raise

@@ -403,12 +403,13 @@ class Job:
         if self.events is not None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
+    def on_start(self) -> None:
+        """The first token is chosen: the stream starts now, before its text (which may need the
+        next tokens)."""
+        self.emit("start", None)
+
     def on_piece(self, piece: str) -> None:
-        """The session's callback, in the worker thread, during the answer ("" once the first token
-        is chosen: the stream starts then, before that token's text, which may need the next)."""
-        if not piece:
-            self.emit("start", None)
-            return
+        """The session's callback, in the worker thread, during the answer."""
         text = self.watch.push(piece)
         if text:
             self.emit("piece", text)
@@ -528,8 +529,8 @@ class Worker:
         job.session = session
         ids = self.engine.encode_text(self.engine.render(render(session, job.req)))
         if self.batcher is None:
-            return session.complete(ids, job.req.params, job.on_piece)
-        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece)
+            return session.complete(ids, job.req.params, job.on_piece, job.on_start)
+        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece, job.on_start)
         if job.cancelled.is_set():  # cancelled before its request existed
             job.request.cancel()
         return job.request.wait()

@@ -82,10 +82,10 @@ class Session:
         Stopping the iteration early ends the answer there (it stays in the history)."""
         yield from self._turn_for_question(question, SamplingParams.from_options(**sampling), None)
 
-    def complete(self, ids: list, params: SamplingParams, callback=None) -> GenerationResult:
+    def complete(self, ids: list, params: SamplingParams, callback=None, on_start=None) -> GenerationResult:
         """One turn from already templated ids (placeholder id once per media item of the
-        conversation, pending ones included)."""
-        for _ in generate(self, ids, self.media + self.pending, params, callback):
+        conversation, pending ones included). `on_start()`: once the first token is chosen."""
+        for _ in generate(self, ids, self.media + self.pending, params, callback, on_start=on_start):
             pass
         return self.last_result
 
