@@ -543,10 +543,11 @@ def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=N
 
 
 def ptx_dequant(x, packed) -> bool:
-    """Whether the fused GEMM dequantizes in inline PTX: fp16 activations and scales on a GPU
-    (not under the interpreter, which runs no PTX), unless TINYVILA_W4_PTX=0 (for A/B timing)."""
+    """Whether the fused GEMM dequantizes in inline PTX: fp16 activations and scales on an NVIDIA
+    GPU (not under the interpreter, which runs no PTX), unless TINYVILA_W4_PTX=0 (for A/B timing)."""
     return (x.dtype == torch.float16 and packed["scales"].dtype == torch.float16 and x.device.type == "cuda"
-            and os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("TINYVILA_W4_PTX") != "0")
+            and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+            and os.environ.get("TINYVILA_W4_PTX") != "0")
 
 
 def dequantize(packed, group_size, dtype, block_n=256, num_warps=8, k_tile=128):
