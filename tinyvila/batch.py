@@ -180,7 +180,6 @@ class Batcher:
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
         self.longest_stall_s = 0.0
         self.decode_s, self.decode_rows = 0.0, 0  # time in decode steps, tokens they produced
-        self.capture_s = 0.0  # capturing the decode step's graphs (once per batch bucket)
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
         self._running = []  # (Request, Turn) decoding
@@ -344,7 +343,7 @@ class Batcher:
             return
         turns = [turn for _, turn in self._running]
         fed = [turn.answer.tokens[-1] for turn in turns]
-        t = time.perf_counter()
+        t, captured = time.perf_counter(), self.capture_s
         try:
             logits = self._step_logits(turns, fed)
         except Exception as e:
@@ -352,9 +351,8 @@ class Batcher:
             return
         running, self._running = self._running, []
         greedy = self._greedy(logits)  # every row's argmax in one device-to-host copy
-        captured = self._step_gpu.capture_s if self._step_gpu is not None else 0.0
-        self.decode_s += time.perf_counter() - t - (captured - self.capture_s)
-        self.capture_s, self.decode_rows = captured, self.decode_rows + len(running)
+        self.decode_s += time.perf_counter() - t - (self.capture_s - captured)  # less this step's captures
+        self.decode_rows += len(running)
         for b, (request, turn) in enumerate(running):
             turn.session.tokens.append(fed[b])
             turn.stats.decode_tokens += 1
@@ -381,6 +379,11 @@ class Batcher:
             mrope = lm.cfg.mrope_section is not None  # a text token's t, h and w positions are equal
             return lm.decode_rows(torch.tensor(fed, device=eng.device), pos.expand(3, -1) if mrope else pos,
                                   caches, slots)
+
+    @property
+    def capture_s(self) -> float:
+        """Seconds spent capturing the decode step's graphs, prepare() included."""
+        return self._step_gpu.capture_s if self._step_gpu is not None else 0.0
 
     def _gpu_step(self) -> BatchDecode:
         if self._step_gpu is None:
