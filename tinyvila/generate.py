@@ -124,13 +124,9 @@ def generate(session, ids: list, media: list, params: SamplingParams, callback=N
     `on_start()` is called once the first token is chosen, before its text (which may need the next
     tokens). Closing the generator early ends the answer there ("cancelled")."""
     turn = begin_turn(session, ids, media, params, on_done)
-    if on_start is not None:
-        try:
-            on_start()
-        except BaseException:
-            release(turn)
-            raise
     try:
+        if on_start is not None:
+            on_start()
         for token in decode_tokens(turn):
             piece = turn.decoder.push(token)
             if piece:

@@ -104,12 +104,13 @@ class SeenURLs:
         self.lock = threading.Lock()
 
     @staticmethod
-    def sample(text: bytes, start: int, end: int) -> tuple:
-        """About 512 characters spread over text[start:end], and its length."""
-        return end - start, text[start:end:max(1, (end - start) // 512)]
+    def sample(text, start: int, end: int) -> tuple:
+        """About 512 characters spread over text[start:end] (bytes or bytearray), and its length."""
+        return end - start, bytes(text[start:end:max(1, (end - start) // 512)])
 
-    def recall(self, body: bytes) -> tuple:
-        """(body with each data: URL seen before swapped for a reference, {reference: (URL, digest)})."""
+    def recall(self, body) -> tuple:
+        """(body with each data: URL seen before swapped for a reference, {reference: (URL, digest)});
+        the body (bytes or bytearray) itself when none was, so that nothing is copied."""
         parts, seen, done = [], {}, 0
         tag = uuid.uuid4().hex  # a reference can only come from this call
         with self.lock:
@@ -128,7 +129,7 @@ class SeenURLs:
                     parts += [body[done:start + 1], ref.encode()]
                     done = end
                 start = body.find(b'"data:', end + 1)
-        return b"".join(parts + [body[done:]]), seen
+        return (b"".join(parts + [body[done:]]) if seen else body), seen
 
     def digest(self, url: str, start: int, kind: str) -> tuple:
         """(the bytes' sha256, the bytes) of the data: URL `url`, whose base64 text starts at
@@ -672,7 +673,7 @@ class Server:
             body += chunk
             if len(body) > self.max_body:
                 raise too_big
-        body, seen = SEEN.recall(bytes(body))
+        body, seen = SEEN.recall(body)
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
