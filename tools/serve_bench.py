@@ -13,7 +13,8 @@ holds the second answer too), so it is answered as by a server with no cache: th
 and the whole conversation prefilled. TTFT over HTTP is from sending the request to the first
 streamed chunk (the server sends it once the first token is chosen, as TTFT in-process counts);
 streaming tok/s is the answer's tokens after the first over the time between that chunk and the
-last one (sent once the answer has ended). The turn-2 figures (medians over the runs) are printed side by side.
+last one (sent once the answer has ended). The turn-2 figures (medians over the runs) are printed
+side by side.
 """
 import argparse
 import base64
