@@ -13,8 +13,9 @@ prefill caused the running conversations, and how many conversations' tokens equ
 tokens (on a GPU in fp16 a near-tie of the logits may flip one: the lone step's GEMV sums its
 split-K parts with fp32 atomics, in an order that varies from run to run). The aggregate rate
 leaves out the batcher's once-per-batch-size graph captures. On a GPU it also gives what the
-bytes allow: a decode step of B rows reads the weights once and each row's own K/V (its mean context while answering), so at the copy bandwidth
-measured in the same run B rows make at most B x bandwidth / (weights + B x K/V) tokens a second.
+bytes allow: a decode step of B rows reads the weights once and each row's own K/V (its mean
+context while answering), so at the copy bandwidth measured in the same run B rows make at most
+B x bandwidth / (weights + B x K/V) tokens a second.
 Batch 1 here is the batcher's own step at one row (its CUDA graph for one row), which decodes as a
 lone session's graphed step does.
 """
