@@ -58,11 +58,12 @@ CUBLAS_MIN_M = 192
 # faster alone but not in a whole LLaVA-NeXT-7B decode step.
 GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
-# programs per SM). Picked on an H100 from the 7B projections (.kernel_bench); the straight tile
-# wins to M = 16, the swapped one above it (3-20% faster at M = 32-148, geometric mean of 4 shapes).
-GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 128, 8, 3, 64, 4),
-               (64, True, 64, 128, 8, 3, 64, 4), (128, True, 64, 128, 8, 3, 64, 1),
-               (1 << 62, True, 64, 128, 8, 3, 64, 4)]
+# programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
+# 7B projections (4096->12288, 4096->22016, 11008->4096, 4096->4096); the straight tile wins to
+# M = 16, the swapped one above it.
+GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 128, 8, 3, 128, 2),
+               (64, True, 64, 128, 8, 3, 64, 1), (128, True, 64, 128, 8, 3, 128, 1),
+               (1 << 62, True, 64, 128, 8, 3, 128, 1)]
 ONE_BITS = 0x3F800000  # 1.0f
 
 

@@ -179,8 +179,8 @@ def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped):
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("TINYVILA_W4_PTX", flag)
+        assert w4a16.ptx_dequant(x, packed) == (flag == "1")
         outs[flag] = w4a16.gemm(x, packed, 128, swapped=swapped, block_m=64 if swapped else 16)
-    assert w4a16.ptx_dequant(x, packed)
     want = dequantize_w4(packed, 128)[:, torch.arange(64) * 16 + torch.arange(64) % 8].t().half()
     assert torch.equal(outs["1"][:64], want) and torch.equal(outs["0"][:64], want)
     assert _rel_err(outs["1"][64:], outs["0"][64:]) < 1e-3
