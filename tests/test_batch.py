@@ -362,11 +362,14 @@ def test_bench_batch_runs_and_matches_batch_1(llava_vicuna, tmp_path, capsys):
 @pytest.mark.gpu
 def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
     """On a GPU in fp32 (never run on the CPU CI): the batched step, graphed per batch bucket (and
-    eager without graphs), gives each conversation the tokens of its graphed batch-1 decode."""
+    eager without graphs), gives each conversation the tokens of its batch-1 decode (greedy: graphed;
+    one conversation sampled with a seed)."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for graphs in (True, False):
         gpu = tinyvila.load(llava_mistral, device="cuda", dtype="float32", cuda_graphs=graphs)
-        convs = CONVERSATIONS[:4]
+        sampled = (3, {"decode_sparsity": 0.5}, ["Where is the sun?"], dict(max_new_tokens=8, temperature=1.5, seed=7,
+                                                                            top_p=0.95))
+        convs = CONVERSATIONS[:3] + [sampled]
         alone = [solo(gpu, image_files, conv) for conv in convs]
         batcher = Batcher(gpu, max_batch=5, prefill_chunk=32).prepare()  # buckets 1, 2, 4, 8 captured now
         captured = batcher._step_gpu.capture_s

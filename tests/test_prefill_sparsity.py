@@ -284,8 +284,8 @@ def test_pruned_prompt_is_the_kept_features_at_their_positions(llava_vicuna, ima
         r = s.ask("Look.", max_new_tokens=5, ignore_eos=True)
     n_drop = v.n_tokens - v.n_kept
     assert h.shape[0] == dense_h.shape[0] - n_drop == r.stats.prefill_tokens
-    # (the saliency layer's attention runs per crop: equal up to float rounding)
-    assert torch.allclose(h[start:start + v.n_kept], dense_h[start:end][v.kept], atol=1e-5)
+    # (the saliency layer's attention runs per crop: equal up to float rounding of features up to ~100)
+    assert torch.allclose(h[start:start + v.n_kept], dense_h[start:end][v.kept], atol=1e-4)
     assert torch.equal(h[start + v.n_kept:], dense_h[end:])
     expected = torch.arange(h.shape[0])
     if mode == "original":

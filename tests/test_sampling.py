@@ -3,7 +3,7 @@ and a seed makes a sample repeatable."""
 import pytest
 import torch
 
-from tinyvila.sampling import Sampler, SamplingParams
+from tinyvila.sampling import Sampler, SamplingParams, sample_rows
 
 VOCAB = 40
 DRAWS = 3000
@@ -15,7 +15,7 @@ def random_logits(seed, scale=2.0):
 
 
 def sampler(seed=0, banned=None, **params):
-    return Sampler(SamplingParams(seed=seed, **params), banned, "cpu")
+    return Sampler(SamplingParams(seed=seed, **params), banned)
 
 
 def draws(logits, n=DRAWS, **params):
@@ -99,3 +99,41 @@ def test_banned_ids_are_never_sampled():
     banned[logits.topk(3).indices] = True
     assert not banned[sampler(temperature=0, banned=banned)(logits)]
     assert not any(banned[i] for i in draws(logits, n=500, temperature=2.0, banned=banned))
+
+
+MIXED = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
+         dict(temperature=1.0, top_k=8, top_p=0.9), dict(temperature=0)]
+
+
+def test_a_batch_samples_what_each_row_samples_alone():
+    logits = torch.stack([random_logits(50 + b, scale=1.0) for b in range(len(MIXED))])
+    batch = [sampler(seed=b, **p) for b, p in enumerate(MIXED)]
+    alone = [sampler(seed=b, **p) for b, p in enumerate(MIXED)]
+    for _ in range(40):
+        assert sample_rows(logits, batch) == [s(row) for s, row in zip(alone, logits)]
+    sampled = [sampler(seed=9, temperature=1.0), sampler(seed=10, top_k=3, temperature=2.0)]  # no greedy row
+    twins = [sampler(seed=9, temperature=1.0), sampler(seed=10, top_k=3, temperature=2.0)]
+    for _ in range(20):
+        assert sample_rows(logits[1:3], sampled) == [twins[0](logits[1]), twins[1](logits[2])]
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.6, top_p=0.95)])
+def test_draws_follow_the_distribution(params):
+    logits = random_logits(11, scale=1.0)[:8]
+    probs = (logits / params["temperature"]).softmax(-1)
+    if "top_p" in params:  # the set top-p keeps, renormalised
+        kept, _ = top_p_kept(logits, params["top_p"], params["temperature"])
+        probs = torch.tensor([float(probs[i]) if i in kept else 0.0 for i in range(8)])
+        probs /= probs.sum()
+    n = 20000
+    counts = torch.bincount(torch.tensor(draws(logits, n=n, seed=5, **params)), minlength=8).float()
+    # 4.5 standard deviations of a binomial count: fails on a wrong distribution, not by chance
+    assert ((counts / n - probs).abs() <= 4.5 * (probs * (1 - probs) / n).sqrt() + 1e-9).all(), (counts / n, probs)
+
+
+def test_the_stream_depends_on_the_seed_and_the_draw_only():
+    a, b = sampler(seed=77, temperature=1.0), sampler(seed=77, temperature=0.3, top_k=2)
+    assert [a.uniform() for _ in range(50)] == [b.uniform() for _ in range(50)]
+    values = [sampler(seed=s, temperature=1.0).uniform() for s in range(2000)]
+    assert all(0 <= v < 1 for v in values) and abs(sum(values) / len(values) - 0.5) < 0.02
+    assert sampler(seed=-5, temperature=1.0).uniform() == sampler(seed=2 ** 64 - 5, temperature=1.0).uniform()

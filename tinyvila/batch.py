@@ -33,7 +33,7 @@ from tinyvila.models.layers import capture_graph
 from .errors import TinyVilaError
 from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer
 from .kv_cache import KVCache
-from .sampling import SamplingParams, is_number
+from .sampling import SamplingParams, is_number, sample_rows
 
 _END = object()  # the end of a request's stream
 
@@ -346,23 +346,17 @@ class Batcher:
         t, captured = time.perf_counter(), self.capture_s
         try:
             logits = self._step_logits(turns, fed)
+            tokens = sample_rows(logits, [turn.sampler for turn in turns])  # one copy to the host
         except Exception as e:
             self._fail_all(e)
             return
         running, self._running = self._running, []
-        greedy = self._greedy(logits)  # every row's argmax in one device-to-host copy
         self.decode_s += time.perf_counter() - t - (self.capture_s - captured)  # less this step's captures
         self.decode_rows += len(running)
         for b, (request, turn) in enumerate(running):
             turn.session.tokens.append(fed[b])
             turn.stats.decode_tokens += 1
-            try:
-                token = greedy[b] if turn.params.temperature == 0 else turn.sampler(logits[b])
-            except Exception as e:
-                release(turn)
-                request._finish(error=e)
-                continue
-            if self._accept(request, turn, token):
+            if self._accept(request, turn, tokens[b]):
                 self._running.append((request, turn))
 
     def _step_logits(self, turns: list, fed: list) -> torch.Tensor:
@@ -389,11 +383,6 @@ class Batcher:
         if self._step_gpu is None:
             self._step_gpu = BatchDecode(self.engine)
         return self._step_gpu
-
-    def _greedy(self, logits: torch.Tensor) -> list:
-        """Each row's greedy token, as Sampler picks it at temperature 0 (never a banned id)."""
-        banned = self.engine.banned
-        return (logits if banned is None else logits.masked_fill(banned, float("-inf"))).argmax(-1).tolist()
 
     def _accept(self, request: Request, turn, token: int) -> bool:
         """Take the row's next token; False (the conversation ended and left) on a stop token,

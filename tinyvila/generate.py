@@ -211,7 +211,7 @@ def start_answer(opening: Opening) -> Turn:
         stats.visual_tokens_selected = (stats.visual_tokens_kept if session.last_selection is None
                                         else session.last_selection.shape[-1])
         session.tokens = list(prompt.keys)
-        sampler = Sampler(o.params, eng.banned, eng.device)
+        sampler = Sampler(o.params, eng.banned)
         token = sampler(logits)
         sync(eng.device)
     except BaseException:

@@ -3,6 +3,7 @@
 Sampling follows transformers' order (temperature, then top-k, then top-p) so that a seeded run is
 reproducible and greedy decoding (temperature 0) is plain argmax over the allowed ids.
 """
+import secrets
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,36 +49,70 @@ class SamplingParams:
         return cls(**base)
 
 
+MASK64 = (1 << 64) - 1
+GOLDEN64 = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64's output function: 64 well-mixed bits from a counter (Python ints, exact)."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
 class Sampler:
     """Picks the next token from fp32 logits [V]; `banned` ids (rows without a token string,
-    media placeholders) can never be picked."""
+    media placeholders) can never be picked. Each draw takes one uniform number from a stream that
+    depends on the seed and the draw's index alone, so an answer samples the same tokens alone or
+    in a batch (sample_rows), on any device."""
 
-    def __init__(self, params: SamplingParams, banned: torch.Tensor | None, device):
+    def __init__(self, params: SamplingParams, banned: torch.Tensor | None):
         self.p = params
         self.banned = banned
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if params.seed is not None:
-                self.generator.manual_seed(params.seed)
-            else:
-                self.generator.seed()
+        self.seed = (params.seed if params.seed is not None else secrets.randbits(64)) & MASK64
+        self.draws = 0
 
     def __call__(self, logits: torch.Tensor) -> int:
-        logits = logits.reshape(-1).float()
-        if self.banned is not None:
-            logits = logits.masked_fill(self.banned, float("-inf"))
-        if self.p.temperature == 0:
-            return int(logits.argmax())
-        logits = logits / self.p.temperature
-        if self.p.top_k:
-            kth = torch.topk(logits, min(self.p.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.p.top_p < 1:
-            sorted_logits, order = torch.sort(logits)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative <= 1 - self.p.top_p
-            remove[-1] = False  # always keep the most likely token
-            logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return sample_rows(logits.reshape(1, -1), [self])[0]
+
+    def uniform(self) -> float:
+        """The stream's next number, a multiple of 2^-24 in [0, 1) (exact in fp32)."""
+        self.draws += 1
+        return (_splitmix64((self.seed + self.draws * GOLDEN64) & MASK64) >> 40) * 2.0 ** -24
+
+
+def sample_rows(logits: torch.Tensor, samplers: list) -> list:
+    """Each row's next token: row b of fp32 logits [B, V] by samplers[b] (one engine's: the same
+    banned ids). A few batched kernels and one device-to-host copy for the whole batch."""
+    banned = samplers[0].banned
+    logits = logits.float()
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
+    rows = [b for b, s in enumerate(samplers) if s.p.temperature > 0]
+    if not rows:
+        return logits.argmax(-1).tolist()
+    if len(rows) == len(samplers):
+        return _sample(logits, samplers).tolist()
+    tokens = logits.argmax(-1)
+    index = torch.tensor(rows, device=logits.device)
+    return tokens.index_copy(0, index, _sample(logits.index_select(0, index), [samplers[b] for b in rows])).tolist()
+
+
+def _sample(logits: torch.Tensor, samplers: list) -> torch.Tensor:
+    """Sampled tokens [R] of fp32 logits [R, V] (banned ids at -inf), as transformers orders it:
+    temperature, top-k, top-p, then a draw by inverse CDF with each sampler's next uniform."""
+    V = logits.shape[-1]
+    opts = torch.tensor([[s.p.temperature, s.p.top_k or V, s.p.top_p, s.uniform()] for s in samplers],
+                        dtype=torch.float64).to(logits.device)
+    temperature, top_k, top_p, u = (opts[:, i:i + 1].float() for i in range(4))
+    # Most likely first, every row (whatever its options, so that a row draws the same alone or not)
+    logits, order = (logits / temperature).sort(-1, descending=True)
+    position = torch.arange(V, device=logits.device)
+    logits = logits.masked_fill(position >= top_k, float("-inf"))
+    probs = logits.softmax(-1)
+    ahead = probs.cumsum(-1) - probs  # the mass of the likelier tokens: the smallest set reaching top_p stays
+    cdf = logits.masked_fill((ahead >= top_p) & (position > 0) & (top_p < 1), float("-inf")).softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    last = (cdf < total).sum(-1, keepdim=True)  # the last token with any mass (u * total may round up to total)
+    pick = torch.minimum(torch.searchsorted(cdf, u * total, right=True), last)
+    return order.gather(1, pick).reshape(-1)
