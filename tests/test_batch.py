@@ -359,6 +359,20 @@ def test_bench_batch_runs_and_matches_batch_1(llava_vicuna, tmp_path, capsys):
     assert table.count("\n| ") == 6 and "longest stall ms" in table
 
 
+def test_bench_batch_samples_with_a_seed_per_conversation(llava_vicuna, tmp_path):
+    from tinyvila.tools import bench
+
+    def tokens(*sampling):
+        out = tmp_path / "sampled.json"
+        assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",
+                           "--new-tokens", "6", "--batch", "2", *sampling, "--json", str(out)]) == 0
+        runs = json.loads(out.read_text())["runs"]
+        assert all(r["tokens_same"] == r["conversations"] == 2 for r in runs)  # batch 2 = batch 1, seeds included
+        return runs[-1]["tokens"]
+
+    assert tokens("--temperature", "1.5", "--top-p", "0.95") != tokens()  # it really samples
+
+
 @pytest.mark.gpu
 def test_gpu_batch_tokens_equal_batch_1(llava_mistral, image_files):
     """On a GPU in fp32 (never run on the CPU CI): the batched step, graphed per batch bucket (and

@@ -1,7 +1,8 @@
 """`tinyvila-bench --batch N`: N conversations at once through a Batcher (tinyvila/batch.py), each
 with its own media (random pictures of the --image / --video sizes, its own seed) and its own
 question, each answering --new-tokens tokens; all submitted together, or one every K scheduler
-steps (--stagger K), the newcomers prefilled --prefill-chunk tokens per step.
+steps (--stagger K), the newcomers prefilled --prefill-chunk tokens per step; greedy, or sampled
+(--temperature, --top-p) with a seed per conversation.
 
     tinyvila-bench --arch llava-next-vicuna-7b --quant w4a16 --image 672x672 --batch 8 --sparsity image
 
@@ -27,10 +28,9 @@ import torch
 
 from tinyvila.batch import Batcher
 from tinyvila.generate import peak_memory, reset_peak_memory
-from tinyvila.sampling import SamplingParams
 from tinyvila.session import Session
 
-from .bench import configs, copy_bandwidth, decode_bytes, engine_for, media_items, prompt_ids, question
+from .bench import configs, copy_bandwidth, decode_bytes, engine_for, media_items, prompt_ids, question, sampling
 
 
 def conversations(model, args) -> list:
@@ -47,7 +47,6 @@ def conversations(model, args) -> list:
 def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict:
     """The conversations through a batcher of `size`, submitted per --stagger: one record."""
     batcher = Batcher(engine, max_batch=size, prefill_chunk=args.prefill_chunk).prepare()
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     pending, requests, steps = list(convs), [], 0
     reset_peak_memory(engine.device)
     t0 = time.perf_counter()
@@ -55,6 +54,7 @@ def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict
         while pending and len(requests) * args.stagger <= steps:
             items, ids = pending.pop(0)
             context = sum(it.n_tokens for it in items) + len(ids) + new_tokens + 8
+            params = sampling(args, new_tokens, seed=len(requests))  # each conversation its own seed
             requests.append(batcher.submit(Session(engine, list(items), None, context, sparsity=sparsity), ids,
                                            params))
         batcher.step()

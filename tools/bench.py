@@ -333,6 +333,12 @@ class NoText:  # the bench feeds token ids; nothing is detokenized
         return ""
 
 
+def sampling(args, new_tokens: int, seed: int = 0) -> SamplingParams:
+    """Fixed-length answers, greedy or sampled as --temperature / --top-p ask."""
+    return SamplingParams(max_new_tokens=new_tokens, temperature=args.temperature, top_p=args.top_p, seed=seed,
+                          ignore_eos=True)
+
+
 def configs(args) -> list:
     """The sparsity settings to run: dense, the prefill stage alone when both stages are asked for
     (decode retrieval is then measured against it), then the one asked for."""
@@ -384,7 +390,7 @@ def run(args) -> list:
     items = media_items(model, args)
     asked = question(args.question_tokens)
     ids = prompt_ids(model, items, args.text, asked)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    params = sampling(args, args.new_tokens)
     context = (sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + len(asked) + 20)
                + PREFILL_BUCKETS[-1])  # room for a short prefill's padding past the prompt
     timer = ProjectorTimer(model, device)
@@ -524,6 +530,9 @@ def parse_args(argv):
                    help="--batch: submit one conversation every K scheduler steps (default 0: all together)")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="T",
                    help="--batch: a newcomer's prompt is prefilled T tokens per step (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sample at temperature T, seeded (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="with --temperature: top-p (default 1)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers on the same architecture")
     p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each setting's latency breakdown (needs matplotlib)")
