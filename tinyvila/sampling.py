@@ -63,8 +63,8 @@ def _splitmix64(x: int) -> int:
 class Sampler:
     """Picks the next token from fp32 logits [V]; `banned` ids (rows without a token string,
     media placeholders) can never be picked. Each draw takes one uniform number from a stream that
-    depends on the seed and the draw's index alone, so an answer samples the same tokens alone or
-    in a batch (sample_rows), on any device."""
+    depends on the seed and the draw's index alone (no device RNG), so an answer samples the same
+    tokens alone or in a batch (sample_rows)."""
 
     def __init__(self, params: SamplingParams, banned: torch.Tensor | None):
         self.p = params
