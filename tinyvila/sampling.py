@@ -35,7 +35,7 @@ class SamplingParams:
             raise TinyVilaError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not is_number(self.top_k, integer=True) or self.top_k < 0:
             raise TinyVilaError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        seed = self.seed  # torch.Generator.manual_seed takes 64 bits, signed or unsigned
+        seed = self.seed  # 64 bits, signed or unsigned (the stream takes it modulo 2^64)
         if seed is not None and (not is_number(seed, integer=True) or not -2 ** 63 <= seed < 2 ** 64):
             raise TinyVilaError(f"seed must be a 64-bit integer, got {self.seed!r}")
 
