@@ -102,9 +102,8 @@ def _sample(logits: torch.Tensor, samplers: list) -> torch.Tensor:
     """Sampled tokens [R] of fp32 logits [R, V] (banned ids at -inf), as transformers orders it:
     temperature, top-k, top-p, then a draw by inverse CDF with each sampler's next uniform."""
     V = logits.shape[-1]
-    opts = torch.tensor([[s.p.temperature, s.p.top_k or V, s.p.top_p, s.uniform()] for s in samplers],
-                        dtype=torch.float64).to(logits.device)
-    temperature, top_k, top_p, u = (opts[:, i:i + 1].float() for i in range(4))
+    opts = torch.tensor([[s.p.temperature, s.p.top_k or V, s.p.top_p, s.uniform()] for s in samplers]).to(logits.device)
+    temperature, top_k, top_p, u = (opts[:, i:i + 1] for i in range(4))
     # Most likely first, every row (whatever its options, so that a row draws the same alone or not)
     logits, order = (logits / temperature).sort(-1, descending=True)
     position = torch.arange(V, device=logits.device)
