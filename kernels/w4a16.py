@@ -38,8 +38,9 @@ Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on da
   otherwise             dequantize into a scratch W [K, N] of the activation dtype, then cuBLAS.
 Thresholds from python -m tinyvila.tools.kernel_bench (the 7B models' projections, fp16, G=128):
 the GEMV wins up to M=2 and loses from M=3 (one FMA a weight a row on CUDA cores against a
-tensor-core tile); the fused GEMM beats dequantize + cuBLAS at M=128 and loses at M=256 (the
-dequantization is paid once and cuBLAS's tiles win on a large M), so the switch sits between them.
+tensor-core tile); the fused GEMM (a 128-row tile from M = 65) beats dequantize + cuBLAS at M=256
+and loses at M=320 (the dequantization is paid once and cuBLAS's tiles win on a large M), so the
+switch sits between them.
 """
 import os
 
@@ -52,7 +53,7 @@ from tinyvila.kernels.triton_lang import tl, triton
 from tinyvila.quant.pack import AWQ_ORDER, AWQ_REVERSE_ORDER
 
 GEMV_MAX_M = 2
-CUBLAS_MIN_M = 192
+CUBLAS_MIN_M = 257
 # GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM).
 # One config for every shape: (4, 4, 64, 16) on the small 4096->4096 and 3584->4608 layers is
 # faster alone but not in a whole LLaVA-NeXT-7B decode step.
@@ -60,10 +61,10 @@ GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
 # 7B projections (4096->12288, 4096->22016, 11008->4096, 4096->4096); the straight tile wins to
-# M = 16, the swapped one above it.
+# M = 16, the swapped one above it; from M = 65 a 128-row tile (the activations a weight tile meets
+# per dequantization doubled) beats two 64-row ones: 207 vs 245 us summed at M = 128.
 GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 128, 8, 3, 128, 2),
-               (64, True, 64, 128, 8, 3, 64, 1), (128, True, 64, 128, 8, 3, 128, 1),
-               (1 << 62, True, 64, 128, 8, 3, 128, 1)]
+               (64, True, 64, 128, 8, 3, 64, 1), (1 << 62, True, 128, 64, 4, 3, 128, 1)]
 ONE_BITS = 0x3F800000  # 1.0f
 
 

@@ -57,7 +57,7 @@ def test_repack_nibble_order_known_answer():
     assert [(word >> (4 * p)) & 0xF for p in range(8)] == [(24 + i + 15) % 16 for i in (0, 2, 4, 6, 1, 3, 5, 7)]
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 17])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 130, 260])  # GEMV, both fused tiles, the 128-row tile, dequantize
 @pytest.mark.parametrize("n", [40, 72])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w4a16_linear_tiny(m, n, bias):
