@@ -233,6 +233,61 @@ def test_stream_decoder(tok_root, case):
                 assert not any("\ufffd" in p for p in pieces), (ids, pieces)
 
 
+class EncodeSpy:
+    """A tokenizers backend that records the texts it is asked to encode."""
+
+    def __init__(self, backend):
+        self.backend, self.texts = backend, []
+
+    def encode(self, text, **kw):
+        self.texts.append(text)
+        return self.backend.encode(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def grown_prompts(tok, rng, n=40):
+    """Texts as a conversation re-rendered each turn gives them: each one the last one plus more
+    text and special tokens, now and then with an earlier part changed or a fresh start."""
+    specials = [t for t in tok.all_special_tokens if tok.token_to_id(t) is not None] + ["<|im_end|>", "</s>"]
+    pieces = TEXTS + specials * 3 + [" ", "\n", "  ", "\n\n"]
+    text, out = "", []
+    for i in range(n):
+        if i % 13 == 12:  # an earlier turn edited: shares only a prefix with the texts before
+            text = text[:rng.randrange(len(text) + 1)] + rng.choice(pieces)
+        elif i % 17 == 16:
+            text = ""
+        text += "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        out.append(text)
+    return out
+
+
+@pytest.mark.parametrize("edit", [None, "add_eos_token", "split_special_tokens", "no_legacy"])
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_ids)
+def test_encode_prompt_equals_encode(tok_root, tmp_path, case, edit):
+    """encode_prompt reuses a recent prompt's ids up to a shared special token: the ids equal a
+    whole encode(), and the reuse does happen where the tokenizer allows it."""
+    path = tok_root[1][case].path
+    if edit is not None:
+        path = str(tmp_path / "tok")
+        shutil.copytree(tok_root[1][case].path, path)
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            tc = json.load(f)
+        tc.pop("legacy", None) if edit == "no_legacy" else tc.update({edit: True})
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(tc, f)
+    tok, plain = Tokenizer.from_dir(path), Tokenizer.from_dir(path)
+    tok._tok = EncodeSpy(tok._tok)
+    reused = 0
+    for special in (True, False):
+        for text in grown_prompts(tok, random.Random(int(special))):
+            assert tok.encode_prompt(text, special) == plain.encode(text, special), (text, special)
+            reused += 0 < len(tok._tok.texts[-1]) < len(text)  # only a tail was tokenized
+    adds_eos = plain.encode("a", True)[-1:] == [plain.eos_token_id] != plain.encode("a", False)[-1:]
+    assert (reused > 20) == (edit != "split_special_tokens" and not adds_eos), reused
+
+
 def test_stream_decoder_holds_partial_characters(tok_root):
     _, dirs = tok_root
     tok = Tokenizer.from_dir(dirs[("llama", "vicuna", "json", "llava_next")].path)

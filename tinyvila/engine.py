@@ -183,9 +183,9 @@ class Engine:
                      if (marker := self.model.placeholders.get(kind)) and marker in text
                      and tok.token_to_id(marker) is None}
         if not sentinels:
-            return tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
+            return tok.encode_prompt(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
         parts = re.split("(" + "|".join(map(re.escape, sentinels)) + ")", text)
-        chunks = [tok.encode(chunk) for chunk in parts[0::2]]
+        chunks = [tok.encode_prompt(chunk) for chunk in parts[0::2]]
         offset = 1 if chunks[0] and chunks[0][0] == tok.bos_token_id else 0
         ids = chunks[0][:offset]
         for i, chunk in enumerate(chunks):

@@ -33,6 +33,8 @@ import json
 import os
 import re
 import struct
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, normalizers, pre_tokenizers, processors
@@ -411,6 +413,7 @@ class Tokenizer:
         # transformers never applies the space clean-up to BPE models (it would corrupt them)
         self._is_bpe = type(backend.model).__name__ == "BPE"
         self._special_ids = None  # ids of special added tokens, filled on first use
+        self._prompts = _RecentPrompts()  # encode_prompt's reusable ids
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -546,6 +549,52 @@ class Tokenizer:
     def encode(self, text, add_special_tokens=True):
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text, add_special_tokens=True):
+        """encode() for a rendered conversation, which a follow-up renders again whole: the ids of a
+        recent prompt that shares its text up to a special token are reused, and only the text
+        from that token on is tokenized. Exact, because added special tokens are split out of the
+        raw text before anything else: the ids before one depend only on the text before it."""
+        if not self._prompts_reusable():
+            return self.encode(text, add_special_tokens)
+        cut = self._prompts.longest_shared(text, add_special_tokens)
+        if cut is None:
+            enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+            ids, cuts = enc.ids, self._cuts(text, enc, 0, 0)
+        else:
+            head, start, token_id, head_cuts = cut
+            enc = self._tok.encode(text[start:], add_special_tokens=False)
+            if enc.ids[:1] != [token_id]:  # not split the same way: no reuse
+                return self.encode(text, add_special_tokens)
+            ids, cuts = head + enc.ids, head_cuts + self._cuts(text[start:], enc, start, len(head))
+        self._prompts.add(text, add_special_tokens, ids, cuts)
+        return list(ids)
+
+    def _prompts_reusable(self):
+        """Whether a prompt's ids can be cut at a special token: special tokens are split out
+        (not so under split_special_tokens) and the post-processor adds tokens only in front."""
+        p = self._prompts
+        if p.reusable is None:
+            bare, full = self.encode("a b", False), self.encode("a b", True)
+            p.reusable = not self._tok.encode_special_tokens and full[len(full) - len(bare):] == bare
+            # tokens matched in the raw text, before any normalization
+            p.cut_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
+                            if t.special and not t.normalized}
+        return p.reusable
+
+    def _cuts(self, text, enc, shift, first):
+        """(start, end, index) of each special token of `enc` that stands for exactly its own
+        string in `text`, in text order, the positions shifted by `shift` characters and `first` ids.
+        Found with str.find, not a loop over the ids: a prompt can be tens of thousands of them."""
+        cuts = []
+        for token, token_id in self._prompts.cut_tokens.items():
+            at = text.find(token)
+            while at >= 0:
+                j = enc.char_to_token(at)
+                if j is not None and enc.ids[j] == token_id and enc.token_to_chars(j) == (at, at + len(token)):
+                    cuts.append((at + shift, at + len(token) + shift, j + first))
+                at = text.find(token, at + len(token))
+        return sorted(cuts)
+
     def decode(self, ids, skip_special_tokens=True):
         text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces and not self._is_bpe:
@@ -568,6 +617,7 @@ class Tokenizer:
         (VILA adds its media tokens this way)."""
         self._tok.add_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
         self._special_ids = None
+        self._prompts = _RecentPrompts()
 
     def _is_special(self, token_id):
         if self._special_ids is None:
@@ -580,6 +630,51 @@ class Tokenizer:
 
     def stream_decoder(self, skip_special_tokens=True):
         return StreamDecoder(self, skip_special_tokens)
+
+
+class _RecentPrompts:
+    """The last few prompts encode_prompt tokenized: text, ids and the special tokens' places."""
+
+    def __init__(self, size: int = 8):
+        self.entries = deque(maxlen=size)  # (text, add_special_tokens, ids, cuts), the newest last
+        self.lock = threading.Lock()  # a server's worker threads share the tokenizer
+        self.reusable = None  # set on first use (Tokenizer._prompts_reusable)
+        self.cut_tokens = {}  # special tokens matched in the raw text: string -> id
+
+    def add(self, text, add_special_tokens, ids, cuts) -> None:
+        with self.lock:
+            if not any(old == text and add == add_special_tokens for old, add, _, _ in self.entries):
+                self.entries.append((text, add_special_tokens, ids, cuts))
+
+    def longest_shared(self, text, add_special_tokens):
+        """(ids before the cut, its character start, its token id, the cuts before it) for the
+        recent prompt sharing the most ids with `text` up to one of its special tokens, or None."""
+        with self.lock:
+            entries = list(self.entries)
+        best, best_n = None, 0
+        for old, add, ids, cuts in entries:
+            if add != add_special_tokens or not cuts:
+                continue
+            n = len(cuts) if text.startswith(old) else _shared_cuts(text, old, cuts)
+            if n and (best is None or cuts[n - 1][2] > best[1][best_n - 1][2]):
+                best, best_n = (ids, cuts), n
+        if best is None:
+            return None
+        ids, cuts = best
+        start, _, j = cuts[best_n - 1]
+        return ids[:j], start, ids[j], cuts[:best_n - 1]
+
+
+def _shared_cuts(text, old, cuts) -> int:
+    """How many of `old`'s cuts lie in the text it shares with `text` (binary search)."""
+    lo, hi = 0, len(cuts)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text.startswith(old[:cuts[mid - 1][1]]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class StreamDecoder:
