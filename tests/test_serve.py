@@ -121,6 +121,7 @@ def test_greedy_answers_equal_generate(server, eng, img):
     assert r.usage.prompt_tokens == ref.stats.prefill_tokens and r.usage.prompt_tokens_details.cached_tokens == 0
     stats = r.model_extra["tinyvila"]
     assert stats["visual_tokens"] == ref.stats.visual_tokens > 0
+    assert stats["server_ttft_s"] > stats["ttft_s"] > 0  # the request's parsing and templating added
     r = ask(server, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}])
     assert r.choices[0].message.content == eng.generate("Hello there", system="Be brief.", temperature=0,
                                                         max_new_tokens=10).text
@@ -448,7 +449,7 @@ def test_a_session_is_sized_for_all_of_its_media(vila_video):
 
     def run(worker, turns):
         req = ChatRequest(None, turns, SamplingParams(max_new_tokens=3, temperature=0), [], False, False)
-        kind, value = worker.run(Job(req, None, False))
+        kind, value = worker.run(Job(req, None, False, time.perf_counter()))
         assert kind == "done", value
         return value
 
@@ -537,7 +538,7 @@ def test_done_is_sent_after_the_request_left_the_queue(eng):
         srv = Server(eng, args, "m")
         srv.worker = LateWorker()
         req = ChatRequest(None, [Turn("user", "Hi")], None, [], True, False)
-        response = await srv.stream(Job(req, asyncio.get_running_loop(), True), "m")
+        response = await srv.stream(Job(req, asyncio.get_running_loop(), True, time.perf_counter()), "m")
         seen = [(chunk, srv.in_flight) async for chunk in response.body_iterator]
         srv.pool.shutdown()
         return seen
@@ -613,7 +614,7 @@ def test_bench_serve_starts_a_server_and_prints_both_sides(llava_vicuna, tmp_pat
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"in-process", "HTTP, cached conversation", "HTTP, no cached session"} <= set(rows), out
-    assert "n/a" not in out and "TTFT - in-process" in out
+    assert "n/a" not in out and "TTFT - in-process" in out and "ms in the server before its first token" in out
     record = json.loads(out_json.read_text())
     assert len(record["in_process"]) == 1 and len(record["http"]) == 2  # one timed run per client
     for run in record["http"]:
@@ -621,6 +622,7 @@ def test_bench_serve_starts_a_server_and_prints_both_sides(llava_vicuna, tmp_pat
             "prompt_tokens_details"]["cached_tokens"] > 0
         assert run["cold"]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert run["cold"]["tinyvila"]["vision_s"] > 0 == run["cached"]["tinyvila"]["vision_s"]
+        assert run["cached"]["ttft_s"] > run["cached"]["tinyvila"]["server_ttft_s"] > run["cached"]["tinyvila"]["ttft_s"]
         assert run["cached"]["usage"]["prompt_tokens"] == run["cold"]["usage"]["prompt_tokens"]  # the same turn
 
 

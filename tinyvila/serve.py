@@ -386,8 +386,10 @@ class Job:
     """One request's answer. Runs in the worker thread; `events` (streaming only) carries its text
     to the event loop. cancel() may be called from the loop at any time."""
 
-    def __init__(self, req: ChatRequest, loop, streaming: bool):
+    def __init__(self, req: ChatRequest, loop, streaming: bool, received: float):
         self.req, self.loop = req, loop
+        self.received = received  # perf_counter() when the request's headers had been read
+        self.first_token_at = None
         self.events = asyncio.Queue() if streaming else None
         self.cancelled = threading.Event()
         self.watch = StopWatch(req.stop)
@@ -407,6 +409,7 @@ class Job:
     def on_start(self) -> None:
         """The first token is chosen: the stream starts now, before its text (which may need the
         next tokens)."""
+        self.first_token_at = time.perf_counter()
         self.emit("start", None)
 
     def on_piece(self, piece: str) -> None:
@@ -564,9 +567,12 @@ class Worker:
         finish = "stop" if job.watch.hit else result.finish_reason
         stats = result.stats
         prompt = stats.context_tokens - stats.decode_tokens  # the cache holds the prompt, then the answer
+        # what the server added to the engine's TTFT: reading and parsing the request, waiting for
+        # the model, the template and the tokenizer (ttft_s counts from the prompt's ids on)
+        server_ttft = None if job.first_token_at is None else job.first_token_at - job.received
         return {"text": text, "finish_reason": finish, "prompt_tokens": prompt, "completion_tokens": len(result.token_ids),
-                "cached_tokens": max(0, prompt - stats.prefill_tokens), "stats": stats.to_dict(),
-                "continued": known > 0}
+                "cached_tokens": max(0, prompt - stats.prefill_tokens),
+                "stats": dict(stats.to_dict(), server_ttft_s=server_ttft), "continued": known > 0}
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -625,6 +631,7 @@ class Server:
             {"id": self.name, "object": "model", "created": 0, "owned_by": "tinyvila"}]})
 
     async def chat(self, request):
+        received = time.perf_counter()
         try:
             self.check_key(request)
             body, seen = await self.read_json(request)
@@ -635,7 +642,7 @@ class Server:
                                f"'{self.name}')", code="model_not_found")
             req = parse_request(body, self.defaults, MediaURLs(self.args.allowed_local_media, seen),
                                 self.engine.max_seq_len)
-            job = Job(req, asyncio.get_running_loop(), req.stream)
+            job = Job(req, asyncio.get_running_loop(), req.stream, received)
             if req.stream:
                 return await self.stream(job, body["model"])
             kind, value = await self.submit_watching(job, request)

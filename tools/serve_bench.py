@@ -250,6 +250,13 @@ def report(args, local: list, http_runs: list, url: str) -> None:
     added = median([r["ttft_s"] - r["tinyvila"]["ttft_s"] for r in cached]) * 1e3
     print(f"HTTP adds {added:.1f} ms to the server's own TTFT of a cached turn 2 (median over the requests: "
           f"receiving and parsing the request, the hand-offs between threads, sending the first chunk)")
+    inside = [r["tinyvila"]["server_ttft_s"] - r["tinyvila"]["ttft_s"] for r in cached
+              if r["tinyvila"].get("server_ttft_s") is not None]  # a server of this version
+    if inside:
+        print(f"  of which {median(inside) * 1e3:.1f} ms in the server before its first token (reading and parsing "
+              f"the request, the hand-off to the model's thread, template and tokenizer) and "
+              f"{added - median(inside) * 1e3:.1f} ms after it or outside (the first chunk, the client sending "
+              f"and reading)")
     if local:
         extra = (median([r["ttft_s"] for r in cached]) - median([s.ttft_s for s in local])) * 1e3
         kept = median([r["tok_s"] for r in cached]) / median([s.decode_tok_s for s in local])
