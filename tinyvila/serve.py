@@ -567,8 +567,8 @@ class Worker:
         finish = "stop" if job.watch.hit else result.finish_reason
         stats = result.stats
         prompt = stats.context_tokens - stats.decode_tokens  # the cache holds the prompt, then the answer
-        # what the server added to the engine's TTFT: reading and parsing the request, waiting for
-        # the model, the template and the tokenizer (ttft_s counts from the prompt's ids on)
+        # the TTFT the server saw: the engine's (from the prompt's ids on) plus reading and parsing
+        # the request, the wait for the model, the template and the tokenizer
         server_ttft = None if job.first_token_at is None else job.first_token_at - job.received
         return {"text": text, "finish_reason": finish, "prompt_tokens": prompt, "completion_tokens": len(result.token_ids),
                 "cached_tokens": max(0, prompt - stats.prefill_tokens),
