@@ -256,6 +256,9 @@ def grown_prompts(tok, rng, n=40):
     for i in range(n):
         if i % 13 == 12:  # an earlier turn edited: shares only a prefix with the texts before
             text = text[:rng.randrange(len(text) + 1)] + rng.choice(pieces)
+        elif i % 11 == 10 and text:  # one character changed: every special token stays in its place
+            at = rng.choice([0, rng.randrange(len(text))])
+            text = text[:at] + ("X" if text[at] != "X" else "Y") + text[at + 1:]
         elif i % 17 == 16:
             text = ""
         text += "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))

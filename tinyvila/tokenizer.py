@@ -635,7 +635,7 @@ class Tokenizer:
 class _RecentPrompts:
     """The last few prompts encode_prompt tokenized: text, ids and the special tokens' places."""
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 16):  # as many as the server keeps conversations by default
         self.entries = deque(maxlen=size)  # (text, add_special_tokens, ids, cuts), the newest last
         self.lock = threading.Lock()  # a server's worker threads share the tokenizer
         self.reusable = None  # set on first use (Tokenizer._prompts_reusable)
@@ -667,7 +667,9 @@ class _RecentPrompts:
 
 def _shared_cuts(text, old, cuts) -> int:
     """How many of `old`'s cuts lie in the text it shares with `text` (binary search)."""
-    lo, hi = 0, len(cuts)
+    if not text.startswith(old[:cuts[0][1]]):
+        return 0  # another conversation: found without copying half of its text
+    lo, hi = 1, len(cuts)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if text.startswith(old[:cuts[mid - 1][1]]):
