@@ -231,13 +231,14 @@ def test_resize_bicubic_matches_transformers(proc, src, dst):
 
 @pytest.mark.parametrize("mean,std", [(CLIP_MEAN, CLIP_STD), (SIGLIP_MEAN, SIGLIP_STD)])
 def test_normalize_matches_transformers(proc, mean, std):
-    img = rand_rgb(31, 23)
-    chw = np.moveaxis(np.asarray(img), -1, 0)
-    ref = proc.normalize(proc.rescale(chw, 1 / 255), mean, std)
-    for src in (img, np.asarray(img)):
-        ours = to_normalized_tensor(src, mean, std)
-        assert ours.dtype == torch.float32 and tuple(ours.shape) == (3, 23, 31)
-        assert np.array_equal(ours.numpy(), ref)  # same float64/float32 steps: bit-identical
+    every_level = np.stack([RNG.permutation(256) for _ in range(3)], -1).astype(np.uint8).reshape(16, 16, 3)
+    for img in (rand_rgb(31, 23), Image.fromarray(every_level)):
+        chw = np.moveaxis(np.asarray(img), -1, 0)
+        ref = proc.normalize(proc.rescale(chw, 1 / 255), mean, std)
+        for src in (img, np.asarray(img)):
+            ours = to_normalized_tensor(src, mean, std)
+            assert ours.dtype == torch.float32 and tuple(ours.shape) == (3, img.height, img.width)
+            assert np.array_equal(ours.numpy(), ref)  # same float64/float32 steps: bit-identical
 
 
 def test_constants():
