@@ -610,7 +610,8 @@ def test_bench_serve_starts_a_server_and_prints_both_sides(llava_vicuna, tmp_pat
 
     out_json = tmp_path / "serve.json"
     assert bench.main(["--serve", "--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image",
-                       "64x48", "--new-tokens", "4", "--runs", "1", "--concurrency", "2", "--json", str(out_json)]) == 0
+                       "64x48", "--new-tokens", "4", "--runs", "1", "--concurrency", "2", "--json", str(out_json),
+                       "--prefill-graphs"]) == 0  # passed to both sides (a CPU runs no graphs)
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"in-process", "HTTP, cached conversation", "HTTP, no cached session"} <= set(rows), out

@@ -54,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--runs", type=int, default=3, help="timed conversations per client (default 3)")
     p.add_argument("--sparsity", metavar="POLICY", help="both sides' policy (default: the server's default for an "
                    "image conversation, the image preset)")
+    p.add_argument("--prefill-graphs", action="store_true", help="both sides run short prefills (the follow-ups) "
+                   "as CUDA graphs, captured once per conversation and bucket (tinyvila-serve --prefill-graphs)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
@@ -91,7 +93,7 @@ def in_process(args, seeds) -> list:
 
     import tinyvila
 
-    engine = tinyvila.load(args.model, device=args.device, dtype=args.dtype)
+    engine = tinyvila.load(args.model, device=args.device, dtype=args.dtype, prefill_graphs=args.prefill_graphs)
     sampling = dict(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     out = []
     for seed in seeds:
@@ -214,6 +216,7 @@ def start_server(args, log):
     for flag in ("api_key", "sparsity", "device", "dtype"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    cmd += ["--prefill-graphs"] if args.prefill_graphs else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()  # the ready line, or nothing once it died
     if not line.startswith("serving "):
