@@ -562,10 +562,11 @@ class Tokenizer:
             ids, cuts = enc.ids, self._cuts(text, enc, 0, 0)
         else:
             head, start, token_id, head_cuts = cut
-            enc = self._tok.encode(text[start:], add_special_tokens=False)
+            tail = text[start:]
+            enc = self._tok.encode(tail, add_special_tokens=False)
             if enc.ids[:1] != [token_id]:  # not split the same way: no reuse
                 return self.encode(text, add_special_tokens)
-            ids, cuts = head + enc.ids, head_cuts + self._cuts(text[start:], enc, start, len(head))
+            ids, cuts = head + enc.ids, head_cuts + self._cuts(tail, enc, start, len(head))
         self._prompts.add(text, add_special_tokens, ids, cuts)
         return list(ids)
 
@@ -651,18 +652,18 @@ class _RecentPrompts:
         recent prompt sharing the most ids with `text` up to one of its special tokens, or None."""
         with self.lock:
             entries = list(self.entries)
-        best, best_n = None, 0
+        best = None  # (ids, the cuts in the shared text) of the prompt sharing the most ids
         for old, add, ids, cuts in entries:
             if add != add_special_tokens or not cuts:
                 continue
             n = len(cuts) if text.startswith(old) else _shared_cuts(text, old, cuts)
-            if n and (best is None or cuts[n - 1][2] > best[1][best_n - 1][2]):
-                best, best_n = (ids, cuts), n
+            if n and (best is None or cuts[n - 1][2] > best[1][-1][2]):
+                best = ids, cuts[:n]
         if best is None:
             return None
-        ids, cuts = best
-        start, _, j = cuts[best_n - 1]
-        return ids[:j], start, ids[j], cuts[:best_n - 1]
+        ids, shared = best
+        start, _, j = shared[-1]
+        return ids[:j], start, ids[j], shared[:-1]
 
 
 def _shared_cuts(text, old, cuts) -> int:

@@ -256,10 +256,10 @@ def report(args, local: list, http_runs: list, url: str) -> None:
     inside = [r["tinyvila"]["server_ttft_s"] - r["tinyvila"]["ttft_s"] for r in cached
               if r["tinyvila"].get("server_ttft_s") is not None]  # a server of this version
     if inside:
-        print(f"  of which {median(inside) * 1e3:.1f} ms in the server before its first token (reading and parsing "
-              f"the request, the hand-off to the model's thread, template and tokenizer) and "
-              f"{added - median(inside) * 1e3:.1f} ms after it or outside (the first chunk, the client sending "
-              f"and reading)")
+        before = median(inside) * 1e3
+        print(f"  of which {before:.1f} ms in the server before its first token (reading and parsing the request, "
+              f"the hand-off to the model's thread, template and tokenizer) and {added - before:.1f} ms after it "
+              f"or outside (the first chunk, the client sending and reading)")
     if local:
         extra = (median([r["ttft_s"] for r in cached]) - median([s.ttft_s for s in local])) * 1e3
         kept = median([r["tok_s"] for r in cached]) / median([s.decode_tok_s for s in local])
