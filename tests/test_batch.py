@@ -348,13 +348,20 @@ def test_bench_batch_runs_and_matches_batch_1(llava_vicuna, tmp_path, capsys):
 
     out = tmp_path / "batch.json"
     assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",
-                       "--new-tokens", "4", "--batch", "3", "--stagger", "1", "--prefill-chunk", "16",
+                       "--new-tokens", "16", "--batch", "3", "--stagger", "1", "--prefill-chunk", "32",
                        "--sparsity", "image", "--json", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
     assert [(r["sparsity"], r["batch"]) for r in runs] == [
         ("dense", 1), ("dense", 3), ("p=0.6 d=0", 1), ("p=0.6 d=0", 3), ("p=0.6 d=0.75", 1), ("p=0.6 d=0.75", 3)]
     assert all(r["tokens_same"] == r["conversations"] == 3 and r["aggregate_tok_s"] > 0 for r in runs)
     assert all(len({tuple(t) for t in r["tokens"]}) == 3 for r in runs)  # their own images and questions
+    for r in runs:  # batch 1: every step holds all its rows; batch 3 also fills and drains
+        assert 0 < r["full_batch_steps"] <= r["decode_steps"] and r["full_batch_tok_s"] > 0
+        if r["batch"] == 1:
+            assert r["full_batch_steps"] == r["decode_steps"] == 3 * 15  # the first token is the prefill's
+            assert r["full_batch_tok_s"] == pytest.approx(r["aggregate_tok_s"])
+        else:
+            assert r["full_batch_steps"] < r["decode_steps"] < 3 * 15
     table = capsys.readouterr().out
     assert table.count("\n| ") == 6 and "longest stall ms" in table
 

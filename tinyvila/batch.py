@@ -171,7 +171,7 @@ class Batcher:
     Drive it with `step()` / `run()` in your thread or `start()` a background thread.
     `longest_stall_s`: the longest time running conversations waited for a newcomer between two
     decode steps; `decode_rows / decode_s`: the aggregate decode rate (the once-per-bucket graph
-    captures left out, as `capture_s`)."""
+    captures left out, as `capture_s`); `decode_by_rows`: steps and seconds per batch size."""
 
     def __init__(self, engine, max_batch: int = 8, prefill_chunk: int = 512):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
@@ -180,6 +180,7 @@ class Batcher:
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
         self.longest_stall_s = 0.0
         self.decode_s, self.decode_rows = 0.0, 0  # time in decode steps, tokens they produced
+        self.decode_by_rows = {}  # rows in the step -> [steps, seconds]: the rate at each batch size
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
         self._running = []  # (Request, Turn) decoding
@@ -351,8 +352,11 @@ class Batcher:
             self._fail_all(e)
             return
         running, self._running = self._running, []
-        self.decode_s += time.perf_counter() - t - (self.capture_s - captured)  # less this step's captures
+        took = time.perf_counter() - t - (self.capture_s - captured)  # less this step's captures
+        self.decode_s += took
         self.decode_rows += len(running)
+        tally = self.decode_by_rows.setdefault(len(running), [0, 0.0])
+        tally[0], tally[1] = tally[0] + 1, tally[1] + took
         for b, (request, turn) in enumerate(running):
             turn.session.tokens.append(fed[b])
             turn.stats.decode_tokens += 1

@@ -8,7 +8,9 @@ steps (--stagger K), the newcomers prefilled --prefill-chunk tokens per step; gr
 
 For each sparsity setting the same conversations also run through a batcher of one (one after
 another), and the table shows, per batch size: the aggregate decode rate (every row's tokens over
-the time spent in decode steps), the per-conversation rate (median and lowest: each answer's tokens
+the time spent in decode steps, the steps while the batch fills and drains included), the rate of
+the steps that ran every row at once (B rows a step over their time; how many steps those were),
+the per-conversation rate (median and lowest: each answer's tokens
 over its own decode time, stalls included), both against batch 1, the longest stall a newcomer's
 prefill caused the running conversations, and how many conversations' tokens equal their batch-1
 tokens (on a GPU in fp16 a near-tie of the logits may flip one: the lone step's GEMV sums its
@@ -16,7 +18,7 @@ split-K parts with fp32 atomics, in an order that varies from run to run). The a
 leaves out the batcher's once-per-batch-size graph captures. On a GPU it also gives what the
 bytes allow: a decode step of B rows reads the weights once and each row's own K/V (its mean
 context while answering), so at the copy bandwidth measured in the same run B rows make at most
-B x bandwidth / (weights + B x K/V) tokens a second.
+B x bandwidth / (weights + B x K/V) tokens a second ("of that": the all-rows rate's share).
 Batch 1 here is the batcher's own step at one row (its CUDA graph for one row), which decodes as a
 lone session's graphed step does.
 """
@@ -62,8 +64,12 @@ def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict
     wall = time.perf_counter() - t0
     results = [r.wait() for r in requests]
     per = [r.stats.decode_tok_s for r in results]
+    rows = min(size, len(convs))
+    full_steps, full_s = batcher.decode_by_rows.get(rows, (0, 0.0))
     return dict(sparsity=sparsity.label, batch=size, stagger=args.stagger, prefill_chunk=args.prefill_chunk,
                 conversations=len(convs), aggregate_tok_s=batcher.decode_rows / batcher.decode_s,
+                full_batch_tok_s=rows * full_steps / full_s if full_steps else None, full_batch_steps=full_steps,
+                decode_steps=sum(n for n, _ in batcher.decode_by_rows.values()),
                 per_conversation_median_tok_s=statistics.median(per), per_conversation_min_tok_s=min(per),
                 longest_stall_s=batcher.longest_stall_s, wall_s=wall,
                 decode_context=statistics.mean(r.stats.decode_context_tokens for r in results) - new_tokens / 2,
@@ -104,18 +110,22 @@ def report(args, records, lm) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     bytes_bound(records, lm, bandwidth)
-    print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | bytes allow tok/s | of that | "
+    print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | all rows in: tok/s (steps) | x batch 1 "
+          f"| bytes allow tok/s | of that | "
           f"per-conversation tok/s median / min | x batch 1 | longest stall ms | wall s | peak GB | tokens = batch 1 |"
           f"  ({args.arch or args.model}, {' '.join(args.image + args.video)}, {args.new_tokens} new tokens each, "
           f"{name}, {args.dtype}" + (f", copy {bandwidth / 1e12:.2f} TB/s)" if bandwidth else ")"))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = {}
     for r in records:
         b = base.setdefault(r["sparsity"], r)
         bound = r["bound_tok_s"]
         print(f"| {r['sparsity']} | {r['batch']} | {r['stagger']} | {r['aggregate_tok_s']:.1f} | "
               f"x{r['aggregate_tok_s'] / b['aggregate_tok_s']:.2f} | "
-              + (f"{bound:.0f} | {r['aggregate_tok_s'] / bound:.0%} | " if bound else "n/a | n/a | ")
+              + (f"{full:.1f} ({r['full_batch_steps']}/{r['decode_steps']}) | x{full / b['aggregate_tok_s']:.2f} | "
+                 if (full := r["full_batch_tok_s"]) else "- | - | ")
+              + (f"{bound:.0f} | {(full or r['aggregate_tok_s']) / bound:.0%} | "
+                 if bound else "n/a | n/a | ")
               + f"{r['per_conversation_median_tok_s']:.1f} / {r['per_conversation_min_tok_s']:.1f} | "
               f"{r['per_conversation_median_tok_s'] / b['per_conversation_median_tok_s']:.0%} | "
               f"{r['longest_stall_s'] * 1e3:.1f} | {r['wall_s']:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
