@@ -179,7 +179,6 @@ class Batcher:
                 raise TinyVilaError(f"{name} must be a positive integer, got {value!r}")
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
         self.longest_stall_s = 0.0
-        self.decode_s, self.decode_rows = 0.0, 0  # time in decode steps, tokens they produced
         self.decode_by_rows = {}  # rows in the step -> [steps, seconds]: the rate at each batch size
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
@@ -353,8 +352,6 @@ class Batcher:
             return
         running, self._running = self._running, []
         took = time.perf_counter() - t - (self.capture_s - captured)  # less this step's captures
-        self.decode_s += took
-        self.decode_rows += len(running)
         tally = self.decode_by_rows.setdefault(len(running), [0, 0.0])
         tally[0], tally[1] = tally[0] + 1, tally[1] + took
         for b, (request, turn) in enumerate(running):
@@ -377,6 +374,16 @@ class Batcher:
             mrope = lm.cfg.mrope_section is not None  # a text token's t, h and w positions are equal
             return lm.decode_rows(torch.tensor(fed, device=eng.device), pos.expand(3, -1) if mrope else pos,
                                   caches, slots)
+
+    @property
+    def decode_s(self) -> float:
+        """Seconds spent in decode steps (their graph captures left out)."""
+        return sum(seconds for _, seconds in self.decode_by_rows.values())
+
+    @property
+    def decode_rows(self) -> int:
+        """Tokens the decode steps produced (one a row a step)."""
+        return sum(rows * steps for rows, (steps, _) in self.decode_by_rows.items())
 
     @property
     def capture_s(self) -> float:
