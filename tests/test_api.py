@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import tinyvila
+from tinyvila.batch import Batcher
 from tinyvila.errors import TinyVilaError
 from tinyvila.sampling import SamplingParams
 
@@ -77,6 +79,23 @@ def test_stats_fields(eng, image_files):
     assert r.stats.decode_tokens == len(r.token_ids) - 1
     assert r.stats.visual_tokens == r.stats.visual_tokens_kept > 0
     assert r.stats.ttft_s >= r.stats.prefill_s > 0 and r.stats.peak_mem_bytes > 0
+
+
+def test_ttft_counts_the_templating(eng, image_files, monkeypatch):
+    """A question's TTFT runs from the call: rendering the template and tokenizing included
+    (prompt_s), as a caller of Session.ask, the batcher or the server waits for them."""
+    render = eng.render
+    monkeypatch.setattr(eng, "render", lambda *a, **k: time.sleep(0.05) or render(*a, **k))
+    with eng.session(images=[image_files[0]]) as s:
+        r = s.ask("What?", **GREEDY)
+    assert r.stats.prompt_s >= 0.05
+    assert r.stats.ttft_s >= r.stats.prompt_s + r.stats.vision_s + r.stats.prefill_s
+    batcher = Batcher(eng)
+    with eng.session(images=[image_files[0]]) as s:
+        request = batcher.ask(s, "What?", **GREEDY)
+        batcher.run()
+        stats = request.wait().stats
+    assert stats.prompt_s >= 0.05 and stats.ttft_s >= stats.prompt_s + stats.prefill_s
 
 
 def test_session_images_added_later_and_what_the_cache_holds(eng, image_files):

@@ -43,9 +43,10 @@ class Request:
     GenerationResult, `cancel()` it. `callback(piece)`, if given, gets each piece too, and
     `on_start()` is called once its first token is chosen (both from the batcher's thread)."""
 
-    def __init__(self, session, make, params: SamplingParams, callback=None, on_start=None):
+    def __init__(self, session, make, params: SamplingParams, callback=None, on_start=None, prompt_s=0.0):
         self.session, self.params, self.callback, self.on_start = session, params, callback, on_start
         self._make = make  # () -> (ids, media, on_done), called at admission
+        self.prompt_s = prompt_s  # the time the caller spent making the ids (counted in the TTFT)
         self._pieces = queue.Queue()
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -194,11 +195,11 @@ class Batcher:
         return self._add(Request(session, lambda: session.question_turn(question), params, callback))
 
     def submit(self, session, ids: list, params: SamplingParams | None = None, callback=None,
-               on_start=None) -> Request:
+               on_start=None, prompt_s: float = 0.0) -> Request:
         """As Session.complete, batched: already templated ids (a placeholder per media item)."""
         ids = list(ids)
         return self._add(Request(session, lambda: (ids, session.media + session.pending, None),
-                                 params or SamplingParams(), callback, on_start))
+                                 params or SamplingParams(), callback, on_start, prompt_s))
 
     def _add(self, request: Request) -> Request:
         if request.session.engine is not self.engine:
@@ -330,8 +331,10 @@ class Batcher:
                 return False
             self._waiting.remove(request)
         try:
-            ids, media, on_done = request._make()
-            self._opening = (request, open_turn(request.session, ids, media, request.params, on_done))
+            t = time.perf_counter()
+            ids, media, on_done = request._make()  # Batcher.ask templates the question here
+            prompt_s = request.prompt_s + time.perf_counter() - t
+            self._opening = (request, open_turn(request.session, ids, media, request.params, on_done, prompt_s))
         except Exception as e:  # a bad request fails alone
             request._finish(error=e)
             return False

@@ -6,6 +6,7 @@ An Engine holds no conversation state; each `session()` owns its KV cache and hi
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -278,7 +279,9 @@ class Engine:
         with self.session(images=images, videos=videos, system=system, **session_options) as s:
             if input_ids is None and template:
                 return s.ask(prompt, callback=callback, **vars(params))
-            return s.complete(self._prompt_ids(s, prompt, input_ids, template), params, callback)
+            t = time.perf_counter()
+            ids = self._prompt_ids(s, prompt, input_ids, template)
+            return s.complete(ids, params, callback, prompt_s=time.perf_counter() - t)
 
 
 def check_max_seq_len(value, text_cfg) -> None:

@@ -117,13 +117,15 @@ class Turn:
         return n + self.delta, n - self.target.dropped
 
 
-def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None, on_start=None):
+def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None, on_start=None,
+             prompt_s: float = 0.0):
     """One turn of `session` for the templated prompt `ids` (placeholder id once per item of
     `media`): yields the answer's text as it streams (each piece also to `callback`); at the end
     `session.last_result` holds the result and `on_done(text)` records the answer in the history.
     `on_start()` is called once the first token is chosen, before its text (which may need the next
-    tokens). Closing the generator early ends the answer there ("cancelled")."""
-    turn = begin_turn(session, ids, media, params, on_done)
+    tokens). Closing the generator early ends the answer there ("cancelled"). `prompt_s`: the time
+    the caller spent making `ids` (template and tokenizer), counted in the TTFT."""
+    turn = begin_turn(session, ids, media, params, on_done, prompt_s)
     try:
         if on_start is not None:
             on_start()
@@ -145,23 +147,24 @@ def generate(session, ids: list, media: list, params: SamplingParams, callback=N
         yield tail
 
 
-def begin_turn(session, ids: list, media: list, params: SamplingParams, on_done=None) -> Turn:
+def begin_turn(session, ids: list, media: list, params: SamplingParams, on_done=None, prompt_s: float = 0.0) -> Turn:
     """open_turn then start_answer: the turn prefilled, its first answer token chosen."""
-    return start_answer(open_turn(session, ids, media, params, on_done))
+    return start_answer(open_turn(session, ids, media, params, on_done, prompt_s))
 
 
-def open_turn(session, ids: list, media: list, params: SamplingParams, on_done=None) -> Opening:
+def open_turn(session, ids: list, media: list, params: SamplingParams, on_done=None, prompt_s: float = 0.0) -> Opening:
     """Admit a turn: expand the prompt, check it fits, mark the session busy, encode the media new
-    in this conversation and place the prompt's positions. Nothing is prefilled yet."""
+    in this conversation and place the prompt's positions. Nothing is prefilled yet. The TTFT
+    counts from `prompt_s` before now (the time the caller spent making `ids`)."""
     session.check_free()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - prompt_s
     keys, spans = session.expand(ids, media)
     check_fits(session, keys)
     start = reused_prefix(session.tokens, keys, spans)
     session.busy = True
     session.cancel_requested.clear()  # cancel() applies to the answer in progress
     stats = Stats(visual_tokens=sum(media[j].n_tokens for _, _, j in spans),
-                  visual_tokens_kept=sum(e - s for s, e, _ in spans))
+                  visual_tokens_kept=sum(e - s for s, e, _ in spans), prompt_s=prompt_s)
     stats.visual_tokens_selected = stats.visual_tokens_kept
     session.graphs.capture_s = 0.0
     try:
@@ -565,7 +568,8 @@ class Stats:
     visual_tokens_selected: int = 0  # of those, what decode attended to per layer (retrieval)
     vision_s: float = 0.0  # vision encoder + projector for media new in this turn
     prefill_s: float = 0.0  # LLM prefill of this turn's new tokens
-    ttft_s: float = 0.0  # from the call to the first generated token
+    prompt_s: float = 0.0  # rendering the chat template and tokenizing (host work, part of ttft_s)
+    ttft_s: float = 0.0  # from the call (its templating included) to the first generated token
     decode_tokens: int = 0  # decode steps after the first token
     decode_s: float = 0.0  # all of decode, the one-time graph capture included
     decode_tok_s: float = 0.0  # steady rate: decode_tokens / (decode_s - graph_capture_s)

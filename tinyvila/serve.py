@@ -531,10 +531,12 @@ class Worker:
 
     def complete(self, job: Job, session):
         job.session = session
+        t = time.perf_counter()
         ids = self.engine.encode_text(self.engine.render(render(session, job.req)))
+        prompt_s = time.perf_counter() - t  # counted in the TTFT, as Session.ask counts its templating
         if self.batcher is None:
-            return session.complete(ids, job.req.params, job.on_piece, job.on_start)
-        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece, job.on_start)
+            return session.complete(ids, job.req.params, job.on_piece, job.on_start, prompt_s)
+        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece, job.on_start, prompt_s)
         if job.cancelled.is_set():  # cancelled before its request existed
             job.request.cancel()
         return job.request.wait()

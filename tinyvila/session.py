@@ -9,6 +9,7 @@ Visual positions are compared by media item, so two images never alias each othe
 A Session holds the conversation's state only; the turn itself is `generate.generate`.
 """
 import threading
+import time
 
 import torch
 
@@ -82,10 +83,12 @@ class Session:
         Stopping the iteration early ends the answer there (it stays in the history)."""
         yield from self._turn_for_question(question, SamplingParams.from_options(**sampling), None)
 
-    def complete(self, ids: list, params: SamplingParams, callback=None, on_start=None) -> GenerationResult:
+    def complete(self, ids: list, params: SamplingParams, callback=None, on_start=None,
+                 prompt_s: float = 0.0) -> GenerationResult:
         """One turn from already templated ids (placeholder id once per media item of the
-        conversation, pending ones included). `on_start()`: once the first token is chosen."""
-        for _ in generate(self, ids, self.media + self.pending, params, callback, on_start=on_start):
+        conversation, pending ones included). `on_start()`: once the first token is chosen;
+        `prompt_s`: the time spent making `ids`, counted in the TTFT."""
+        for _ in generate(self, ids, self.media + self.pending, params, callback, on_start=on_start, prompt_s=prompt_s):
             pass
         return self.last_result
 
@@ -167,8 +170,9 @@ class Session:
         return [self.message("system", self.system)] if self.system else []
 
     def _turn_for_question(self, question, params, callback):
+        t = time.perf_counter()
         ids, media, on_done = self.question_turn(question)
-        yield from generate(self, ids, media, params, callback, on_done)
+        yield from generate(self, ids, media, params, callback, on_done, prompt_s=time.perf_counter() - t)
 
     def question_turn(self, question: str):
         """The next turn for `question`, templated now over the history as it stands: (ids, media,

@@ -258,7 +258,7 @@ def report(args, local: list, http_runs: list, url: str) -> None:
     if inside:
         before = median(inside) * 1e3
         print(f"  of which {before:.1f} ms in the server before its first token (reading and parsing the request, "
-              f"the hand-off to the model's thread, template and tokenizer) and {added - before:.1f} ms after it "
+              f"the hand-off to the model's thread) and {added - before:.1f} ms after it "
               f"or outside (the first chunk, the client sending and reading)")
     if local:
         extra = (median([r["ttft_s"] for r in cached]) - median([s.ttft_s for s in local])) * 1e3
