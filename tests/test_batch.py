@@ -2,6 +2,7 @@
 alone, whatever joins, leaves, fails or is cancelled around it."""
 import gc
 import json
+import re
 import time
 import types
 import weakref
@@ -137,6 +138,8 @@ def test_one_joins_mid_way_while_the_others_decode(eng, image_files, expected):
     batcher.run()
     assert tokens(early) + tokens(late) == expected[:2] + expected[3:4]
     assert batcher.longest_stall_s > 0
+    assert re.fullmatch(r"admission \(media encoding\)|a prefill chunk of [1-8] tokens|the first token \(\d+ prompt "
+                        r"tokens left\)", batcher.longest_stall_cause), batcher.longest_stall_cause
 
 
 def test_qwen2_5_vl_mrope_rows(qwen, image_files):
@@ -481,6 +484,7 @@ def test_serve_max_batch_concurrent_clients_get_their_batch_1_answers(batch_serv
     assert answers == {i: r.text for i, r in alone.items()}
     health = batch_server.http.get("/health").json()
     assert health["max_batch"] == 4 and health["answers"] == 6
+    assert (health["longest_stall_ms"] > 0) == bool(health["longest_stall_cause"])  # a cause with every stall
 
 
 def test_qwen3_vl_rows(qwen3, image_files):

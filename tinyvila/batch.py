@@ -171,15 +171,17 @@ class Batcher:
     conversations answering at once, a newcomer's prompt prefilled `prefill_chunk` tokens per step.
     Drive it with `step()` / `run()` in your thread or `start()` a background thread.
     `longest_stall_s`: the longest time running conversations waited for a newcomer between two
-    decode steps; `decode_rows / decode_s`: the aggregate decode rate (the once-per-bucket graph
-    captures left out, as `capture_s`); `decode_by_rows`: steps and seconds per batch size."""
+    decode steps, `longest_stall_cause` what that step did (an admission, a prefill chunk, a first
+    token); `decode_rows / decode_s`: the aggregate decode rate (the once-per-bucket graph captures
+    left out, as `capture_s`); `decode_by_rows`: steps and seconds per batch size."""
 
     def __init__(self, engine, max_batch: int = 8, prefill_chunk: int = 512):
         for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
             if not is_number(value, integer=True) or value < 1:
                 raise TinyVilaError(f"{name} must be a positive integer, got {value!r}")
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
-        self.longest_stall_s = 0.0
+        self.longest_stall_s, self.longest_stall_cause = 0.0, ""
+        self._stall_cause = ""  # what the current step's _open did
         self.decode_by_rows = {}  # rows in the step -> [steps, seconds]: the rate at each batch size
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
@@ -231,11 +233,11 @@ class Batcher:
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise TinyVilaError("this batcher steps in its background thread (start()); stop() it first")
         self._drop_cancelled()
-        t = time.perf_counter()
-        stalled = bool(self._running)
+        t, stalled, self._stall_cause = time.perf_counter(), bool(self._running), ""
         self._open()
-        if stalled:
-            self.longest_stall_s = max(self.longest_stall_s, time.perf_counter() - t)
+        stall = time.perf_counter() - t
+        if stalled and stall > self.longest_stall_s:
+            self.longest_stall_s, self.longest_stall_cause = stall, self._stall_cause
         self._decode()
         return not self.idle()
 
@@ -298,6 +300,7 @@ class Batcher:
         if self._opening is None:
             if not self._admit():
                 return
+            self._stall_cause = "admission (media encoding)"
             if self._running:
                 return  # the newcomer's media encoding is this step's stall; its prefill starts next step
         request, opening = self._opening
@@ -307,8 +310,10 @@ class Batcher:
                 prefill_ahead(opening, self.prefill_chunk)
                 if opening.done == done:
                     break
+                self._stall_cause = f"a prefill chunk of {opening.done - done} tokens"
                 if self._running:
                     return  # one chunk per step while others decode
+            self._stall_cause = f"the first token ({len(opening.prompt.keys) - opening.done} prompt tokens left)"
             turn = start_answer(opening)
         except Exception as e:
             opening.session.busy = False

@@ -622,7 +622,8 @@ class Server:
                              "requests_in_flight": self.in_flight, "sessions": len(self.lru.kept),
                              "sessions_evicted": self.lru.evicted, "answers": w.answers,
                              "answers_cancelled": w.cancelled, "max_batch": self.args.max_batch,
-                             "longest_stall_ms": 1e3 * self.batcher.longest_stall_s if self.batcher else 0.0})
+                             "longest_stall_ms": 1e3 * self.batcher.longest_stall_s if self.batcher else 0.0,
+                             "longest_stall_cause": self.batcher.longest_stall_cause if self.batcher else ""})
 
     async def models(self, request):
         try:

@@ -71,7 +71,7 @@ def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict
                 full_batch_tok_s=rows * full_steps / full_s if full_steps else None, full_batch_steps=full_steps,
                 decode_steps=sum(n for n, _ in batcher.decode_by_rows.values()),
                 per_conversation_median_tok_s=statistics.median(per), per_conversation_min_tok_s=min(per),
-                longest_stall_s=batcher.longest_stall_s, wall_s=wall,
+                longest_stall_s=batcher.longest_stall_s, longest_stall_cause=batcher.longest_stall_cause, wall_s=wall,
                 decode_context=statistics.mean(r.stats.decode_context_tokens for r in results) - new_tokens / 2,
                 peak_mem_bytes=max([peak_memory(engine.device)] + [r.stats.peak_mem_bytes for r in results]),
                 tokens=[r.token_ids for r in results])
@@ -112,7 +112,7 @@ def report(args, records, lm) -> None:
     bytes_bound(records, lm, bandwidth)
     print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | all rows in: tok/s (steps) | x batch 1 "
           f"| bytes allow tok/s | of that | "
-          f"per-conversation tok/s median / min | x batch 1 | longest stall ms | wall s | peak GB | tokens = batch 1 |"
+          f"per-conversation tok/s median / min | x batch 1 | longest stall ms (what it did) | wall s | peak GB | tokens = batch 1 |"
           f"  ({args.arch or args.model}, {' '.join(args.image + args.video)}, {args.new_tokens} new tokens each, "
           f"{name}, {args.dtype}" + (f", copy {bandwidth / 1e12:.2f} TB/s)" if bandwidth else ")"))
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -128,7 +128,8 @@ def report(args, records, lm) -> None:
                  if bound else "n/a | n/a | ")
               + f"{r['per_conversation_median_tok_s']:.1f} / {r['per_conversation_min_tok_s']:.1f} | "
               f"{r['per_conversation_median_tok_s'] / b['per_conversation_median_tok_s']:.0%} | "
-              f"{r['longest_stall_s'] * 1e3:.1f} | {r['wall_s']:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
+              f"{r['longest_stall_s'] * 1e3:.1f}" + (f" ({r['longest_stall_cause']})" if r["longest_stall_cause"] else "")
+              + f" | {r['wall_s']:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
               f"{r['tokens_same']}/{r['conversations']} |")
     if args.json:
         with open(args.json, "w") as f:
