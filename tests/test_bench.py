@@ -82,6 +82,25 @@ def test_bench_warms_every_setting_up_untimed(llava_vicuna, tmp_path, capsys, mo
         (1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (5, 1), (5, 2)]  # conversations 0 and 3 are not there
 
 
+def test_bench_max_seq_len_sizes_the_sessions_context(llava_vicuna, capsys, monkeypatch):
+    """--max-seq-len: the context a chat session would have (decode attention splits what the
+    cache holds room for), never less than the turns need."""
+    sizes, real = [], bench.conversation
+
+    def recorded(session, *args, **kwargs):
+        sizes.append(session.cache.max_len)
+        yield from real(session, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "conversation", recorded)
+    common = ["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",
+              "--new-tokens", "3", "--runs", "1"]
+    assert bench.main(common) == 0
+    assert bench.main(common + ["--max-seq-len", "3000"]) == 0
+    assert bench.main(common + ["--max-seq-len", "8"]) == 0
+    need = sizes[0]
+    assert sizes == [need, need, 3000, 3000, need, need] and need < 3000
+
+
 def test_bench_multi_turn_decode_sparsity(llava_vicuna, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--model", str(llava_vicuna), "--device", "cpu", "--dtype", "float32", "--image", "64x48",

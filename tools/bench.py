@@ -393,6 +393,7 @@ def run(args) -> list:
     params = sampling(args, args.new_tokens)
     context = (sum(it.n_tokens for it in items) + len(ids) + args.turns * (args.new_tokens + len(asked) + 20)
                + PREFILL_BUCKETS[-1])  # room for a short prefill's padding past the prompt
+    context = max(context, args.max_seq_len or 0)  # a chat's session has room for 8192 more tokens
     timer = ProjectorTimer(model, device)
     rows = []
     for sparsity in configs(args):  # dense first: the sparse rows are compared with it
@@ -522,6 +523,8 @@ def parse_args(argv):
                    help="tokens in each question (turns 2.. are follow-ups of this length over the cached media)")
     p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="run short prefills (follow-up questions) as CUDA graphs (default: off, eager)")
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="the session's context (default: what the turns "
+                   "need; tinyvila-chat's sessions hold the media plus 8192 tokens)")
     p.add_argument("--history", choices=["keep", "evict"], default="keep", help="multi-turn history mode")
     p.add_argument("--no-graphs", action="store_true", help="run decode steps eagerly (no CUDA graph)")
     p.add_argument("--batch", type=int, metavar="N", help="N conversations at once, each with its own media and "

@@ -176,16 +176,18 @@ def gemm_rows(shapes, ms, group, dtype, device, reps):
 
 def attention_rows(shapes, dtype, device, bw, reps, head_dim=128):
     rows = []
-    for hq, hkv, keys in shapes:
+    for hq, hkv, keys, *room in shapes:
+        capacity = room[0] if room else keys  # the cache's slots (a chat's session has room to grow)
         moved = 2 * hkv * keys * head_dim * torch.finfo(dtype).bits // 8
-        caches = [(torch.randn(hkv, keys, head_dim, device=device, dtype=dtype),
-                   torch.randn(hkv, keys, head_dim, device=device, dtype=dtype)) for _ in range(copies_for(moved))]
+        caches = [(torch.randn(hkv, capacity, head_dim, device=device, dtype=dtype),
+                   torch.randn(hkv, capacity, head_dim, device=device, dtype=dtype)) for _ in range(copies_for(moved))]
         q = torch.randn(hq, head_dim, device=device, dtype=dtype)
         length = torch.tensor([keys], dtype=torch.int32, device=device)
-        splits = decode_attention.split_count(keys, hkv, sm_count(device))
+        splits = decode_attention.split_count(capacity, hkv, sm_count(device))
         ws = decode_attention.decode_workspace(hq, splits, head_dim, device)
         t = time_graph([lambda k=k, v=v: decode_attention.decode_attention(q, k, v, length, workspace=ws)
                         for k, v in caches], reps)
+        keys = f"{keys} of {capacity}" if room else keys
         rows.append((f"{hq}/{hkv}", keys, splits, t * 1e6, moved / t / 1e9, moved / t / bw))
         del caches
     return rows
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv-m", type=_ints, default=[1], help="decode rows (default 1)")
     ap.add_argument("--gemm-m", type=_ints, default=GEMM_M)
     ap.add_argument("--attention", type=_attention_shapes, default=ATTENTION_SHAPES,
-                    help="decode attention shapes HQ/HKV/KEYS,... (default: the 7B models after an image or video)")
+                    help="decode attention shapes HQ/HKV/KEYS[/CAPACITY],... (default: the 7B models after an image "
+                    "or video, the cache holding just those keys)")
     ap.add_argument("--reps", type=int, default=100, help="calls per captured graph")
     ap.add_argument("--check", action="store_true", help="compare every path with the reference first")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
