@@ -112,7 +112,8 @@ def report(args, records, lm) -> None:
     bytes_bound(records, lm, bandwidth)
     print(f"| sparsity | batch | stagger | aggregate decode tok/s | x batch 1 | all rows in: tok/s (steps) | x batch 1 "
           f"| bytes allow tok/s | of that | "
-          f"per-conversation tok/s median / min | x batch 1 | longest stall ms (what it did) | wall s | peak GB | tokens = batch 1 |"
+          f"per-conversation tok/s median / min | x batch 1 | longest stall ms (what it did) | wall s | peak GB "
+          f"| tokens = batch 1 |"
           f"  ({args.arch or args.model}, {' '.join(args.image + args.video)}, {args.new_tokens} new tokens each, "
           f"{name}, {args.dtype}" + (f", copy {bandwidth / 1e12:.2f} TB/s)" if bandwidth else ")"))
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -128,7 +129,8 @@ def report(args, records, lm) -> None:
                  if bound else "n/a | n/a | ")
               + f"{r['per_conversation_median_tok_s']:.1f} / {r['per_conversation_min_tok_s']:.1f} | "
               f"{r['per_conversation_median_tok_s'] / b['per_conversation_median_tok_s']:.0%} | "
-              f"{r['longest_stall_s'] * 1e3:.1f}" + (f" ({r['longest_stall_cause']})" if r["longest_stall_cause"] else "")
+              f"{r['longest_stall_s'] * 1e3:.1f}"
+              + (f" ({r['longest_stall_cause']})" if r["longest_stall_cause"] else "")
               + f" | {r['wall_s']:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
               f"{r['tokens_same']}/{r['conversations']} |")
     if args.json:
