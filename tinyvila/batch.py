@@ -181,7 +181,6 @@ class Batcher:
                 raise TinyVilaError(f"{name} must be a positive integer, got {value!r}")
         self.engine, self.max_batch, self.prefill_chunk = engine, max_batch, prefill_chunk
         self.longest_stall_s, self.longest_stall_cause = 0.0, ""
-        self._stall_cause = ""  # what the current step's _open did
         self.decode_by_rows = {}  # rows in the step -> [steps, seconds]: the rate at each batch size
         self._waiting = deque()  # Requests not admitted yet, in order
         self._opening = None  # (Request, Opening) being prefilled
@@ -233,11 +232,11 @@ class Batcher:
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise TinyVilaError("this batcher steps in its background thread (start()); stop() it first")
         self._drop_cancelled()
-        t, stalled, self._stall_cause = time.perf_counter(), bool(self._running), ""
-        self._open()
+        t, stalled = time.perf_counter(), bool(self._running)
+        cause = self._open()
         stall = time.perf_counter() - t
         if stalled and stall > self.longest_stall_s:
-            self.longest_stall_s, self.longest_stall_cause = stall, self._stall_cause
+            self.longest_stall_s, self.longest_stall_cause = stall, cause
         self._decode()
         return not self.idle()
 
@@ -292,37 +291,37 @@ class Batcher:
             turn.answer.finish = "cancelled"
             self._end(request, turn)
 
-    def _open(self) -> None:
+    def _open(self) -> str:
         """Admit a newcomer if there is room (its admission, which encodes its media, is a step
         of its own while others decode); else prefill one chunk of the opening request, or, once
         its independent part is in, start its answer. With nobody running, nobody waits: the
-        whole prefill runs now."""
+        whole prefill runs now. Returns what it did (the others' stall), "" for nothing."""
         if self._opening is None:
             if not self._admit():
-                return
-            self._stall_cause = "admission (media encoding)"
-            if self._running:
-                return  # the newcomer's media encoding is this step's stall; its prefill starts next step
+                return ""
+            if self._running:  # the newcomer's media encoding is this step's stall; its prefill starts next step
+                return "admission (media encoding)"
         request, opening = self._opening
+        cause = "a prefill that failed"
         try:
             while True:
                 done = opening.done
                 prefill_ahead(opening, self.prefill_chunk)
                 if opening.done == done:
                     break
-                self._stall_cause = f"a prefill chunk of {opening.done - done} tokens"
-                if self._running:
-                    return  # one chunk per step while others decode
-            self._stall_cause = f"the first token ({len(opening.prompt.keys) - opening.done} prompt tokens left)"
+                if self._running:  # one chunk per step while others decode
+                    return f"a prefill chunk of {opening.done - done} tokens"
+            cause = f"the first token ({len(opening.prompt.keys) - opening.done} prompt tokens left)"
             turn = start_answer(opening)
         except Exception as e:
             opening.session.busy = False
             self._opening = None
             request._finish(error=e)
-            return
+            return cause
         self._opening = None
         if self._accept(request, turn, turn.token):
             self._running.append((request, turn))
+        return cause
 
     def _admit(self) -> bool:
         """The first waiting request whose conversation is not answering becomes the opening one
