@@ -388,6 +388,10 @@ class Batcher:
         return sum(seconds for _, seconds in self.decode_by_rows.values())
 
     @property
+    def decode_steps(self) -> int:
+        return sum(steps for steps, _ in self.decode_by_rows.values())
+
+    @property
     def decode_rows(self) -> int:
         """Tokens the decode steps produced (one a row a step)."""
         return sum(rows * steps for rows, (steps, _) in self.decode_by_rows.items())

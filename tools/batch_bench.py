@@ -69,7 +69,7 @@ def run_batch(engine, convs, sparsity, size: int, args, new_tokens: int) -> dict
     return dict(sparsity=sparsity.label, batch=size, stagger=args.stagger, prefill_chunk=args.prefill_chunk,
                 conversations=len(convs), aggregate_tok_s=batcher.decode_rows / batcher.decode_s,
                 full_batch_tok_s=rows * full_steps / full_s if full_steps else None, full_batch_steps=full_steps,
-                decode_steps=sum(n for n, _ in batcher.decode_by_rows.values()),
+                decode_steps=batcher.decode_steps,
                 per_conversation_median_tok_s=statistics.median(per), per_conversation_min_tok_s=min(per),
                 longest_stall_s=batcher.longest_stall_s, longest_stall_cause=batcher.longest_stall_cause, wall_s=wall,
                 decode_context=statistics.mean(r.stats.decode_context_tokens for r in results) - new_tokens / 2,
