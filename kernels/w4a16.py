@@ -26,6 +26,11 @@ its one rounding, the one the fp32 form below has too: two weights per instructi
   (q - z) * s = f * 16s - s*(16 + z)      (exact in fp32: one FMA; the GEMM and dequantize paths)
 and the GEMV factors it per K tile (the tiles never straddle a group):
   sum_k (q - z) s x = 16s * sum_k f x - s*(16 + z) * sum_k x      (shift, LOP3, FMA a weight).
+On fp16 activations (a GPU) the GEMV takes an fp16x2 step instead (_step_ptx): per word one shift
+and four LOP3 give the pairs 1024 + q (or 1024 + 16 q) of rows 2p, 2p + 1, minus 1024 + z (or
+1024 + 16 z) exactly, times the activation pair pre-scaled by 1/16 (or 1/256), summed four to an
+fp16 lane, the lanes added in fp32 and 16 s applied once per column a step: ~3 SASS instructions
+a weight against ~4 (relative error ~5e-4 against the fp16-rounded reference; the fp32 step ~1e-5).
 
 Decode extras of the GEMV: it is launched as a programmatic dependent (kernels/pdl.py), loading its
 first weights while the kernel before it still runs, and for the down projection it reads the
@@ -55,9 +60,13 @@ from tinyvila.quant.pack import AWQ_ORDER, AWQ_REVERSE_ORDER
 GEMV_MAX_M = 2
 CUBLAS_MIN_M = 257
 # GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM).
-# One config for every shape: (4, 4, 64, 16) on the small 4096->4096 and 3584->4608 layers is
-# faster alone but not in a whole LLaVA-NeXT-7B decode step.
+# The fp32 step: one config for every shape ((4, 4, 64, 16) on the small 4096->4096 and 3584->4608
+# layers is faster alone but not in a whole LLaVA-NeXT-7B decode step). The PTX step at M = 1: K
+# steps of 64 rows and 4 columns a thread, 4 warps of 32 rows on the widest layers (LLaMA-7B's
+# gate|up, 90M weights); from a sweep of 11 configs over the 7B shapes on an H100.
 GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
+GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
+GEMV_PTX_WIDE = (80_000_000, (4, 4, 32, 8))  # from this many weights, M = 1
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
 # 7B projections (4096->12288, 4096->22016, 11008->4096, 4096->4096); the straight tile wins to
@@ -216,9 +225,128 @@ def _gemv_row(f, d, xs, Xt, row, M, k, K, MASKED: tl.constexpr, SWIGLU: tl.const
 
 
 @triton.jit
+def _qz_pairs(words, z2a, z2b):
+    """Each word's 8 weights as four fp16x2 pairs (inline PTX, one shift and four LOP3): nibbles p and
+    p + 4 are rows 2p and 2p + 1, masked in place into 0x6400 (1024.0, whose last place is 1), which
+    makes 1024 + q for nibbles 0/4 and 2/6 and 1024 + 16 q for 1/5 and 3/7; minus the pair 1024 + z
+    (z2a) or 1024 + 16 z (z2b), exactly: q - z of rows (0, 1) and (4, 5), 16 (q - z) of (2, 3) and
+    (6, 7)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t;
+        shr.b32 t, $4, 8;
+        lop3.b32 $0, $4, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 $1, $4, 0x00f000f0, 0x64006400, 0xea;
+        lop3.b32 $2, t, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 $3, t, 0x00f000f0, 0x64006400, 0xea;
+        sub.f16x2 $0, $0, $5;
+        sub.f16x2 $1, $1, $6;
+        sub.f16x2 $2, $2, $5;
+        sub.f16x2 $3, $3, $6;
+        }""",
+        "=r,=r,=r,=r,r,r,r", [words, z2a, z2b], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_pairs(a0, a1, a2, a3, x0, x1, x2, x3):
+    """sum over a word's 8 rows of weight pair times activation pair: fp16x2 products summed in fp16
+    (each lane at most 4 terms, the activations pre-scaled by 1/16: no overflow), the two lanes
+    added in fp32."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 h;
+        .reg .f16 lo, hi;
+        .reg .f32 fl, fh;
+        mul.rn.f16x2 h, $1, $5;
+        fma.rn.f16x2 h, $2, $6, h;
+        fma.rn.f16x2 h, $3, $7, h;
+        fma.rn.f16x2 h, $4, $8, h;
+        mov.b32 {lo, hi}, h;
+        cvt.f32.f16 fl, lo;
+        cvt.f32.f16 fh, hi;
+        add.f32 $0, fl, fh;
+        }""",
+        "=f,r,r,r,r,r,r,r,r", [a0, a1, a2, a3, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _scaled_pair(Xt, r, p: tl.constexpr, mask, MASKED: tl.constexpr):
+    """x at rows 8r + 2p and 8r + 2p + 1 of the step, loaded as one fp16x2 word, times 1/16 (p = 0, 2)
+    or 1/256 (p = 1, 3), the planes' factors of _qz_pairs (powers of two: exact)."""
+    X32 = Xt.to(tl.pointer_type(tl.int32))
+    bits = tl.load(X32 + 4 * r + p, mask=mask, other=0) if MASKED else tl.load(X32 + 4 * r + p)
+    c = tl.full(bits.shape, 0x2C002C00 if p % 2 == 0 else 0x1C001C00, tl.int32)  # 1/16, 1/256 as fp16x2
+    return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [bits, c], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _ptx_row(a0, a1, a2, a3, Xt, row, M, r, MASKED: tl.constexpr):
+    """One activation row against the step's weight pairs: sum over K of (q - z) x / 16, [BLOCK_N]."""
+    mask = (r * 0 + row) < M
+    x0 = _scaled_pair(Xt, r, 0, mask, MASKED)[:, None]
+    x1 = _scaled_pair(Xt, r, 1, mask, MASKED)[:, None]
+    x2 = _scaled_pair(Xt, r, 2, mask, MASKED)[:, None]
+    x3 = _scaled_pair(Xt, r, 3, mask, MASKED)[:, None]
+    return tl.sum(_dot_pairs(a0, a1, a2, a3, x0, x1, x2, x3), axis=0)
+
+
+@triton.jit
+def _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
+               KT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr):
+    """One K step of the GEMV in fp32 (any activation dtype, the interpreter): per nibble plane a
+    shift, a LOP3 and an FMA a weight, the zero point through the sum of x (module docstring)."""
+    d0 = tl.zeros([KT8, BLOCK_N], tl.float32)
+    d1 = tl.zeros([KT8, BLOCK_N], tl.float32)
+    d2 = tl.zeros([KT8, BLOCK_N], tl.float32)
+    d3 = tl.zeros([KT8, BLOCK_N], tl.float32)
+    x0 = tl.zeros([KT8], tl.float32)
+    x1 = tl.zeros([KT8], tl.float32)
+    x2 = tl.zeros([KT8], tl.float32)
+    x3 = tl.zeros([KT8], tl.float32)
+    for j in tl.static_range(8):
+        f = _plane(words, j, one)
+        k = 8 * r + _row(j)
+        d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, K, False, SWIGLU)  # M >= 1: row 0 always exists
+        if BLOCK_M > 1:
+            d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, K, True, SWIGLU)
+        if BLOCK_M > 2:
+            d2, x2 = _gemv_row(f, d2, x2, Xt + 2 * stride_xm, 2, M, k, K, True, SWIGLU)
+            d3, x3 = _gemv_row(f, d3, x3, Xt + 3 * stride_xm, 3, M, k, K, True, SWIGLU)
+    sf = s.to(tl.float32)
+    s16 = sf * 16.0
+    c = sf * (16.0 + z.to(tl.float32))
+    acc0 += s16 * tl.sum(d0, axis=0) - c * tl.sum(x0, axis=0)
+    if BLOCK_M > 1:
+        acc1 += s16 * tl.sum(d1, axis=0) - c * tl.sum(x1, axis=0)
+    if BLOCK_M > 2:
+        acc2 += s16 * tl.sum(d2, axis=0) - c * tl.sum(x2, axis=0)
+        acc3 += s16 * tl.sum(d3, axis=0) - c * tl.sum(x3, axis=0)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr):
+    """One K step of the GEMV in fp16x2 inline PTX (fp16 on an NVIDIA GPU; no SwiGLU input): per word
+    one shift, four LOP3, four subtractions and four FMAs for its 8 weights, about 70% of the fp32
+    step's instructions (SASS); the group's scale applied once per column in fp32."""
+    zi = z.to(tl.int32)[None, :]
+    a0, a1, a2, a3 = _qz_pairs(words, (0x6400 + zi) * 0x10001, (0x6400 + 16 * zi) * 0x10001)
+    s16 = s.to(tl.float32) * 16.0
+    acc0 += s16 * _ptx_row(a0, a1, a2, a3, Xt, 0, M, r, False)
+    if BLOCK_M > 1:
+        acc1 += s16 * _ptx_row(a0, a1, a2, a3, Xt + stride_xm, 1, M, r, True)
+    if BLOCK_M > 2:
+        acc2 += s16 * _ptx_row(a0, a1, a2, a3, Xt + 2 * stride_xm, 2, M, r, True)
+        acc3 += s16 * _ptx_row(a0, a1, a2, a3, Xt + 3 * stride_xm, 3, M, r, True)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
+                 PTX: tl.constexpr):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
     adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
@@ -256,33 +384,12 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
         s_n = tl.load(S + gs, mask=cmask)
         z_n = tl.load(Z + gs, mask=cmask)
-        d0 = tl.zeros([KT8, BLOCK_N], tl.float32)
-        d1 = tl.zeros([KT8, BLOCK_N], tl.float32)
-        d2 = tl.zeros([KT8, BLOCK_N], tl.float32)
-        d3 = tl.zeros([KT8, BLOCK_N], tl.float32)
-        x0 = tl.zeros([KT8], tl.float32)
-        x1 = tl.zeros([KT8], tl.float32)
-        x2 = tl.zeros([KT8], tl.float32)
-        x3 = tl.zeros([KT8], tl.float32)
         Xt = X + t * KT
-        for j in tl.static_range(8):
-            f = _plane(words, j, one)
-            k = 8 * r + _row(j)
-            d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, K, False, SWIGLU)  # M >= 1: row 0 always exists
-            if BLOCK_M > 1:
-                d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, K, True, SWIGLU)
-            if BLOCK_M > 2:
-                d2, x2 = _gemv_row(f, d2, x2, Xt + 2 * stride_xm, 2, M, k, K, True, SWIGLU)
-                d3, x3 = _gemv_row(f, d3, x3, Xt + 3 * stride_xm, 3, M, k, K, True, SWIGLU)
-        sf = s.to(tl.float32)
-        s16 = sf * 16.0
-        c = sf * (16.0 + z.to(tl.float32))
-        acc0 += s16 * tl.sum(d0, axis=0) - c * tl.sum(x0, axis=0)
-        if BLOCK_M > 1:
-            acc1 += s16 * tl.sum(d1, axis=0) - c * tl.sum(x1, axis=0)
-        if BLOCK_M > 2:
-            acc2 += s16 * tl.sum(d2, axis=0) - c * tl.sum(x2, axis=0)
-            acc3 += s16 * tl.sum(d3, axis=0) - c * tl.sum(x3, axis=0)
+        if PTX:
+            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M)
+        else:
+            acc0, acc1, acc2, acc3 = _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
+                                                KT8, BLOCK_N, BLOCK_M, SWIGLU)
         words = words_n
         s = s_n
         z = z_n
@@ -499,12 +606,16 @@ def _check(x, packed, group_size, bias, swiglu=False):
 
 
 def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
-         split=None, swiglu=False):
+         split=None, swiglu=False, ptx=None):
     """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG.
-    swiglu: x is a gate|up pair [M, 2K] and the input is silu(gate) * up (the down projection)."""
+    swiglu: x is a gate|up pair [M, 2K] and the input is silu(gate) * up (the down projection).
+    ptx: the fp16x2 inline-PTX step (default: gemv_ptx, and not with swiglu, which it does not take:
+    each of its threads would compute the SiLU of all its rows, slower than a SiLU-mul kernel first)."""
     M, K, N = _check(x, packed, group_size, bias, swiglu)
     assert 1 <= M <= 4, M
-    nw, cpt, kt, wv = GEMV_CONFIG[triton.next_power_of_2(M)]
+    ptx = gemv_ptx(x, packed) and not swiglu if ptx is None else ptx
+    assert not (ptx and swiglu), "the PTX step takes no SwiGLU input"
+    nw, cpt, kt, wv = _gemv_config(M, K, N, ptx)
     num_warps, cpt, waves = num_warps or nw, cols_per_thread or cpt, waves or wv
     kt = _k_tile(group_size, k_tile or kt)
     block_n = cpt * 32 * num_warps  # every thread holds all KT/8 word rows of cpt columns
@@ -516,8 +627,21 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, num_warps=num_warps, **launch_options(x.device, dependent=True))
+        SWIGLU=swiglu, PTX=ptx, num_warps=num_warps,
+        **launch_options(x.device, dependent=True))
     return y
+
+
+def gemv_ptx(x, packed) -> bool:
+    """Whether the GEMV takes the fp16x2 PTX step: where ptx_dequant allows it and x's rows are
+    4-byte aligned (it loads activation pairs as 32-bit words)."""
+    return ptx_dequant(x, packed) and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
+
+
+def _gemv_config(M, K, N, ptx):
+    if not ptx:
+        return GEMV_CONFIG[triton.next_power_of_2(M)]
+    return GEMV_PTX_WIDE[1] if M == 1 and K * N >= GEMV_PTX_WIDE[0] else GEMV_PTX_CONFIG[triton.next_power_of_2(M)]
 
 
 def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=None, num_warps=None,

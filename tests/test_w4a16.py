@@ -187,6 +187,49 @@ def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_gemv_ptx_step_against_the_fp32_step(monkeypatch, m):
+    """The GEMV's fp16x2 inline-PTX step (products summed in fp16, four to a lane) against its fp32
+    step and the reference: one-hot rows pick single weights (every nibble position, edge zeros, a
+    subnormal and a large scale: a wrong plane, shift or activation pair shows), random rows agree
+    to fp16 rounding, activations in the thousands (outlier channels) do not overflow the fp16
+    partial sums; a SwiGLU input takes the fp32 step."""
+    from tinyvila.kernels.silu_mul import silu_mul_ref
+
+    k, n = 1024, 264
+    packed, _ = _layer(n, k, 128, seed=6, device="cuda")
+    scales = packed["scales"].clone()
+    packed["zeros"][0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
+    packed["scales"][1, :2] = torch.tensor([3e-5, 60.0], dtype=torch.float16)
+    w = dequantize_w4(packed, 128)
+    picks = torch.arange(64) * 16 + torch.arange(64) % 8  # k = 16i + i % 8: every row of a word, groups 0..7
+    for rows in picks.split(m):
+        x = torch.zeros(len(rows), k, device="cuda", dtype=torch.float16)
+        x[torch.arange(len(rows)), rows] = 1
+        want = w[:, rows].t().half()
+        assert torch.equal(w4a16.gemv(x, packed, 128, ptx=True), want), rows
+        assert torch.equal(w4a16.gemv(x, packed, 128, ptx=False), want), rows
+    packed["scales"].copy_(scales)  # a scale of 60 would overflow fp16 at the large activations below
+    for scale in (1.0, 3000.0):
+        x, b = _inputs(m, k, n, torch.float16, seed=m, bias=True, device="cuda")
+        x = (x.float() * scale).half()
+        ref = w4a16_linear_ref(x, packed, 128, b)
+        ptx = w4a16.gemv(x, packed, 128, b, ptx=True)
+        _check_all_written(ptx)
+        assert _rel_err(ptx, ref) < 2e-3 and _rel_err(ptx, w4a16.gemv(x, packed, 128, b, ptx=False)) < 2e-3
+    gate_up, b = _inputs(m, 2 * k, n, torch.float16, seed=m + 7, bias=True, device="cuda")
+    fused = w4a16.gemv(gate_up, packed, 128, b, swiglu=True)
+    assert _rel_err(fused, w4a16_linear_ref(silu_mul_ref(gate_up.float()), packed, 128, b)) < 2e-3
+    with pytest.raises(AssertionError, match="no SwiGLU"):
+        w4a16.gemv(gate_up, packed, 128, b, swiglu=True, ptx=True)
+    # the default: PTX for fp16 rows 4-byte aligned, unless TINYVILA_W4_PTX=0
+    assert w4a16.gemv_ptx(x, packed) and not w4a16.gemv_ptx(x.view(-1)[1:k + 1].view(1, k), packed)
+    monkeypatch.setenv("TINYVILA_W4_PTX", "0")
+    assert not w4a16.gemv_ptx(x, packed)
+    assert not packed["counters"].any() and not packed["workspace"].any()
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay():
     """Captured once, replayed with new inputs: the split-K semaphores must reset themselves."""
     packed, x, b, _ = _gpu_case(1, 4096, 4096, 128, torch.float16, bias=True)
