@@ -223,7 +223,9 @@ def test_gemv_ptx_step_against_the_fp32_step(monkeypatch, m):
     with pytest.raises(AssertionError, match="no SwiGLU"):
         w4a16.gemv(gate_up, packed, 128, b, swiglu=True, ptx=True)
     # the default: PTX for fp16 rows 4-byte aligned, unless TINYVILA_W4_PTX=0
-    assert w4a16.gemv_ptx(x, packed) and not w4a16.gemv_ptx(x.view(-1)[1:k + 1].view(1, k), packed)
+    odd = torch.randn(k + 1, device="cuda", dtype=torch.float16)[1:].view(1, k)  # 2-byte aligned
+    assert w4a16.gemv_ptx(x, packed) and not w4a16.gemv_ptx(odd, packed)
+    assert _rel_err(w4a16.gemv(odd, packed, 128), w4a16_linear_ref(odd, packed, 128)) < 2e-3
     monkeypatch.setenv("TINYVILA_W4_PTX", "0")
     assert not w4a16.gemv_ptx(x, packed)
     assert not packed["counters"].any() and not packed["workspace"].any()
