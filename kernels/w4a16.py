@@ -250,8 +250,8 @@ def _qz_pairs(words, z2a, z2b):
 @triton.jit
 def _dot_pairs(a0, a1, a2, a3, x0, x1, x2, x3):
     """sum over a word's 8 rows of weight pair times activation pair: fp16x2 products summed in fp16
-    (each lane at most 4 terms, the activations pre-scaled by 1/16: no overflow), the two lanes
-    added in fp32."""
+    (each lane 4 terms of at most 15/16 |x|, the activations pre-scaled by 1/16: finite for any
+    |x| under 17000), the two lanes added in fp32."""
     return tl.inline_asm_elementwise(
         """{
         .reg .b32 h;

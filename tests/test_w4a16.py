@@ -274,6 +274,16 @@ def test_gemv_split_k_every_config(k, n):
         assert not packed["counters"].any() and not packed["workspace"].any()
 
 
+def test_gemv_ptx_step_only_on_fp16_gpu_rows_without_swiglu():
+    """The interpreter and the CPU run no PTX: the GEMV takes its fp32 step there, and a SwiGLU input
+    asked of the PTX step is refused before any launch."""
+    packed, _ = _layer(40, 128, 32, seed=2, device="cpu")
+    x = torch.randn(1, 128, dtype=torch.float16)
+    assert not w4a16.gemv_ptx(x, packed)
+    with pytest.raises(AssertionError, match="no SwiGLU"):
+        w4a16.gemv(torch.randn(1, 256, dtype=torch.float16), packed, 32, swiglu=True, ptx=True)
+
+
 def test_pdl_off_on_the_cpu_and_by_environment(monkeypatch):
     from tinyvila.kernels import pdl
 
