@@ -627,8 +627,7 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, PTX=ptx, num_warps=num_warps,
-        **launch_options(x.device, dependent=True))
+        SWIGLU=swiglu, PTX=ptx, num_warps=num_warps, **launch_options(x.device, dependent=True))
     return y
 
 
