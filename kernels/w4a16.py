@@ -34,7 +34,9 @@ a weight against ~4 (relative error ~5e-4 against the fp16-rounded reference; th
 
 Decode extras of the GEMV: it is launched as a programmatic dependent (kernels/pdl.py), loading its
 first weights while the kernel before it still runs, and for the down projection it reads the
-gate|up output itself and forms silu(gate) * up as it loads x (`swiglu=True`: no SiLU-mul kernel).
+gate|up output itself and forms silu(gate) * up as it loads x (`swiglu=True`: no SiLU-mul kernel),
+on the fp32 step; the fp16x2 step runs SiLU-mul first (each of its threads would redo the SiLU of
+all its rows: slower than the extra kernel).
 
 Paths (`w4a16_linear` picks by M alone, so a captured graph never branches on data):
   M <= GEMV_MAX_M       GEMV on CUDA cores: every weight read once for all M rows, split-K.
@@ -54,6 +56,7 @@ import torch.nn.functional as F
 
 from tinyvila.kernels.gpu import sm_count
 from tinyvila.kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options
+from tinyvila.kernels.silu_mul import silu_mul
 from tinyvila.kernels.triton_lang import tl, triton
 from tinyvila.quant.pack import AWQ_ORDER, AWQ_REVERSE_ORDER
 
@@ -66,7 +69,7 @@ CUBLAS_MIN_M = 257
 # gate|up, 90M weights); from a sweep of 11 configs over the 7B shapes on an H100.
 GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
-GEMV_PTX_WIDE = (80_000_000, (4, 4, 32, 8))  # from this many weights, M = 1
+GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (4, 4, 32, 8)  # M = 1 from this many weights
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
 # 7B projections (4096->12288, 4096->22016, 11008->4096, 4096->4096); the straight tile wins to
@@ -609,12 +612,13 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
          split=None, swiglu=False, ptx=None):
     """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG.
     swiglu: x is a gate|up pair [M, 2K] and the input is silu(gate) * up (the down projection).
-    ptx: the fp16x2 inline-PTX step (default: gemv_ptx, and not with swiglu, which it does not take:
-    each of its threads would compute the SiLU of all its rows, slower than a SiLU-mul kernel first)."""
+    ptx: the fp16x2 inline-PTX step (default: gemv_ptx); it takes plain rows, so a swiglu input goes
+    through SiLU-mul first (faster than each of its threads computing the SiLU of all its rows)."""
     M, K, N = _check(x, packed, group_size, bias, swiglu)
     assert 1 <= M <= 4, M
-    ptx = gemv_ptx(x, packed) and not swiglu if ptx is None else ptx
-    assert not (ptx and swiglu), "the PTX step takes no SwiGLU input"
+    ptx = gemv_ptx(x, packed) if ptx is None else ptx
+    if ptx and swiglu:
+        x, swiglu = silu_mul(x.contiguous()), False
     nw, cpt, kt, wv = _gemv_config(M, K, N, ptx)
     num_warps, cpt, waves = num_warps or nw, cols_per_thread or cpt, waves or wv
     kt = _k_tile(group_size, k_tile or kt)
@@ -640,7 +644,9 @@ def gemv_ptx(x, packed) -> bool:
 def _gemv_config(M, K, N, ptx):
     if not ptx:
         return GEMV_CONFIG[triton.next_power_of_2(M)]
-    return GEMV_PTX_WIDE[1] if M == 1 and K * N >= GEMV_PTX_WIDE[0] else GEMV_PTX_CONFIG[triton.next_power_of_2(M)]
+    if M == 1 and K * N >= GEMV_PTX_WIDE_WEIGHTS:
+        return GEMV_PTX_WIDE_CONFIG
+    return GEMV_PTX_CONFIG[triton.next_power_of_2(M)]
 
 
 def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=None, num_warps=None,

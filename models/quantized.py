@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tinyvila.errors import CheckpointError
 from tinyvila.kernels import int8_gemm, quantize_int8
 from tinyvila.kernels.silu_mul import silu_mul
-from tinyvila.kernels.w4a16 import GEMV_MAX_M, gemv, gemv_ptx, repack_awq, w4a16_linear, w4a16_linear_ref
+from tinyvila.kernels.w4a16 import GEMV_MAX_M, gemv, repack_awq, w4a16_linear, w4a16_linear_ref
 
 PACK = 8  # 4-bit values per int32
 
@@ -95,13 +95,12 @@ class W4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """down(silu(gate) * up) for one or two decode rows, the GEMV reading gate|up [.., 2K]
-        itself (no SiLU-mul kernel and round trip in between); None where that path does not apply
-        (the CPU, prefill rows, and where the GEMV takes its fp16x2 PTX step, which has no SwiGLU
-        input: SiLU-mul then that GEMV is the faster pair), and the caller runs the two steps."""
+        """down(silu(gate) * up) for one or two decode rows, the GEMV taking gate|up [.., 2K] (read
+        by its fp32 step itself, no SiLU-mul kernel and round trip in between; its fp16x2 step runs
+        SiLU-mul first); None where that path does not apply (the CPU, prefill rows), and the caller
+        runs the two steps."""
         rows = gate_up.reshape(-1, gate_up.shape[-1])
-        if (not gate_up.is_cuda or rows.shape[0] > GEMV_MAX_M or self.packed is None or rows.stride(-1) != 1
-                or gemv_ptx(rows, self.packed)):
+        if not gate_up.is_cuda or rows.shape[0] > GEMV_MAX_M or self.packed is None or rows.stride(-1) != 1:
             return None
         y = gemv(rows, self.packed, self.group_size, self.bias, swiglu=True)
         return y.reshape(*gate_up.shape[:-1], self.out_features)
