@@ -123,7 +123,7 @@ class Client:
         usage and tinyvila stats."""
         body = json.dumps({"model": self.model, "messages": messages, "stream": True, "temperature": 0,
                            "max_tokens": self.new_tokens, "ignore_eos": True,
-                           "stream_options": {"include_usage": True}})
+                           "stream_options": {"include_usage": True}}).encode()  # serialized before t0
         t0 = time.perf_counter()
         self.conn.request("POST", "/v1/chat/completions", body, self.headers)
         resp = self.conn.getresponse()
