@@ -3,13 +3,21 @@
 y[m, n] = sum_k x[m, k] * (q[k, n] - z[k // G, n]) * s[k // G, n]  (+ bias[n]),  x [M, K], y [M, N].
 
 Layout made by `repack_awq` (once, at load) from the AutoAWQ "GEMM" tensors of quant/pack.py:
-  qweight  int32 [K/8, N]: word (r, n) holds rows 8r..8r+7 of column n, row 8r + AWQ_ORDER[p] in
+  qweight  int32 [K/8, N]: word (r, n) holds row slots 8r..8r+7 of column n, slot 8r + AWQ_ORDER[p] in
            nibble p (bits 4p..4p+3). Packed along K, not N as AWQ does: a row of words is contiguous
            along N, so loads are 16 bytes a thread and coalesced, and one word is 8 consecutive K of
            one column, so a thread's 8 nibbles are 8 consecutive rows of the GEMM's B tile. The
            nibble order is AWQ's interleave, (0, 2, 4, 6, 1, 3, 5, 7), along K: nibbles p and p + 4
            (bits 4p and 16 + 4p) are rows 2p and 2p + 1, so one mask-and-or makes them the fp16x2
            pair {1024 + q, 1024 + q'} of two consecutive rows, as tensor-core operands pair them.
+           Fragment order (every group size that is a multiple of 32): within each block of 32
+           rows the pairs are dealt out so that word 4b + c holds rows 32b + 2c + 8p (+ 1) in its
+           pair p, not rows 32b + 8c + 2p: the pairs one thread of a tensor-core instruction takes
+           (k = 2c, 2c + 8, 2c + 16, 2c + 24 for lane c of its quad), as Marlin arranges its
+           weights. A thread's word then is its A fragment of the swapped GEMM as loaded (no trip
+           through shared memory to change layout); the GEMV reads its activations in the same
+           order, the other paths load x or store W through fragment_rows. Smaller groups keep K's
+           own order.
   scales   [K/G, N] as the checkpoint stores them (fp16; casting them to bf16 would round them).
   zeros    uint8 [K/G, N], unpacked (3 bytes a group column with the scale, against 64 of weights
            at G=128).
@@ -67,8 +75,8 @@ CUBLAS_MIN_M = 257
 # layers is faster alone but not in a whole LLaVA-NeXT-7B decode step). The PTX step at M = 1: K
 # steps of 64 rows and 4 columns a thread, 4 warps of 32 rows on the widest layers (LLaMA-7B's
 # gate|up, 90M weights); from a sweep of 11 configs over the 7B shapes on an H100.
-GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
-GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
+GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 32, 8)}
+GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 32, 8)}
 GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (4, 4, 32, 8)  # M = 1 from this many weights
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
@@ -82,10 +90,24 @@ ONE_BITS = 0x3F800000  # 1.0f
 
 def _k_tile(group_size: int, cap: int) -> int:
     """Rows of K a kernel takes per step: a power of two dividing the group size (so a step never
-    straddles two groups), at most `cap`, at least 16 (tl.dot's minimum)."""
+    straddles two groups), at most `cap`, at least 16 (tl.dot's minimum), 32 in the fragment order
+    (which permutes rows within blocks of 32)."""
     kt = min(cap, group_size & -group_size)
-    assert kt >= 16, f"group size {group_size} must be a multiple of 16"
+    assert kt >= (32 if fragment_order(group_size) else 16), f"group size {group_size}: K steps of {kt} rows"
     return kt
+
+
+def fragment_order(group_size: int) -> bool:
+    """Whether the packed rows are in the fragment order (module docstring): at every group size
+    that is a multiple of 32 (all published AWQ checkpoints); smaller groups keep K's own order."""
+    return group_size % 32 == 0
+
+
+def fragment_rows(k: int, device=None) -> torch.Tensor:
+    """The K row each packed row slot t < k holds in the fragment order: in each 32 rows, slot
+    t = 32b + 8c + 2p + e holds row 32b + 8p + 2c + e. Its own inverse."""
+    t = torch.arange(k, device=device)
+    return t + 6 * ((t // 2) % 4) - 6 * ((t // 8) % 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +135,10 @@ def repack_awq(qweight, qzeros, scales, dtype):
     assert scales.shape[1] == N and qzeros.shape == (scales.shape[0], N8), (qweight.shape, qzeros.shape, scales.shape)
     assert K % scales.shape[0] == 0 and K % 8 == 0, (K, scales.shape)
     _k_tile(K // scales.shape[0], 64)  # the group size must suit the kernels
-    q = _unpack_awq(qweight).view(K // 8, 8, N)  # [r, i, n] = q[8r + i, n]
+    q = _unpack_awq(qweight)
+    if fragment_order(K // scales.shape[0]):
+        q = q[fragment_rows(K, q.device)]
+    q = q.view(K // 8, 8, N)  # [r, i, n]: row slot 8r + i
     words = torch.zeros(K // 8, N, dtype=torch.int64, device=qweight.device)
     for nibble, row in enumerate(AWQ_ORDER):
         words |= q[:, row].to(torch.int64) << (4 * nibble)
@@ -133,7 +158,10 @@ def dequantize_w4(packed, group_size):
     K8, N = qw.shape
     shifts = torch.arange(0, 32, 4, device=qw.device, dtype=torch.int32)
     nibbles = (qw[:, None, :] >> shifts[None, :, None]) & 0xF  # [r, p, n]: nibble p of word (r, n)
-    q = nibbles[:, AWQ_REVERSE_ORDER].reshape(8 * K8, N).float()  # row 8r + i sits in nibble REVERSE[i]
+    q = nibbles[:, AWQ_REVERSE_ORDER].reshape(8 * K8, N)  # slot 8r + i sits in nibble REVERSE[i]
+    if fragment_order(group_size):
+        q = q[fragment_rows(8 * K8, qw.device)]  # slots -> rows
+    q = q.float()
     z = packed["zeros"].float().repeat_interleave(group_size, 0)
     s = packed["scales"].float().repeat_interleave(group_size, 0)
     assert z.shape == q.shape, f"group size {group_size} does not match the packed shapes"
@@ -209,7 +237,7 @@ def _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, tile, split
 
 @triton.jit
 def _gemv_row(f, d, xs, Xt, row, M, k, K, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
-    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of rows k = 8r + _row(j) of the
+    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of the rows k of slots 8r + _row(j) of the
     step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term).
     SWIGLU: the row is a gate|up pair [2K] and x = silu(gate) * up, rounded as kernels/silu_mul.py
     rounds it (the down projection reads the gate/up output directly)."""
@@ -273,30 +301,33 @@ def _dot_pairs(a0, a1, a2, a3, x0, x1, x2, x3):
 
 
 @triton.jit
-def _scaled_pair(Xt, r, p: tl.constexpr, mask, MASKED: tl.constexpr):
-    """x at rows 8r + 2p and 8r + 2p + 1 of the step, loaded as one fp16x2 word, times 1/16 (p = 0, 2)
+def _scaled_pair(Xt, r, p: tl.constexpr, mask, MASKED: tl.constexpr, ORDER: tl.constexpr):
+    """x at the rows of pair p of word row r of the step (8r + 2p and 8r + 2p + 1, or in the fragment order
+    32(r // 4) + 2(r % 4) + 8p and the next), loaded as one fp16x2 word, times 1/16 (p = 0, 2)
     or 1/256 (p = 1, 3), the planes' factors of _qz_pairs (powers of two: exact)."""
     X32 = Xt.to(tl.pointer_type(tl.int32))
-    bits = tl.load(X32 + 4 * r + p, mask=mask, other=0) if MASKED else tl.load(X32 + 4 * r + p)
+    i = r + 12 * (r // 4) + 4 * p if ORDER else 4 * r + p  # the pair's K rows / 2
+    bits = tl.load(X32 + i, mask=mask, other=0) if MASKED else tl.load(X32 + i)
     c = tl.full(bits.shape, 0x2C002C00 if p % 2 == 0 else 0x1C001C00, tl.int32)  # 1/16, 1/256 as fp16x2
     return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [bits, c], dtype=tl.int32,
                                      is_pure=True, pack=1)
 
 
 @triton.jit
-def _ptx_row(a0, a1, a2, a3, Xt, row, M, r, MASKED: tl.constexpr):
+def _ptx_row(a0, a1, a2, a3, Xt, row, M, r, MASKED: tl.constexpr, ORDER: tl.constexpr):
     """One activation row against the step's weight pairs: sum over K of (q - z) x / 16, [BLOCK_N]."""
     mask = (r * 0 + row) < M
-    x0 = _scaled_pair(Xt, r, 0, mask, MASKED)[:, None]
-    x1 = _scaled_pair(Xt, r, 1, mask, MASKED)[:, None]
-    x2 = _scaled_pair(Xt, r, 2, mask, MASKED)[:, None]
-    x3 = _scaled_pair(Xt, r, 3, mask, MASKED)[:, None]
+    x0 = _scaled_pair(Xt, r, 0, mask, MASKED, ORDER)[:, None]
+    x1 = _scaled_pair(Xt, r, 1, mask, MASKED, ORDER)[:, None]
+    x2 = _scaled_pair(Xt, r, 2, mask, MASKED, ORDER)[:, None]
+    x3 = _scaled_pair(Xt, r, 3, mask, MASKED, ORDER)[:, None]
     return tl.sum(_dot_pairs(a0, a1, a2, a3, x0, x1, x2, x3), axis=0)
 
 
 @triton.jit
 def _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
-               KT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr):
+               KT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr,
+               ORDER: tl.constexpr):
     """One K step of the GEMV in fp32 (any activation dtype, the interpreter): per nibble plane a
     shift, a LOP3 and an FMA a weight, the zero point through the sum of x (module docstring)."""
     d0 = tl.zeros([KT8, BLOCK_N], tl.float32)
@@ -309,7 +340,7 @@ def _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
     x3 = tl.zeros([KT8], tl.float32)
     for j in tl.static_range(8):
         f = _plane(words, j, one)
-        k = 8 * r + _row(j)
+        k = _k_of(8 * r + _row(j), ORDER)
         d0, x0 = _gemv_row(f, d0, x0, Xt, 0, M, k, K, False, SWIGLU)  # M >= 1: row 0 always exists
         if BLOCK_M > 1:
             d1, x1 = _gemv_row(f, d1, x1, Xt + stride_xm, 1, M, k, K, True, SWIGLU)
@@ -329,19 +360,19 @@ def _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
 
 
 @triton.jit
-def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr):
+def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr, ORDER: tl.constexpr):
     """One K step of the GEMV in fp16x2 inline PTX (fp16 on an NVIDIA GPU; no SwiGLU input): per word
     one shift, four LOP3, four subtractions and four FMAs for its 8 weights, about 70% of the fp32
     step's instructions (SASS); the group's scale applied once per column in fp32."""
     zi = z.to(tl.int32)[None, :]
     a0, a1, a2, a3 = _qz_pairs(words, (0x6400 + zi) * 0x10001, (0x6400 + 16 * zi) * 0x10001)
     s16 = s.to(tl.float32) * 16.0
-    acc0 += s16 * _ptx_row(a0, a1, a2, a3, Xt, 0, M, r, False)
+    acc0 += s16 * _ptx_row(a0, a1, a2, a3, Xt, 0, M, r, False, ORDER)
     if BLOCK_M > 1:
-        acc1 += s16 * _ptx_row(a0, a1, a2, a3, Xt + stride_xm, 1, M, r, True)
+        acc1 += s16 * _ptx_row(a0, a1, a2, a3, Xt + stride_xm, 1, M, r, True, ORDER)
     if BLOCK_M > 2:
-        acc2 += s16 * _ptx_row(a0, a1, a2, a3, Xt + 2 * stride_xm, 2, M, r, True)
-        acc3 += s16 * _ptx_row(a0, a1, a2, a3, Xt + 3 * stride_xm, 3, M, r, True)
+        acc2 += s16 * _ptx_row(a0, a1, a2, a3, Xt + 2 * stride_xm, 2, M, r, True, ORDER)
+        acc3 += s16 * _ptx_row(a0, a1, a2, a3, Xt + 3 * stride_xm, 3, M, r, True, ORDER)
     return acc0, acc1, acc2, acc3
 
 
@@ -349,7 +380,7 @@ def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M:
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                 PTX: tl.constexpr):
+                 PTX: tl.constexpr, ORDER: tl.constexpr):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
     adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
@@ -389,10 +420,10 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         z_n = tl.load(Z + gs, mask=cmask)
         Xt = X + t * KT
         if PTX:
-            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M)
+            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M, ORDER)
         else:
             acc0, acc1, acc2, acc3 = _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
-                                                KT8, BLOCK_N, BLOCK_M, SWIGLU)
+                                                KT8, BLOCK_N, BLOCK_M, SWIGLU, ORDER)
         words = words_n
         s = s_n
         z = z_n
@@ -439,7 +470,7 @@ def _dequant_tile(words, s16, c, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr)
 
 @triton.jit
 def _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Eight [KT/8, BLOCK_N] planes (p_i: rows 8r + i) -> the [KT, BLOCK_N] tile: joined as a minor
+    """Eight [KT/8, BLOCK_N] planes (p_i: row slots 8r + i) -> the [KT, BLOCK_N] tile: joined as a minor
     dimension, so row 8r + i is register i of the thread holding word r (no data moves)."""
     w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
     # w[r, n, a, b, e] is plane a*4 + b*2 + e: the last join index is the lowest bit of j
@@ -448,7 +479,27 @@ def _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _dequant_tile_ptx(words, s2, z2, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _cols_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Planes [BLOCK_N, KT/8] of the words' transpose -> the tile's transpose [BLOCK_N, KT] in K
+    order: word 4b + c, pair p, half e is K row 32b + 8p + 2c + e (the fragment order), so each
+    thread's word already holds its tensor-core A fragment and no layout conversion is needed."""
+    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    w = tl.reshape(w, [BLOCK_N, KT // 32, 4, 4, 2])  # [n, b, c, p, e]
+    w = tl.permute(w, 0, 1, 3, 2, 4)  # [n, b, p, c, e]
+    return tl.reshape(w, [BLOCK_N, KT])
+
+
+@triton.jit
+def _k_of(t, ORDER: tl.constexpr):
+    """The K row of packed row slot t (from the step's start): fragment_rows in the fragment order
+    (written with + and // so that Triton sees runs of 2 consecutive rows), else t."""
+    if ORDER:
+        t = t + 6 * ((t // 2) % 4) - 6 * ((t // 8) % 4)
+    return t
+
+
+@triton.jit
+def _planes_ptx(words, s2, z2):
     """The fp16 tile of _dequant_tile in inline PTX, two weights an instruction. Per word: nibbles p
     and p + 4 are rows 2p and 2p + 1, so (w >> 4p) & 0x000F000F | 0x64006400 is the fp16x2 pair
     {1024 + q, 1024 + q'} (0x6400 is 1024.0, whose last place is 1); minus the pair 1024 + z
@@ -479,7 +530,19 @@ def _dequant_tile_ptx(words, s2, z2, KT: tl.constexpr, BLOCK_N: tl.constexpr):
         mov.b32 {$6, $7}, a3;
         }""",
         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, s2, z2], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _dequant_tile_ptx(words, s2, z2, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    p0, p1, p2, p3, p4, p5, p6, p7 = _planes_ptx(words, s2, z2)
     return _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT, BLOCK_N)
+
+
+@triton.jit
+def _dequant_cols_ptx(words, s2, z2, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    p0, p1, p2, p3, p4, p5, p6, p7 = _planes_ptx(words, s2, z2)
+    return _cols_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT, BLOCK_N)
 
 
 @triton.jit
@@ -507,7 +570,7 @@ def _weight_tile(words, S, Z, g, N, cols, cmask, dtype, KT: tl.constexpr, BLOCK_
 def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, splits, tiles_per_split,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr, SWAPPED: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 PRECISION: tl.constexpr, PTX: tl.constexpr):
+                 PRECISION: tl.constexpr, PTX: tl.constexpr, ORDER: tl.constexpr):
     """Fused-dequant GEMM: a [BLOCK_M, BLOCK_N] output tile, K step by step (one group each).
     SWAPPED: the tile is computed transposed, y^T [BLOCK_N, BLOCK_M] = W^T x^T, so the dequantized
     weights are the tensor-core product's A operand, whose long side (64 rows a warpgroup on
@@ -541,18 +604,28 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
     t1 = tl.minimum(t0 + tiles_per_split, K // KT)
     w_offs = r[:, None] * N + cols[None, :]
     if SWAPPED:
-        x_ptrs = X + rows[None, :].to(tl.int64) * stride_xm + k[:, None]  # x^T [KT, BLOCK_M]
+        wt_offs = cols[:, None] + r[None, :] * N  # the words' transpose [BLOCK_N, KT/8]
+        kx = k if PTX and ORDER else _k_of(k, ORDER)  # a tile in slot order meets x in slot order
+        x_ptrs = X + rows[None, :].to(tl.int64) * stride_xm + kx[:, None]  # x^T [KT, BLOCK_M]
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
-        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + _k_of(k, ORDER)[None, :]  # slot order
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for t in range(t0, t1):
-        words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
-        w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
-        if SWAPPED:
+        if SWAPPED and PTX and ORDER:
+            words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + wt_offs, mask=cmask[:, None], other=0)
+            s2, z2 = _pair_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
+            wt = _dequant_cols_ptx(words, s2[:, None], z2[:, None], KT, BLOCK_N)
+            xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
+            acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
+        elif SWAPPED:
+            words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
+            w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
             xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
             acc = tl.dot(tl.trans(w), xt, acc, input_precision=PRECISION)
         else:
+            words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
+            w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
             a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if SWAPPED:
@@ -562,7 +635,8 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
 
 
 @triton.jit
-def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ORDER: tl.constexpr):
     """W [K, N] (row-major, the activation dtype) from the packed words; a program: KT rows x BLOCK_N."""
     KT: tl.constexpr = 8 * KT8
     N = N8 * 8
@@ -575,7 +649,7 @@ def _dequant_kernel(Q, S, Z, W, N8, one, KT8: tl.constexpr, GROUP: tl.constexpr,
     s16, c = _group_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
     for j in tl.static_range(8):
         w = _plane(words, j, one) * s16[None, :] - c[None, :]
-        offs = (t * KT + 8 * r + _row(j)).to(tl.int64)[:, None] * N + cols[None, :]
+        offs = (t * KT + _k_of(8 * r + _row(j), ORDER)).to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(W + offs, w.to(W.dtype.element_ty), mask=cmask[None, :])
 
 
@@ -631,7 +705,8 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, PTX=ptx, num_warps=num_warps, **launch_options(x.device, dependent=True))
+        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), num_warps=num_warps,
+        **launch_options(x.device, dependent=True))
     return y
 
 
@@ -669,7 +744,8 @@ def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=N
                 HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 num_warps=num_warps, num_stages=num_stages)
     grid = (m_tiles, n_tiles, split) if swapped else (m_tiles * n_tiles, split)
-    _gemm_kernel[grid](*args, GROUP_M=8, SWAPPED=swapped, PTX=ptx_dequant(x, packed), **opts)
+    _gemm_kernel[grid](*args, GROUP_M=8, SWAPPED=swapped, PTX=ptx_dequant(x, packed),
+                       ORDER=fragment_order(group_size), **opts)
     return y
 
 
@@ -689,7 +765,7 @@ def dequantize(packed, group_size, dtype, block_n=256, num_warps=8, k_tile=128):
     w = torch.empty(8 * K8, N, device=qw.device, dtype=dtype)
     _dequant_kernel[(8 * K8 // kt, triton.cdiv(N, block_n))](
         qw, packed["scales"], packed["zeros"], w, N // 8, ONE_BITS, KT8=kt // 8, GROUP=group_size, BLOCK_N=block_n,
-        num_warps=num_warps)
+        ORDER=fragment_order(group_size), num_warps=num_warps)
     return w
 
 

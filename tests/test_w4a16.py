@@ -45,26 +45,38 @@ def test_repack_and_dequantize_match_pack(n, k, group):
     assert not packed["counters"].any()
 
 
-def test_repack_nibble_order_known_answer():
-    """One known weight: column c, row r has value (r + 3c) % 16; zero 8, scale 1."""
-    K, N, G = 64, 16, 16
+@pytest.mark.parametrize("group, rows", [
+    (16, [24, 26, 28, 30, 25, 27, 29, 31]),  # K's own order: word r holds rows 8r + (0, 2, 4, 6, 1, 3, 5, 7)
+    (32, [6, 14, 22, 30, 7, 15, 23, 31]),  # fragment order: word 4b + c holds rows 32b + 2c + 8p (+ 1)
+])
+def test_repack_nibble_order_known_answer(group, rows):
+    """One known weight: column c, row r has value (r + 3c) % 16; zero 8, scale 1. Word (3, 5)'s
+    nibbles 0..7 hold the rows `rows` of column 5."""
+    K, N = 64, 16
     q = torch.tensor([[(r + 3 * c) % 16 for c in range(N)] for r in range(K)], dtype=torch.int32)
-    packed = repack_awq(pack.pack(q), pack.pack(torch.full((K // G, N), 8, dtype=torch.int32)),
-                        torch.ones(K // G, N, dtype=torch.float16), torch.float32)
-    assert torch.equal(dequantize_w4(packed, G), (q - 8).float().t())
-    # layout: word (r, n) holds q[8r + i, n] in nibble p with i = (0, 2, 4, 6, 1, 3, 5, 7)[p]
+    packed = repack_awq(pack.pack(q), pack.pack(torch.full((K // group, N), 8, dtype=torch.int32)),
+                        torch.ones(K // group, N, dtype=torch.float16), torch.float32)
+    assert torch.equal(dequantize_w4(packed, group), (q - 8).float().t())
     word = int(packed["qweight"][3, 5]) & 0xFFFFFFFF
-    assert [(word >> (4 * p)) & 0xF for p in range(8)] == [(24 + i + 15) % 16 for i in (0, 2, 4, 6, 1, 3, 5, 7)]
+    assert [(word >> (4 * p)) & 0xF for p in range(8)] == [(r + 15) % 16 for r in rows]
+
+
+def test_fragment_rows_permute_within_blocks_of_32():
+    t = w4a16.fragment_rows(96)
+    assert torch.equal(t[t], torch.arange(96))  # its own inverse
+    assert torch.equal(t // 32, torch.arange(96) // 32) and torch.equal(t % 2, torch.arange(96) % 2)
+    assert t[:10].tolist() == [0, 1, 8, 9, 16, 17, 24, 25, 2, 3]
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 17, 130, 260])  # GEMV, both fused tiles, the 128-row tile, dequantize
 @pytest.mark.parametrize("n", [40, 72])
 @pytest.mark.parametrize("bias", [False, True])
-def test_w4a16_linear_tiny(m, n, bias):
-    packed, _ = _layer(n, 64, 16, seed=m + n)
+@pytest.mark.parametrize("group", [16, 32])  # K's own row order, the fragment order
+def test_w4a16_linear_tiny(m, n, bias, group):
+    packed, _ = _layer(n, 64, group, seed=m + n)
     x, b = _inputs(m, 64, n, torch.float32, seed=m, bias=bias)
-    ours = w4a16_linear(x, packed, 16, b)
-    ref = w4a16_linear_ref(x, packed, 16, b)
+    ours = w4a16_linear(x, packed, group, b)
+    ref = w4a16_linear_ref(x, packed, group, b)
     assert ours.shape == (m, n) and ours.dtype == x.dtype
     _check_all_written(ours)
     assert _rel_err(ours, ref) < 1e-5
