@@ -490,6 +490,15 @@ def _cols_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _x_in_slots(a, BLOCK_M: tl.constexpr, KT: tl.constexpr, ORDER: tl.constexpr):
+    """x [BLOCK_M, KT] (K's order) with its columns in the packed row slots' order: in each 32,
+    columns 8p + 2c + e and 8c + 2p + e trade places (a register relabelling, no data moves)."""
+    if ORDER:
+        a = tl.reshape(tl.permute(tl.reshape(a, [BLOCK_M, KT // 32, 4, 4, 2]), 0, 1, 3, 2, 4), [BLOCK_M, KT])
+    return a
+
+
+@triton.jit
 def _k_of(t, ORDER: tl.constexpr):
     """The K row of packed row slot t (from the step's start): fragment_rows in the fragment order
     (written with + and // so that Triton sees runs of 2 consecutive rows), else t."""
@@ -609,7 +618,7 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
         x_ptrs = X + rows[None, :].to(tl.int64) * stride_xm + kx[:, None]  # x^T [KT, BLOCK_M]
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
-        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + _k_of(k, ORDER)[None, :]  # slot order
+        x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for t in range(t0, t1):
         if SWAPPED and PTX and ORDER:
@@ -626,7 +635,7 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
         else:
             words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
             w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
-            a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
+            a = _x_in_slots(tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0), BLOCK_M, KT, ORDER)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if SWAPPED:
         acc = tl.trans(acc)
