@@ -10,7 +10,7 @@ Layout made by `repack_awq` (once, at load) from the AutoAWQ "GEMM" tensors of q
            nibble order is AWQ's interleave, (0, 2, 4, 6, 1, 3, 5, 7), along K: nibbles p and p + 4
            (bits 4p and 16 + 4p) are rows 2p and 2p + 1, so one mask-and-or makes them the fp16x2
            pair {1024 + q, 1024 + q'} of two consecutive rows, as tensor-core operands pair them.
-           Fragment order (every group size that is a multiple of 32): within each block of 32
+           Fragment order (opt-in, FRAGMENT_ORDER; group sizes multiple of 32): within each block of 32
            rows the pairs are dealt out so that word 4b + c holds rows 32b + 2c + 8p (+ 1) in its
            pair p, not rows 32b + 8c + 2p: the pairs one thread of a tensor-core instruction takes
            (k = 2c, 2c + 8, 2c + 16, 2c + 24 for lane c of its quad), as Marlin arranges its
@@ -86,6 +86,9 @@ GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (4, 4, 32, 8)  # M = 1
 GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 128, 8, 3, 128, 2),
                (64, True, 64, 128, 8, 3, 64, 1), (1 << 62, True, 128, 64, 4, 3, 128, 1)]
 ONE_BITS = 0x3F800000  # 1.0f
+# The fragment order of the packed rows: opt-in (TINYVILA_W4_FRAGMENT=1, read once, as the layout is
+# fixed at load) until its kernels have been timed and checked on a GPU; the default is K's order.
+FRAGMENT_ORDER = os.environ.get("TINYVILA_W4_FRAGMENT") == "1"
 
 
 def _k_tile(group_size: int, cap: int) -> int:
@@ -98,9 +101,10 @@ def _k_tile(group_size: int, cap: int) -> int:
 
 
 def fragment_order(group_size: int) -> bool:
-    """Whether the packed rows are in the fragment order (module docstring): at every group size
-    that is a multiple of 32 (all published AWQ checkpoints); smaller groups keep K's own order."""
-    return group_size % 32 == 0
+    """Whether the packed rows are in the fragment order (module docstring): with FRAGMENT_ORDER on,
+    at every group size that is a multiple of 32 (all published AWQ checkpoints); smaller groups
+    keep K's own order."""
+    return FRAGMENT_ORDER and group_size % 32 == 0
 
 
 def fragment_rows(k: int, device=None) -> torch.Tensor:

@@ -5,10 +5,18 @@ import pytest
 import torch
 
 from tinyvila.kernels import w4a16
-from tinyvila.kernels.w4a16 import dequantize_w4, repack_awq, w4a16_linear, w4a16_linear_ref
+from tinyvila.kernels.triton_lang import tl, triton
+from tinyvila.kernels.w4a16 import _cols_to_tile, dequantize_w4, repack_awq, w4a16_linear, w4a16_linear_ref
 from tinyvila.quant import pack
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=[False, True], ids=["k-order", "fragment-order"])
+def order(request, monkeypatch):
+    """Each test under both packed row orders (the fragment order is opt-in: w4a16.FRAGMENT_ORDER)."""
+    monkeypatch.setattr(w4a16, "FRAGMENT_ORDER", request.param)
+    return request.param
 
 
 def _layer(n, k, group, seed=0, device=DEVICE, dtype=torch.float32):
@@ -37,7 +45,7 @@ def _check_all_written(ours):
 
 
 @pytest.mark.parametrize("n, k, group", [(40, 64, 16), (72, 128, 32), (16, 256, 128), (24, 192, 64)])
-def test_repack_and_dequantize_match_pack(n, k, group):
+def test_repack_and_dequantize_match_pack(n, k, group, order):
     packed, (qw, qz, sc) = _layer(n, k, group, device="cpu")
     assert torch.equal(dequantize_w4(packed, group), pack.dequantize(qw, qz, sc))
     assert packed["qweight"].shape == (k // 8, n) and packed["qweight"].dtype == torch.int32
@@ -45,13 +53,15 @@ def test_repack_and_dequantize_match_pack(n, k, group):
     assert not packed["counters"].any()
 
 
-@pytest.mark.parametrize("group, rows", [
-    (16, [24, 26, 28, 30, 25, 27, 29, 31]),  # K's own order: word r holds rows 8r + (0, 2, 4, 6, 1, 3, 5, 7)
-    (32, [6, 14, 22, 30, 7, 15, 23, 31]),  # fragment order: word 4b + c holds rows 32b + 2c + 8p (+ 1)
+@pytest.mark.parametrize("fragment, group, rows", [
+    (False, 32, [24, 26, 28, 30, 25, 27, 29, 31]),  # K's own order: word r holds rows 8r + (0, 2, 4, 6, 1, 3, 5, 7)
+    (True, 16, [24, 26, 28, 30, 25, 27, 29, 31]),  # groups of 16 keep K's order
+    (True, 32, [6, 14, 22, 30, 7, 15, 23, 31]),  # fragment order: word 4b + c holds rows 32b + 2c + 8p (+ 1)
 ])
-def test_repack_nibble_order_known_answer(group, rows):
+def test_repack_nibble_order_known_answer(fragment, group, rows, monkeypatch):
     """One known weight: column c, row r has value (r + 3c) % 16; zero 8, scale 1. Word (3, 5)'s
     nibbles 0..7 hold the rows `rows` of column 5."""
+    monkeypatch.setattr(w4a16, "FRAGMENT_ORDER", fragment)
     K, N = 64, 16
     q = torch.tensor([[(r + 3 * c) % 16 for c in range(N)] for r in range(K)], dtype=torch.int32)
     packed = repack_awq(pack.pack(q), pack.pack(torch.full((K // group, N), 8, dtype=torch.int32)),
@@ -68,11 +78,32 @@ def test_fragment_rows_permute_within_blocks_of_32():
     assert t[:10].tolist() == [0, 1, 8, 9, 16, 17, 24, 25, 2, 3]
 
 
+@triton.jit
+def _cols_tile_probe(Out, KT8: tl.constexpr, KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Planes of the codes 1000 n + 10 r + j (column n, word row r, slot j) through _cols_to_tile."""
+    n = tl.arange(0, BLOCK_N)[:, None]
+    r = tl.arange(0, KT8)[None, :]
+    code = (1000 * n + 10 * r).to(tl.float32)
+    w = _cols_to_tile(code, code + 1, code + 2, code + 3, code + 4, code + 5, code + 6, code + 7, KT, BLOCK_N)
+    tl.store(Out + n * KT + tl.arange(0, KT)[None, :], w)
+
+
+def test_fragment_tile_columns_are_k_rows():
+    """The swapped GEMM's fp16 tile (inline PTX, GPU only) is built by _cols_to_tile: its column t
+    must be the K row that slot j of word row r holds in the fragment order, for every n, r, j."""
+    KT8, N = 8, 4
+    out = torch.zeros(N, 8 * KT8, device=DEVICE)
+    _cols_tile_probe[(1,)](out, KT8=KT8, KT=8 * KT8, BLOCK_N=N)
+    slot_of_row = w4a16.fragment_rows(8 * KT8).argsort()  # the inverse permutation
+    expected = torch.tensor([[1000 * n + 10 * (s // 8) + s % 8 for s in slot_of_row.tolist()] for n in range(N)])
+    assert torch.equal(out.cpu(), expected.float())
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 17, 130, 260])  # GEMV, both fused tiles, the 128-row tile, dequantize
 @pytest.mark.parametrize("n", [40, 72])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("group", [16, 32])  # K's own row order, the fragment order
-def test_w4a16_linear_tiny(m, n, bias, group):
+@pytest.mark.parametrize("group", [16, 32])  # K's own row order always; the fragment order from 32
+def test_w4a16_linear_tiny(m, n, bias, group, order):
     packed, _ = _layer(n, 64, group, seed=m + n)
     x, b = _inputs(m, 64, n, torch.float32, seed=m, bias=bias)
     ours = w4a16_linear(x, packed, group, b)
@@ -86,7 +117,7 @@ def test_w4a16_linear_tiny(m, n, bias, group):
 
 @pytest.mark.parametrize("path, split", [("gemv", 1), ("gemv", 3), ("gemm", 1), ("gemm", 3), ("swapped", 1), ("swapped", 3),
                                          ("dequant_matmul", 1)])
-def test_each_path_and_split_k(path, split):
+def test_each_path_and_split_k(path, split, order):
     """Every path forced, with and without split-K, at a group size larger than the K tile."""
     n, k, group = 72, 256, 128  # K tile 64: 4 tiles, 2 groups
     packed, _ = _layer(n, k, group, seed=3)
@@ -156,7 +187,7 @@ def _gpu_case(m, k, n, group, dtype, bias, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 4, 8, 100, 2048])
 @pytest.mark.parametrize("k, n, group", [(4096, 12288, 128), (11008, 4104, 128), (3584, 4608, 64), (512, 136, 32)])
-def test_w4a16_linear_real_shapes(dtype, m, k, n, group):
+def test_w4a16_linear_real_shapes(dtype, m, k, n, group, order):
     packed, x, b, ref = _gpu_case(m, k, n, group, dtype, bias=(m % 3 != 2), seed=m)
     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
     out.copy_(w4a16_linear(x, packed, group, b))
@@ -168,7 +199,7 @@ def test_w4a16_linear_real_shapes(dtype, m, k, n, group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 17, 64, 150])
-def test_gemv_and_gemm_forced_at_small_m(m):
+def test_gemv_and_gemm_forced_at_small_m(m, order):
     packed, x, b, ref = _gpu_case(m, 4096, 4096, 128, torch.float16, bias=True, seed=10 + m)
     fused = [w4a16.gemm(x, packed, 128, b, swapped=swapped) for swapped in (False, True)]
     for out in ([w4a16.gemv(x, packed, 128, b)] if m <= 4 else []) + fused + [w4a16.dequant_matmul(x, packed, 128, b)]:
@@ -178,7 +209,7 @@ def test_gemv_and_gemm_forced_at_small_m(m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("swapped", [False, True])
-def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped):
+def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped, order):
     """The fused GEMM's inline-PTX fp16 dequantization against its fp32 form: one-hot rows pick
     single weights (every nibble position, edge zeros, a scale whose products are subnormal, a
     large one), which must be the reference's values rounded to fp16 by both; random rows agree."""
@@ -200,7 +231,7 @@ def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_gemv_ptx_step_against_the_fp32_step(monkeypatch, m):
+def test_gemv_ptx_step_against_the_fp32_step(monkeypatch, m, order):
     """The GEMV's fp16x2 inline-PTX step (products summed in fp16, four to a lane) against its fp32
     step and the reference: one-hot rows pick single weights (every nibble position, edge zeros, a
     subnormal and a large scale: a wrong plane, shift or activation pair shows), random rows agree
