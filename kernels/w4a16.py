@@ -75,8 +75,8 @@ CUBLAS_MIN_M = 257
 # layers is faster alone but not in a whole LLaVA-NeXT-7B decode step). The PTX step at M = 1: K
 # steps of 64 rows and 4 columns a thread, 4 warps of 32 rows on the widest layers (LLaMA-7B's
 # gate|up, 90M weights); from a sweep of 11 configs over the 7B shapes on an H100.
-GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 32, 8)}
-GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 32, 8)}
+GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
+GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
 GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (4, 4, 32, 8)  # M = 1 from this many weights
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
@@ -93,10 +93,10 @@ FRAGMENT_ORDER = os.environ.get("TINYVILA_W4_FRAGMENT") == "1"
 
 def _k_tile(group_size: int, cap: int) -> int:
     """Rows of K a kernel takes per step: a power of two dividing the group size (so a step never
-    straddles two groups), at most `cap`, at least 16 (tl.dot's minimum), 32 in the fragment order
-    (which permutes rows within blocks of 32)."""
-    kt = min(cap, group_size & -group_size)
-    assert kt >= (32 if fragment_order(group_size) else 16), f"group size {group_size}: K steps of {kt} rows"
+    straddles two groups), at most `cap` (32 in the fragment order, which permutes rows within
+    blocks of 32), at least 16 (tl.dot's minimum)."""
+    kt = min(max(cap, 32) if fragment_order(group_size) else cap, group_size & -group_size)
+    assert kt >= 16, f"group size {group_size} must be a multiple of 16"
     return kt
 
 
@@ -241,8 +241,8 @@ def _store_or_reduce(acc, rows, cols, M, N, Y, Bias, Part, Counters, tile, split
 
 @triton.jit
 def _gemv_row(f, d, xs, Xt, row, M, k, K, MASKED: tl.constexpr, SWIGLU: tl.constexpr):
-    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of the rows k of slots 8r + _row(j) of the
-    step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term).
+    """One activation row against nibble plane f [KT8, BLOCK_N] (1 + q/16 of the K rows k of slots
+    8r + _row(j) of the step at Xt): d += f x (FMAs; reduced over K once a step), xs += x (for the zero-point term).
     SWIGLU: the row is a gate|up pair [2K] and x = silu(gate) * up, rounded as kernels/silu_mul.py
     rounds it (the down projection reads the gate/up output directly)."""
     if MASKED:
@@ -364,7 +364,8 @@ def _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
 
 
 @triton.jit
-def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr, ORDER: tl.constexpr):
+def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr,
+              ORDER: tl.constexpr):
     """One K step of the GEMV in fp16x2 inline PTX (fp16 on an NVIDIA GPU; no SwiGLU input): per word
     one shift, four LOP3, four subtractions and four FMAs for its 8 weights, about 70% of the fp32
     step's instructions (SASS); the group's scale applied once per column in fp32."""
@@ -424,7 +425,8 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         z_n = tl.load(Z + gs, mask=cmask)
         Xt = X + t * KT
         if PTX:
-            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M, ORDER)
+            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M,
+                                               ORDER)
         else:
             acc0, acc1, acc2, acc3 = _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
                                                 KT8, BLOCK_N, BLOCK_M, SWIGLU, ORDER)
@@ -496,7 +498,8 @@ def _cols_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.
 @triton.jit
 def _x_in_slots(a, BLOCK_M: tl.constexpr, KT: tl.constexpr, ORDER: tl.constexpr):
     """x [BLOCK_M, KT] (K's order) with its columns in the packed row slots' order: in each 32,
-    columns 8p + 2c + e and 8c + 2p + e trade places (a register relabelling, no data moves)."""
+    columns 8p + 2c + e and 8c + 2p + e trade places (a relabelling that the compiler folds into the
+    tile's load from shared memory)."""
     if ORDER:
         a = tl.reshape(tl.permute(tl.reshape(a, [BLOCK_M, KT // 32, 4, 4, 2]), 0, 1, 3, 2, 4), [BLOCK_M, KT])
     return a
