@@ -490,19 +490,15 @@ def _cols_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.
     order: word 4b + c, pair p, half e is K row 32b + 8p + 2c + e (the fragment order), so each
     thread's word already holds its tensor-core A fragment and no layout conversion is needed."""
     w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-    w = tl.reshape(w, [BLOCK_N, KT // 32, 4, 4, 2])  # [n, b, c, p, e]
-    w = tl.permute(w, 0, 1, 3, 2, 4)  # [n, b, p, c, e]
-    return tl.reshape(w, [BLOCK_N, KT])
+    return _swap_slots(tl.reshape(w, [BLOCK_N, KT]), BLOCK_N, KT)  # columns: slots 8r + j, then K rows
 
 
 @triton.jit
-def _x_in_slots(a, BLOCK_M: tl.constexpr, KT: tl.constexpr, ORDER: tl.constexpr):
-    """x [BLOCK_M, KT] (K's order) with its columns in the packed row slots' order: in each 32,
-    columns 8p + 2c + e and 8c + 2p + e trade places (a relabelling that the compiler folds into the
-    tile's load from shared memory)."""
-    if ORDER:
-        a = tl.reshape(tl.permute(tl.reshape(a, [BLOCK_M, KT // 32, 4, 4, 2]), 0, 1, 3, 2, 4), [BLOCK_M, KT])
-    return a
+def _swap_slots(a, ROWS: tl.constexpr, KT: tl.constexpr):
+    """a [ROWS, KT] with its columns moved between the packed row slots' order and K's (the
+    fragment order, its own inverse): in each 32, columns 8p + 2c + e and 8c + 2p + e trade places.
+    A relabelling of registers, which the compiler folds into the loads."""
+    return tl.reshape(tl.permute(tl.reshape(a, [ROWS, KT // 32, 4, 4, 2]), 0, 1, 3, 2, 4), [ROWS, KT])
 
 
 @triton.jit
@@ -628,21 +624,22 @@ def _gemm_kernel(X, Q, S, Z, Bias, Y, Part, Counters, M, N8, K, stride_xm, split
         x_ptrs = X + rows[:, None].to(tl.int64) * stride_xm + k[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for t in range(t0, t1):
-        if SWAPPED and PTX and ORDER:
+        if SWAPPED and PTX and ORDER:  # the transposed tile [BLOCK_N, KT], the A operand as loaded
             words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + wt_offs, mask=cmask[:, None], other=0)
             s2, z2 = _pair_scales(S, Z, (t * KT) // GROUP, N, cols, cmask)
-            wt = _dequant_cols_ptx(words, s2[:, None], z2[:, None], KT, BLOCK_N)
-            xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
-            acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
-        elif SWAPPED:
-            words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
-            w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
-            xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(w), xt, acc, input_precision=PRECISION)
+            w = _dequant_cols_ptx(words, s2[:, None], z2[:, None], KT, BLOCK_N)
         else:
             words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :], other=0)
             w = _weight_tile(words, S, Z, (t * KT) // GROUP, N, cols, cmask, X.dtype.element_ty, KT, BLOCK_N, PTX)
-            a = _x_in_slots(tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0), BLOCK_M, KT, ORDER)
+            if SWAPPED:
+                w = tl.trans(w)
+        if SWAPPED:
+            xt = tl.load(x_ptrs + t * KT, mask=rmask[None, :], other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        else:
+            a = tl.load(x_ptrs + t * KT, mask=rmask[:, None], other=0.0)
+            if ORDER:
+                a = _swap_slots(a, BLOCK_M, KT)  # x in the slot order of the weight tile's rows
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if SWAPPED:
         acc = tl.trans(acc)
