@@ -176,6 +176,11 @@ def test_wrong_nibble_order_is_caught():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
+# One-hot activation rows for the exactness tests (K = 1024, G = 128): row i picks k = 16i + (i // 2) % 16,
+# distinct, in every group, and every residue mod 32, so every nibble slot of a word in either row order.
+ONE_HOT_K = torch.arange(64) * 16 + (torch.arange(64) // 2) % 16
+
+
 def _gpu_case(m, k, n, group, dtype, bias, seed=0):
     packed, _ = _layer(n, k, group, seed=seed, device="cuda")
     x, b = _inputs(m, k, n, dtype, seed=seed + 1, bias=bias, device="cuda")
@@ -217,14 +222,14 @@ def test_ptx_dequantization_is_bit_identical(monkeypatch, swapped, order):
     packed["zeros"][0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
     packed["scales"][1, :2] = torch.tensor([3e-5, 60.0], dtype=torch.float16)
     x = torch.zeros(64, 1024, device="cuda", dtype=torch.float16)
-    x[torch.arange(64), torch.arange(64) * 16 + torch.arange(64) % 8] = 1  # rows 0..63 pick k = 16i + i % 8
+    x[torch.arange(64), ONE_HOT_K] = 1
     x = torch.cat([x, torch.randn(64, 1024, device="cuda", dtype=torch.float16)])
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("TINYVILA_W4_PTX", flag)
         assert w4a16.ptx_dequant(x, packed) == (flag == "1")
         outs[flag] = w4a16.gemm(x, packed, 128, swapped=swapped, block_m=64 if swapped else 16)
-    want = dequantize_w4(packed, 128)[:, torch.arange(64) * 16 + torch.arange(64) % 8].t().half()
+    want = dequantize_w4(packed, 128)[:, ONE_HOT_K].t().half()
     assert torch.equal(outs["1"][:64], want) and torch.equal(outs["0"][:64], want)
     assert _rel_err(outs["1"][64:], outs["0"][64:]) < 1e-3
 
@@ -245,8 +250,7 @@ def test_gemv_ptx_step_against_the_fp32_step(monkeypatch, m, order):
     packed["zeros"][0, :2] = torch.tensor([0, 15], dtype=torch.uint8)
     packed["scales"][1, :2] = torch.tensor([3e-5, 60.0], dtype=torch.float16)
     w = dequantize_w4(packed, 128)
-    picks = torch.arange(64) * 16 + torch.arange(64) % 8  # k = 16i + i % 8: every row of a word, groups 0..7
-    for rows in picks.split(m):
+    for rows in ONE_HOT_K.split(m):
         x = torch.zeros(len(rows), k, device="cuda", dtype=torch.float16)
         x[torch.arange(len(rows)), rows] = 1
         want = w[:, rows].t().half()
