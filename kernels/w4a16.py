@@ -82,13 +82,21 @@ GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (4, 4, 32, 8)  # M = 1
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
 # 7B projections (4096->12288, 4096->22016, 11008->4096, 4096->4096); the straight tile wins to
 # M = 16, the swapped one above it; from M = 65 a 128-row tile (the activations a weight tile meets
-# per dequantization doubled) beats two 64-row ones: 207 vs 245 us summed at M = 128.
-GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 128, 8, 3, 128, 2),
+# per dequantization doubled) beats two 64-row ones: 207 vs 245 us summed at M = 128. M = 17-32:
+# 4 warps over 64 columns, 4 stages (H200: 95.7 vs 108.5 us summed at M = 32, 94.2 vs 104.1 at 24).
+GEMM_CONFIG = [(16, False, 16, 64, 4, 3, 128, 2), (32, True, 32, 64, 4, 4, 128, 2),
                (64, True, 64, 128, 8, 3, 64, 1), (1 << 62, True, 128, 64, 4, 3, 128, 1)]
+# In the fragment order the swapped tile wins from M = 1 (it builds its operand from the words as
+# loaded; the straight one relabels x): H200, summed as above, M = 3-16 71.5-73.4 vs 80.3-83.2 us.
+FRAGMENT_GEMM_CONFIG = [(16, True, 16, 64, 4, 3, 128, 2)] + GEMM_CONFIG[1:]
 ONE_BITS = 0x3F800000  # 1.0f
 # The fragment order of the packed rows: opt-in (TINYVILA_W4_FRAGMENT=1, read once, as the layout is
-# fixed at load) until its kernels have been timed and checked on a GPU; the default is K's order.
+# fixed at load). Timed on an H200 it speeds the GEMM (M = 64: 135 vs 163 us summed over the 7B
+# projections) but slows the M = 1 GEMV by 10-15%, so decode; the default is K's order.
 FRAGMENT_ORDER = os.environ.get("TINYVILA_W4_FRAGMENT") == "1"
+# The GEMV's K loop through Triton's software pipeline (cp.async, 3 stages) instead of its register
+# double buffer, whose next-step loads ptxas sinks below the step's arithmetic: A/B (TINYVILA_W4_GEMV_PIPE=1).
+GEMV_PIPE = os.environ.get("TINYVILA_W4_GEMV_PIPE") == "1"
 
 
 def _k_tile(group_size: int, cap: int) -> int:
@@ -382,10 +390,20 @@ def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M:
 
 
 @triton.jit
+def _gemv_step(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr, PTX: tl.constexpr,
+               ORDER: tl.constexpr):
+    if PTX:
+        return _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M, ORDER)
+    return _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8, BLOCK_N, BLOCK_M,
+                      SWIGLU, ORDER)
+
+
+@triton.jit
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                 PTX: tl.constexpr, ORDER: tl.constexpr):
+                 PTX: tl.constexpr, ORDER: tl.constexpr, PIPE: tl.constexpr = False):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
     adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
@@ -417,22 +435,26 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     acc3 = tl.zeros([BLOCK_N], tl.float32)
     if PDL:
         gdc_wait()
-    for t in range(t0, t1):
-        tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
-        words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
-        gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
-        s_n = tl.load(S + gs, mask=cmask)
-        z_n = tl.load(Z + gs, mask=cmask)
-        Xt = X + t * KT
-        if PTX:
-            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M,
-                                               ORDER)
-        else:
-            acc0, acc1, acc2, acc3 = _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
-                                                KT8, BLOCK_N, BLOCK_M, SWIGLU, ORDER)
-        words = words_n
-        s = s_n
-        z = z_n
+    if PIPE:  # Triton's software pipeline: the steps' loads go ahead through shared memory (cp.async)
+        for t in tl.range(t0, t1, num_stages=3):
+            words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
+            gs = tl.cast((t * KT) // GROUP, tl.int64) * N + cols
+            s = tl.load(S + gs, mask=cmask)
+            z = tl.load(Z + gs, mask=cmask)
+            acc0, acc1, acc2, acc3 = _gemv_step(words, s, z, X + t * KT, stride_xm, r, M, K, one, acc0, acc1, acc2,
+                                                acc3, KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
+    else:
+        for t in range(t0, t1):
+            tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
+            words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
+            gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
+            s_n = tl.load(S + gs, mask=cmask)
+            z_n = tl.load(Z + gs, mask=cmask)
+            acc0, acc1, acc2, acc3 = _gemv_step(words, s, z, X + t * KT, stride_xm, r, M, K, one, acc0, acc1, acc2,
+                                                acc3, KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
+            words = words_n
+            s = s_n
+            z = z_n
     rows = tl.arange(0, BLOCK_M)
     acc = tl.where(rows[:, None] == 0, acc0[None, :], 0.0)
     if BLOCK_M > 1:
@@ -718,7 +740,7 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), num_warps=num_warps,
+        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), PIPE=GEMV_PIPE, num_warps=num_warps,
         **launch_options(x.device, dependent=True))
     return y
 
@@ -740,9 +762,10 @@ def _gemv_config(M, K, N, ptx):
 def gemm(x, packed, group_size, bias=None, swapped=None, block_m=None, block_n=None, num_warps=None,
          num_stages=None, k_tile=None, waves=None, split=None):
     """The fused-dequant tensor-core path: x [M, K] -> y [M, N], the straight or the swapped-operand
-    kernel. Unset options come from GEMM_CONFIG."""
+    kernel. Unset options come from GEMM_CONFIG (FRAGMENT_GEMM_CONFIG in the fragment order)."""
     M, K, N = _check(x, packed, group_size, bias)
-    cfg = next(c for c in GEMM_CONFIG if M <= c[0])[1:]
+    table = FRAGMENT_GEMM_CONFIG if fragment_order(group_size) else GEMM_CONFIG
+    cfg = next(c for c in table if M <= c[0])[1:]
     swapped, block_m, block_n, num_warps, num_stages, kt, waves = (b if a is None else a for a, b in zip(
         (swapped, block_m, block_n, num_warps, num_stages, k_tile, waves), cfg))
     kt = _k_tile(group_size, kt)
