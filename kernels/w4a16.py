@@ -94,9 +94,6 @@ ONE_BITS = 0x3F800000  # 1.0f
 # fixed at load). Timed on an H200 it speeds the GEMM (M = 64: 135 vs 163 us summed over the 7B
 # projections) but slows the M = 1 GEMV by 10-15%, so decode; the default is K's order.
 FRAGMENT_ORDER = os.environ.get("TINYVILA_W4_FRAGMENT") == "1"
-# The GEMV's K loop through Triton's software pipeline (cp.async, 3 stages) instead of its register
-# double buffer, whose next-step loads ptxas sinks below the step's arithmetic: A/B (TINYVILA_W4_GEMV_PIPE=1).
-GEMV_PIPE = os.environ.get("TINYVILA_W4_GEMV_PIPE") == "1"
 
 
 def _k_tile(group_size: int, cap: int) -> int:
@@ -390,20 +387,10 @@ def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M:
 
 
 @triton.jit
-def _gemv_step(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr, PTX: tl.constexpr,
-               ORDER: tl.constexpr):
-    if PTX:
-        return _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M, ORDER)
-    return _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8, BLOCK_N, BLOCK_M,
-                      SWIGLU, ORDER)
-
-
-@triton.jit
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                 PTX: tl.constexpr, ORDER: tl.constexpr, PIPE: tl.constexpr = False):
+                 PTX: tl.constexpr, ORDER: tl.constexpr):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
     adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
@@ -435,26 +422,22 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     acc3 = tl.zeros([BLOCK_N], tl.float32)
     if PDL:
         gdc_wait()
-    if PIPE:  # Triton's software pipeline: the steps' loads go ahead through shared memory (cp.async)
-        for t in tl.range(t0, t1, num_stages=3):
-            words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
-            gs = tl.cast((t * KT) // GROUP, tl.int64) * N + cols
-            s = tl.load(S + gs, mask=cmask)
-            z = tl.load(Z + gs, mask=cmask)
-            acc0, acc1, acc2, acc3 = _gemv_step(words, s, z, X + t * KT, stride_xm, r, M, K, one, acc0, acc1, acc2,
-                                                acc3, KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
-    else:
-        for t in range(t0, t1):
-            tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
-            words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
-            gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
-            s_n = tl.load(S + gs, mask=cmask)
-            z_n = tl.load(Z + gs, mask=cmask)
-            acc0, acc1, acc2, acc3 = _gemv_step(words, s, z, X + t * KT, stride_xm, r, M, K, one, acc0, acc1, acc2,
-                                                acc3, KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
-            words = words_n
-            s = s_n
-            z = z_n
+    for t in range(t0, t1):
+        tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
+        words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
+        gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
+        s_n = tl.load(S + gs, mask=cmask)
+        z_n = tl.load(Z + gs, mask=cmask)
+        Xt = X + t * KT
+        if PTX:
+            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M,
+                                               ORDER)
+        else:
+            acc0, acc1, acc2, acc3 = _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
+                                                KT8, BLOCK_N, BLOCK_M, SWIGLU, ORDER)
+        words = words_n
+        s = s_n
+        z = z_n
     rows = tl.arange(0, BLOCK_M)
     acc = tl.where(rows[:, None] == 0, acc0[None, :], 0.0)
     if BLOCK_M > 1:
@@ -740,7 +723,7 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), PIPE=GEMV_PIPE, num_warps=num_warps,
+        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), num_warps=num_warps,
         **launch_options(x.device, dependent=True))
     return y
 

@@ -133,21 +133,6 @@ def test_each_path_and_split_k(path, split, order):
     assert not packed["counters"].any() and not packed["workspace"].any()
 
 
-@pytest.mark.parametrize("m, split, swiglu", [(1, 1, False), (3, 3, False), (2, 2, True)])
-def test_gemv_pipelined_loop(monkeypatch, m, split, swiglu, order):
-    """The opt-in software-pipelined K loop (GEMV_PIPE) against the reference: several steps a
-    program (K tile 32 over 256 rows), split-K, a SwiGLU input; it must also differ from nothing."""
-    monkeypatch.setattr(w4a16, "GEMV_PIPE", True)
-    n, k, group = 40, 256, 64
-    packed, _ = _layer(n, k, group, seed=7)
-    x, b = _inputs(m, 2 * k if swiglu else k, n, torch.float32, seed=m, bias=True)
-    ref = w4a16_linear_ref(w4a16.silu_mul(x) if swiglu else x, packed, group, b)
-    ours = w4a16.gemv(x, packed, group, b, cols_per_thread=1, num_warps=1, k_tile=32, split=split, swiglu=swiglu)
-    _check_all_written(ours)
-    assert _rel_err(ours, ref) < 1e-5
-    assert not packed["counters"].any() and not packed["workspace"].any()
-
-
 @pytest.mark.parametrize("m, split", [(1, 1), (2, 3), (3, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_swiglu_input_equals_silu_mul_then_gemv(m, split, dtype):
@@ -321,12 +306,9 @@ def test_cuda_graph_replay():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k, n", [(4096, 4104), (11008, 4096)])
-@pytest.mark.parametrize("pipe", [False, True], ids=["double-buffer", "pipelined"])
-def test_gemv_split_k_every_config(monkeypatch, k, n, pipe):
+def test_gemv_split_k_every_config(k, n):
     """Many programs per column block and 1..4 rows, several layouts of the partial sums: the
-    split-K tail once read the workspace and zeroed it from different threads (a race). Both K
-    loops (GEMV_PIPE)."""
-    monkeypatch.setattr(w4a16, "GEMV_PIPE", pipe)
+    split-K tail once read the workspace and zeroed it from different threads (a race)."""
     packed, _ = _layer(n, k, 128, seed=3, device="cuda")
     for m in (1, 2, 3, 4):
         x, b = _inputs(m, k, n, torch.float16, seed=m, bias=True, device="cuda")
