@@ -480,11 +480,17 @@ def _dequant_tile(words, s16, c, dtype, KT: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def _join_planes(p0, p1, p2, p3, p4, p5, p6, p7):
+    """The eight planes (p_j: slot j of each word) joined as three minor dimensions: w[..., a, b, e]
+    is plane a*4 + b*2 + e (the last join index is the lowest bit of j); a register relabelling."""
+    return tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+
+
+@triton.jit
 def _rows_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Eight [KT/8, BLOCK_N] planes (p_i: row slots 8r + i) -> the [KT, BLOCK_N] tile: joined as a minor
     dimension, so row 8r + i is register i of the thread holding word r (no data moves)."""
-    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-    # w[r, n, a, b, e] is plane a*4 + b*2 + e: the last join index is the lowest bit of j
+    w = _join_planes(p0, p1, p2, p3, p4, p5, p6, p7)  # [r, n, a, b, e]
     w = tl.permute(w, 0, 2, 3, 4, 1)  # [r, a, b, e, n]: row ((r*2 + a)*2 + b)*2 + e = 8r + j
     return tl.reshape(w, [KT, BLOCK_N])
 
@@ -494,7 +500,7 @@ def _cols_to_tile(p0, p1, p2, p3, p4, p5, p6, p7, KT: tl.constexpr, BLOCK_N: tl.
     """Planes [BLOCK_N, KT/8] of the words' transpose -> the tile's transpose [BLOCK_N, KT] in K
     order: word 4b + c, pair p, half e is K row 32b + 8p + 2c + e (the fragment order), so each
     thread's word already holds its tensor-core A fragment and no layout conversion is needed."""
-    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    w = _join_planes(p0, p1, p2, p3, p4, p5, p6, p7)
     return _swap_slots(tl.reshape(w, [BLOCK_N, KT]), BLOCK_N, KT)  # columns: slots 8r + j, then K rows
 
 
