@@ -70,14 +70,16 @@ from tinyvila.quant.pack import AWQ_ORDER, AWQ_REVERSE_ORDER
 
 GEMV_MAX_M = 2
 CUBLAS_MIN_M = 257
-# GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM).
-# The fp32 step: one config for every shape ((4, 4, 64, 16) on the small 4096->4096 and 3584->4608
-# layers is faster alone but not in a whole LLaVA-NeXT-7B decode step). The PTX step at M = 1: K
-# steps of 64 rows and 4 columns a thread, 4 warps of 32 rows on the widest layers (LLaMA-7B's
-# gate|up, 90M weights); from a sweep of 11 configs over the 7B shapes on an H100.
-GEMV_CONFIG = {1: (2, 8, 32, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
-GEMV_PTX_CONFIG = {1: (2, 4, 64, 8), 2: (4, 4, 32, 8), 4: (4, 4, 16, 8)}
-GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (4, 4, 32, 8)  # M = 1 from this many weights
+# GEMV by M (padded to 1, 2, 4): (num_warps, columns per thread, K rows a step, programs per SM,
+# K steps loaded together). The fp32 step: one config for every shape ((4, 4, 64, 16) on the small
+# 4096->4096 and 3584->4608 layers is faster alone but not in a whole LLaVA-NeXT-7B decode step).
+# The PTX step at M = 1: two K steps of 32 rows at a time, 4 warps of 4 columns a thread, 4 programs
+# an SM (119 registers); on the widest layers (LLaMA-7B's gate|up, 90M weights) three steps at a
+# time, 2 warps, 6 programs an SM (155 registers). H100, summed over the seven 7B decode shapes:
+# 85.9 against 90.2 us for the register double buffer of one step (24 configs in one process).
+GEMV_CONFIG = {1: (2, 8, 32, 8, 1), 2: (4, 4, 32, 8, 1), 4: (4, 4, 16, 8, 1)}
+GEMV_PTX_CONFIG = {1: (4, 4, 32, 4, 2), 2: (4, 4, 32, 8, 1), 4: (4, 4, 16, 8, 1)}
+GEMV_PTX_WIDE_WEIGHTS, GEMV_PTX_WIDE_CONFIG = 80_000_000, (2, 4, 32, 6, 3)  # M = 1 from this many weights
 # fused GEMM: (largest M, swapped operands, BLOCK_M, BLOCK_N, num_warps, num_stages, K rows a step,
 # programs per SM). Picked on an H100 with the inline-PTX dequantization, by the summed time of the
 # 7B projections (4096->12288, 4096->22016, 11008->4096, 4096->4096); the straight tile wins to
@@ -387,16 +389,42 @@ def _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M:
 
 
 @triton.jit
+def _gemv_load(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8: tl.constexpr, GROUP: tl.constexpr):
+    """K step t's words, scales and zeros; past the program's last step (t1) nothing is read and
+    the scale is 0, so that the step adds nothing."""
+    mask = cmask & ((cols * 0 + t) < t1)
+    words = tl.load(Q + tl.cast(t * KT8, tl.int64) * N + w_offs, mask=mask[None, :], other=0)
+    gs = tl.cast((t * 8 * KT8) // GROUP, tl.int64) * N + cols
+    s = tl.load(S + gs, mask=mask, other=0.0)
+    z = tl.load(Z + gs, mask=mask, other=0)
+    return words, s, z
+
+
+@triton.jit
+def _gemv_step(words, s, z, X, t, t1, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr, PTX: tl.constexpr,
+               ORDER: tl.constexpr):
+    Xt = X + tl.minimum(t, t1 - 1) * (8 * KT8)  # a step past t1 has scale 0 but reads real rows of x
+    if PTX:
+        return _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M, ORDER)
+    return _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8, BLOCK_N, BLOCK_M,
+                      SWIGLU, ORDER)
+
+
+@triton.jit
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                 PTX: tl.constexpr, ORDER: tl.constexpr):
+                 PTX: tl.constexpr, ORDER: tl.constexpr, UNROLL: tl.constexpr):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
-    adjacent columns), so K reductions are in-thread; one accumulator per activation row. The next
-    step's words are loaded before this step's arithmetic (register double buffering). Split-K:
-    fp32 atomic adds into the layer's zeroed workspace; the last program of a column block (its
-    semaphore) reads the sums, writes y and zeroes the workspace again.
+    adjacent columns), so K reductions are in-thread; one accumulator per activation row. The K
+    loop goes UNROLL steps at a time, their words all loaded before the arithmetic of the first: a
+    register double buffer (loading the next iteration's words at the top of this one) does not
+    work, as ptxas sinks a load whose use lies in the next iteration to the end of the body, after
+    the arithmetic it was to overlap. Split-K: fp32 atomic adds into
+    the layer's zeroed workspace; the last program of a column block (its semaphore) reads the
+    sums, writes y and zeroes the workspace again.
     PDL (programmatic dependent launch): the programs start while the kernel before is still
     running and load their first weights (which no kernel writes), then wait for it before reading x
     or touching y, the workspace or the semaphores."""
@@ -407,37 +435,37 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N  # masked lanes load nothing (no `other`): those columns are never stored
+    cmask = cols < N  # masked lanes load nothing: those columns are never stored
     r = tl.arange(0, KT8)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, K // KT)  # t0 < t1: the host makes every split non-empty
     w_offs = r[:, None] * N + cols[None, :]  # [KT8, BLOCK_N]
-    words = tl.load(Q + tl.cast(t0 * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
-    gs = tl.cast((t0 * KT) // GROUP, tl.int64) * N + cols
-    s = tl.load(S + gs, mask=cmask)
-    z = tl.load(Z + gs, mask=cmask)
+    w0, s0, z0 = _gemv_load(Q, S, Z, t0, t1, N, w_offs, cols, cmask, KT8, GROUP)
+    if UNROLL > 1:
+        w1, s1, z1 = _gemv_load(Q, S, Z, t0 + 1, t1, N, w_offs, cols, cmask, KT8, GROUP)
+    if UNROLL > 2:
+        w2, s2, z2 = _gemv_load(Q, S, Z, t0 + 2, t1, N, w_offs, cols, cmask, KT8, GROUP)
     acc0 = tl.zeros([BLOCK_N], tl.float32)
     acc1 = tl.zeros([BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_N], tl.float32)
     acc3 = tl.zeros([BLOCK_N], tl.float32)
     if PDL:
         gdc_wait()
-    for t in range(t0, t1):
-        tn = tl.minimum(t + 1, t1 - 1)  # prefetch the next step (the last one reloads itself)
-        words_n = tl.load(Q + tl.cast(tn * KT8, tl.int64) * N + w_offs, mask=cmask[None, :])
-        gs = tl.cast((tn * KT) // GROUP, tl.int64) * N + cols
-        s_n = tl.load(S + gs, mask=cmask)
-        z_n = tl.load(Z + gs, mask=cmask)
-        Xt = X + t * KT
-        if PTX:
-            acc0, acc1, acc2, acc3 = _step_ptx(words, s, z, Xt, stride_xm, r, M, acc0, acc1, acc2, acc3, BLOCK_M,
-                                               ORDER)
-        else:
-            acc0, acc1, acc2, acc3 = _step_fp32(words, s, z, Xt, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
-                                                KT8, BLOCK_N, BLOCK_M, SWIGLU, ORDER)
-        words = words_n
-        s = s_n
-        z = z_n
+    for t in range(t0, t1, UNROLL):
+        if t != t0:  # this iteration's UNROLL steps (none past t1), all before the arithmetic
+            w0, s0, z0 = _gemv_load(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8, GROUP)
+            if UNROLL > 1:
+                w1, s1, z1 = _gemv_load(Q, S, Z, t + 1, t1, N, w_offs, cols, cmask, KT8, GROUP)
+            if UNROLL > 2:
+                w2, s2, z2 = _gemv_load(Q, S, Z, t + 2, t1, N, w_offs, cols, cmask, KT8, GROUP)
+        acc0, acc1, acc2, acc3 = _gemv_step(w0, s0, z0, X, t, t1, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
+                                            KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
+        if UNROLL > 1:
+            acc0, acc1, acc2, acc3 = _gemv_step(w1, s1, z1, X, t + 1, t1, stride_xm, r, M, K, one, acc0, acc1,
+                                                acc2, acc3, KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
+        if UNROLL > 2:
+            acc0, acc1, acc2, acc3 = _gemv_step(w2, s2, z2, X, t + 2, t1, stride_xm, r, M, K, one, acc0, acc1,
+                                                acc2, acc3, KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
     rows = tl.arange(0, BLOCK_M)
     acc = tl.where(rows[:, None] == 0, acc0[None, :], 0.0)
     if BLOCK_M > 1:
@@ -707,29 +735,35 @@ def _check(x, packed, group_size, bias, swiglu=False):
 
 
 def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
-         split=None, swiglu=False, ptx=None):
+         split=None, swiglu=False, ptx=None, unroll=None):
     """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG.
     swiglu: x is a gate|up pair [M, 2K] and the input is silu(gate) * up (the down projection).
     ptx: the fp16x2 inline-PTX step (default: gemv_ptx); it takes plain rows, so a swiglu input goes
-    through SiLU-mul first (faster than each of its threads computing the SiLU of all its rows)."""
+    through SiLU-mul first (faster than each of its threads computing the SiLU of all its rows).
+    unroll: K steps loaded together (1-3; a split's steps are rounded up to a multiple of it)."""
     M, K, N = _check(x, packed, group_size, bias, swiglu)
     assert 1 <= M <= 4, M
     ptx = gemv_ptx(x, packed) if ptx is None else ptx
     if ptx and swiglu:
         x, swiglu = silu_mul(x.contiguous()), False
-    nw, cpt, kt, wv = _gemv_config(M, K, N, ptx)
+    nw, cpt, kt, wv, un = _gemv_config(M, K, N, ptx)
     num_warps, cpt, waves = num_warps or nw, cols_per_thread or cpt, waves or wv
     kt = _k_tile(group_size, k_tile or kt)
     block_n = cpt * 32 * num_warps  # every thread holds all KT/8 word rows of cpt columns
     counters = packed["counters"]
     n_tiles = triton.cdiv(N, block_n)
     split, per = _splits(n_tiles, K // kt, waves * sm_count(x.device), counters.numel(), split)
+    unroll = min(unroll or un, per)
+    assert 1 <= unroll <= 3, unroll
+    if per % unroll:  # whole unrolled iterations, so that no program computes an empty step
+        per = -(-per // unroll) * unroll
+        split = -(-(K // kt) // per)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     _gemv_kernel[(n_tiles, split)](
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), num_warps=num_warps,
+        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), UNROLL=unroll, num_warps=num_warps,
         **launch_options(x.device, dependent=True))
     return y
 

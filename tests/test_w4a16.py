@@ -133,6 +133,20 @@ def test_each_path_and_split_k(path, split, order):
     assert not packed["counters"].any() and not packed["workspace"].any()
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 3])
+@pytest.mark.parametrize("split", [1, 3])
+def test_gemv_unrolled_k_loop(unroll, split, order):
+    """K steps taken `unroll` at a time: 10 steps of 64 rows over 1 or 3 splits (rounded to whole
+    iterations), so the last split's iteration runs past its range and those steps must add nothing."""
+    n, k, group = 72, 640, 128
+    packed, _ = _layer(n, k, group, seed=11)
+    x, b = _inputs(2, k, n, torch.float32, seed=4, bias=True)
+    ours = w4a16.gemv(x, packed, group, b, cols_per_thread=1, num_warps=1, k_tile=64, split=split, unroll=unroll)
+    _check_all_written(ours)
+    assert _rel_err(ours, w4a16_linear_ref(x, packed, group, b)) < 1e-5
+    assert not packed["counters"].any() and not packed["workspace"].any()
+
+
 @pytest.mark.parametrize("m, split", [(1, 1), (2, 3), (3, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_swiglu_input_equals_silu_mul_then_gemv(m, split, dtype):
@@ -313,10 +327,11 @@ def test_gemv_split_k_every_config(k, n):
     for m in (1, 2, 3, 4):
         x, b = _inputs(m, k, n, torch.float16, seed=m, bias=True, device="cuda")
         ref = w4a16_linear_ref(x, packed, 128, b)
-        for nw, cpt, kt in [(4, 4, 64), (4, 8, 32), (2, 4, 16), (8, 4, 32), (2, 8, 32), (1, 4, 64)]:
+        for nw, cpt, kt, u in [(4, 4, 64, 1), (4, 8, 32, 2), (2, 4, 16, 3), (8, 4, 32, 1), (2, 8, 32, 3),
+                               (1, 4, 64, 2), (2, 4, 64, 3)]:
             for _ in range(3):
-                out = w4a16.gemv(x, packed, 128, b, num_warps=nw, cols_per_thread=cpt, k_tile=kt, waves=8)
-                assert _rel_err(out, ref) < 2e-3, (m, nw, cpt, kt)
+                out = w4a16.gemv(x, packed, 128, b, num_warps=nw, cols_per_thread=cpt, k_tile=kt, waves=8, unroll=u)
+                assert _rel_err(out, ref) < 2e-3, (m, nw, cpt, kt, u)
         assert not packed["counters"].any() and not packed["workspace"].any()
 
 
