@@ -33,10 +33,10 @@ from tinyvila.kernels import decode_attention, w4a16
 from tinyvila.kernels.gpu import sm_count
 from tinyvila.tools.bench import copy_bandwidth
 
-# 7B-class shapes (K -> N): LLaMA-2-7B fused QKV, gate|up, down, o_proj; Qwen2-7B gate|up is 2 x
-# 18944, down, fused QKV (3584 + 2 * 512).
-GEMV_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096), (3584, 18944), (18944, 3584),
-               (3584, 4608)]
+# 7B-class shapes (K -> N) as decode runs them: LLaMA-2-7B fused QKV, gate|up, down, o_proj; Qwen2-7B
+# fused gate|up (2 x 18944), down, fused QKV (3584 + 2 * 512), o_proj.
+GEMV_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096), (3584, 37888), (18944, 3584),
+               (3584, 4608), (3584, 3584)]
 GEMM_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096)]
 # every batch size a prefill, a follow-up or a batch of conversations gives the 4-bit linears
 GEMM_M = [1, 2, 4, 8, 16, 32, 64, 128, 148, 256, 512, 1381, 2994]
