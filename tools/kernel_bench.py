@@ -5,7 +5,8 @@
 
 Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, bytes moved (packed
 weights + scales + zeros + x read, y written) over the time, and that rate as a fraction of the
-device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth). GEMM table, every M from 1 to
+device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth), and the time beyond what those
+bytes take at that bandwidth (a call's fixed part: launch ramp, split-K tail). GEMM table, every M from 1 to
 2994 by default: w4a16_linear against cuBLAS on the same product with fp16/bf16 weights (F.linear;
 the ratio is our time over cuBLAS's), torch's tinygemm int4 kernel (gpt-fast's path, bf16
 activations; "-" where the GPU or torch lacks it), each of our two larger-M paths (fused-dequant
@@ -125,7 +126,7 @@ def gemv_rows(shapes, ms, group, dtype, device, bw, reps):
             xs = [torch.randn(m, K, device=device, dtype=dtype) for _ in layers]
             t = time_graph([lambda x=x, L=L: w4a16.w4a16_linear(x, L, group) for x, L in zip(xs, layers)], reps)
             moved = lb + m * (K + N) * xs[0].element_size()
-            rows.append((f"{K}->{N}", m, t * 1e6, moved / t / 1e9, moved / t / bw))
+            rows.append((f"{K}->{N}", m, t * 1e6, moved / t / 1e9, moved / t / bw, (t - moved / bw) * 1e6))
         del layers
     return rows
 
@@ -239,11 +240,12 @@ def run(args) -> None:
             print(f"check {K}->{N}: max relative error {err:.2e}")
         print()
     if args.gemv_shapes and args.gemv_m:
-        print("| shape K->N | M | time (us) | GB/s | fraction of copy bandwidth |")
-        print("|---|---|---|---|---|")
-        for shape, m, t, gbs, frac in gemv_rows(args.gemv_shapes, args.gemv_m, args.group, dtype, device, bw,
-                                                args.reps):
-            print(f"| {shape} | {m} | {t:.2f} | {gbs:.0f} | {frac:.1%} |")
+        print("| shape K->N | M | time (us) | GB/s | fraction of copy bandwidth "
+              "| beyond the bytes at copy speed (us) |")
+        print("|---|---|---|---|---|---|")
+        for shape, m, t, gbs, frac, extra in gemv_rows(args.gemv_shapes, args.gemv_m, args.group, dtype, device,
+                                                       bw, args.reps):
+            print(f"| {shape} | {m} | {t:.2f} | {gbs:.0f} | {frac:.1%} | {extra:.1f} |")
         print()
     if args.gemm_shapes and args.gemm_m:
         print(f"| shape K->N | M | w4a16_linear (us) | TFLOP/s | cuBLAS {args.dtype} weights (us) | ours / cuBLAS "
