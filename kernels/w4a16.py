@@ -422,9 +422,9 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     loop goes UNROLL steps at a time, their words all loaded before the arithmetic of the first: a
     register double buffer (loading the next iteration's words at the top of this one) does not
     work, as ptxas sinks a load whose use lies in the next iteration to the end of the body, after
-    the arithmetic it was to overlap. Split-K: fp32 atomic adds into
-    the layer's zeroed workspace; the last program of a column block (its semaphore) reads the
-    sums, writes y and zeroes the workspace again.
+    the arithmetic it was to overlap. Split-K: fp32 atomic adds into the layer's zeroed workspace;
+    the last program of a column block (its semaphore) reads the sums, writes y and zeroes the
+    workspace again.
     PDL (programmatic dependent launch): the programs start while the kernel before is still
     running and load their first weights (which no kernel writes), then wait for it before reading x
     or touching y, the workspace or the semaphores."""

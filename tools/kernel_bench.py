@@ -6,8 +6,8 @@
 Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, bytes moved (packed
 weights + scales + zeros + x read, y written) over the time, and that rate as a fraction of the
 device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth), and the time beyond what those
-bytes take at that bandwidth (a call's fixed part: launch ramp, split-K tail). GEMM table, every M from 1 to
-2994 by default: w4a16_linear against cuBLAS on the same product with fp16/bf16 weights (F.linear;
+bytes take at that bandwidth (a call's fixed part: launch ramp, split-K tail). GEMM table, every
+M from 1 to 2994 by default: w4a16_linear against cuBLAS on the same product with fp16/bf16 weights (F.linear;
 the ratio is our time over cuBLAS's), torch's tinygemm int4 kernel (gpt-fast's path, bf16
 activations; "-" where the GPU or torch lacks it), each of our two larger-M paths (fused-dequant
 Triton GEMM; Triton dequantize + cuBLAS), and the GEMV for M <= 4, so the switch points can be read
