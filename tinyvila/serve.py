@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ctypes
 import hashlib
 import hmac
 import io
@@ -45,7 +46,7 @@ from .loader import read_json
 try:  # the `serve` extra
     import uvicorn
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse
     from starlette.routing import Route
 except ImportError:  # reported by main() as one line
     uvicorn = None
@@ -582,6 +583,35 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+async def cancel_on_disconnect(receive, job: Job) -> None:
+    """Cancel the job once the client has gone (a task beside the answer)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+class EventStream:
+    """The ASGI response streaming `chunks` (an async iterator of str) as server-sent events; the
+    job is cancelled if the client leaves. Starlette's StreamingResponse would run the stream in a
+    task group of its own (uvicorn speaks ASGI 2.3): ~0.2 ms more before the first chunk (measured)."""
+
+    HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+    def __init__(self, chunks, job: Job):
+        self.chunks, self.job = chunks, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.HEADERS})
+        watcher = asyncio.ensure_future(cancel_on_disconnect(receive, self.job))
+        try:
+            async for text in self.chunks:
+                await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()  # its own cleanup now, not whenever it is collected
+
+
 class Server:
     def __init__(self, engine, args, name: str):
         self.engine, self.name, self.args = engine, name, args
@@ -708,12 +738,7 @@ class Server:
 
     async def submit_watching(self, job: Job, request):
         """submit(), the job cancelled if the client disconnects before its answer is ready."""
-        async def watch():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            job.cancel()
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request.receive, job))
         try:
             return await self.submit(job)
         finally:
@@ -729,8 +754,7 @@ class Server:
             raise value if kind == "error" else RuntimeError("a streamed job ended without events")
         if first.result()[0] == "error":
             raise first.result()[1]
-        return StreamingResponse(self.events(job, first.result(), model, run), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return EventStream(self.events(job, first.result(), model, run), job)
 
     async def events(self, job: Job, item, model: str, run):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
@@ -825,8 +849,23 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def keep_freed_buffers() -> None:
+    """Have glibc's malloc keep freed blocks of up to 32 MB (its limit) in the process. By default
+    it unmaps any block over 128 KB when freed, so each request's body (megabytes for an image)
+    lands in fresh pages, faulted in one by one on first touch: ~1 ms for each copy of a 1.8 MB
+    body (the socket reads make some, the join another). Other C libraries: left alone."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 128 << 20)  # free memory atop the heap kept up to this, not returned
+
+
 def serve(args) -> None:
     check_sparsity(args)  # a bad sparsity policy fails before anything loads
+    keep_freed_buffers()
     sock = bind(args.host, args.port)
     engine = load(args.model, **load_options(args))
     server = Server(engine, args, args.served_model_name or args.model)
