@@ -401,6 +401,21 @@ def _gemv_load(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8: tl.constexpr, GROUP:
 
 
 @triton.jit
+def _gemv_loads(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8: tl.constexpr, GROUP: tl.constexpr,
+                UNROLL: tl.constexpr):
+    """Steps t .. t + UNROLL - 1 (_gemv_load each); the slots of steps past UNROLL repeat step t's
+    (never used, nothing loaded for them)."""
+    w0, s0, z0 = _gemv_load(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8, GROUP)
+    w1, s1, z1 = w0, s0, z0
+    w2, s2, z2 = w0, s0, z0
+    if UNROLL > 1:
+        w1, s1, z1 = _gemv_load(Q, S, Z, t + 1, t1, N, w_offs, cols, cmask, KT8, GROUP)
+    if UNROLL > 2:
+        w2, s2, z2 = _gemv_load(Q, S, Z, t + 2, t1, N, w_offs, cols, cmask, KT8, GROUP)
+    return w0, s0, z0, w1, s1, z1, w2, s2, z2
+
+
+@triton.jit
 def _gemv_step(words, s, z, X, t, t1, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3, KT8: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr, PTX: tl.constexpr,
                ORDER: tl.constexpr):
@@ -440,11 +455,7 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, K // KT)  # t0 < t1: the host makes every split non-empty
     w_offs = r[:, None] * N + cols[None, :]  # [KT8, BLOCK_N]
-    w0, s0, z0 = _gemv_load(Q, S, Z, t0, t1, N, w_offs, cols, cmask, KT8, GROUP)
-    if UNROLL > 1:
-        w1, s1, z1 = _gemv_load(Q, S, Z, t0 + 1, t1, N, w_offs, cols, cmask, KT8, GROUP)
-    if UNROLL > 2:
-        w2, s2, z2 = _gemv_load(Q, S, Z, t0 + 2, t1, N, w_offs, cols, cmask, KT8, GROUP)
+    w0, s0, z0, w1, s1, z1, w2, s2, z2 = _gemv_loads(Q, S, Z, t0, t1, N, w_offs, cols, cmask, KT8, GROUP, UNROLL)
     acc0 = tl.zeros([BLOCK_N], tl.float32)
     acc1 = tl.zeros([BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_N], tl.float32)
@@ -453,11 +464,8 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
         gdc_wait()
     for t in range(t0, t1, UNROLL):
         if t != t0:  # this iteration's UNROLL steps (none past t1), all before the arithmetic
-            w0, s0, z0 = _gemv_load(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8, GROUP)
-            if UNROLL > 1:
-                w1, s1, z1 = _gemv_load(Q, S, Z, t + 1, t1, N, w_offs, cols, cmask, KT8, GROUP)
-            if UNROLL > 2:
-                w2, s2, z2 = _gemv_load(Q, S, Z, t + 2, t1, N, w_offs, cols, cmask, KT8, GROUP)
+            w0, s0, z0, w1, s1, z1, w2, s2, z2 = _gemv_loads(Q, S, Z, t, t1, N, w_offs, cols, cmask, KT8, GROUP,
+                                                             UNROLL)
         acc0, acc1, acc2, acc3 = _gemv_step(w0, s0, z0, X, t, t1, stride_xm, r, M, K, one, acc0, acc1, acc2, acc3,
                                             KT8, BLOCK_N, BLOCK_M, SWIGLU, PTX, ORDER)
         if UNROLL > 1:
