@@ -49,7 +49,7 @@ def rope_append_rows_ref(qkv, cos, sin, kvs, slots, n_heads, n_kv, qk_norm=None)
 @triton.jit
 def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks, QW, KW, eps, Table, layer,
                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                 QK_NORM: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+                 QK_NORM: tl.constexpr, ROWS: tl.constexpr, CONSUME: tl.constexpr, PDL: tl.constexpr):
     chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
     row = tl.program_id(1)  # ROWS: the conversation; its cache from the table's column `row`
@@ -58,9 +58,9 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
         stride_kh = tl.load(Table + 2 * n_rows + row) * D
         stride_ks = D
         # addresses read from memory: their 16-byte alignment said, so the stores stay vectorised
-        K_cache = tl.multiple_of(tl.load(Table + row).to(tl.pointer_type(QKV.dtype.element_ty))
+        K_cache = tl.multiple_of(tl.load(Table + row).to(tl.pointer_type(Q_out.dtype.element_ty))
                                  + layer * N_KV * stride_kh, 16)
-        V_cache = tl.multiple_of(tl.load(Table + n_rows + row).to(tl.pointer_type(QKV.dtype.element_ty))
+        V_cache = tl.multiple_of(tl.load(Table + n_rows + row).to(tl.pointer_type(Q_out.dtype.element_ty))
                                  + layer * N_KV * stride_kh, 16)
         QKV += row * (N_HEADS + 2 * N_KV) * D
         Q_out += row * N_HEADS * D
@@ -73,6 +73,11 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
     base = QKV + head * D
     x1 = tl.load(base + i)
     x2 = tl.load(base + half + i)
+    if CONSUME:  # a GEMV's fp32 sums (w4a16.Sums): rounded as its store would, then zeroed
+        tl.store(base + i, tl.zeros_like(x1))
+        tl.store(base + half + i, tl.zeros_like(x2))
+        x1 = x1.to(Q_out.dtype.element_ty)
+        x2 = x2.to(Q_out.dtype.element_ty)
     slot = tl.load(Slot + row)
     if head < N_HEADS + N_KV:
         if QK_NORM:  # RMSNorm of the head: fp32 statistics, cast back, then the weight
@@ -99,31 +104,43 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
         tl.store(dst + half + i, x2)
 
 
+def _qkv_input(qkv, dtype):
+    """(the qkv tensor, whether it is a GEMV's Sums to read and zero): qkv a tensor of `dtype`, or
+    a decode GEMV's w4a16.Sums."""
+    consume = not isinstance(qkv, torch.Tensor)
+    qkv = qkv.values if consume else qkv
+    assert qkv.dtype == (torch.float32 if consume else dtype), (qkv.dtype, dtype)
+    return qkv, consume
+
+
 def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_norm=None):
+    """qkv: a tensor in cos's dtype, or a decode GEMV's w4a16.Sums (read once: zeroed)."""
     D = cos.shape[-1]
+    qkv, consume = _qkv_input(qkv, cos.dtype)
     assert qkv.is_contiguous() and qkv.numel() == (n_heads + 2 * n_kv) * D, (qkv.shape, n_heads, n_kv, D)
     assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == D and k_cache.stride(2) == 1
-    assert v_cache.stride() == k_cache.stride() and cos.dtype == qkv.dtype and slot.numel() == 1
-    q = torch.empty(n_heads, D, device=qkv.device, dtype=qkv.dtype)
-    q_w, k_w, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)  # unused without the norm
+    assert v_cache.stride() == k_cache.stride() and k_cache.dtype == cos.dtype and slot.numel() == 1
+    q = torch.empty(n_heads, D, device=qkv.device, dtype=cos.dtype)
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (q, q, 0.0)  # unused without the norm
     _rope_append[(n_heads + 2 * n_kv,)](qkv, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
                                        k_cache.stride(0), k_cache.stride(1), q_w, k_w, eps, slot, 0, N_HEADS=n_heads,
                                        N_KV=n_kv, D=D, HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=False,
-                                       **launch_options(qkv.device, dependent=True))
+                                       CONSUME=consume, **launch_options(qkv.device, dependent=True))
     return q
 
 
 def rope_append_rows(qkv, cos, sin, table, layer: int, slots, n_heads, n_kv, qk_norm=None):
-    """rope_append for B rows: qkv [B, (Hq + 2 Hkv) D], cos/sin [B, D], row b's k and v written to
-    slot slots[b] (device tensor [B]) of layer `layer` of its cache, given by `table` int64 [3, B]
-    as decode_attention_rows reads it. Returns q [B, Hq, D]."""
+    """rope_append for B rows: qkv [B, (Hq + 2 Hkv) D] (or Sums), cos/sin [B, D], row b's k and v
+    written to slot slots[b] (device tensor [B]) of layer `layer` of its cache, given by `table`
+    int64 [3, B] as decode_attention_rows reads it. Returns q [B, Hq, D]."""
     B, D = cos.shape
+    qkv, consume = _qkv_input(qkv, cos.dtype)
     assert qkv.is_contiguous() and qkv.shape == (B, (n_heads + 2 * n_kv) * D), (qkv.shape, n_heads, n_kv, D)
-    assert table.shape == (3, B) and table.dtype == torch.int64 and slots.shape == (B,) and cos.dtype == qkv.dtype
-    q = torch.empty(B, n_heads, D, device=qkv.device, dtype=qkv.dtype)
-    q_w, k_w, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
-    _rope_append[(n_heads + 2 * n_kv, B)](qkv, cos.contiguous(), sin.contiguous(), q, qkv, qkv, slots, 0, 0,
+    assert table.shape == (3, B) and table.dtype == torch.int64 and slots.shape == (B,)
+    q = torch.empty(B, n_heads, D, device=qkv.device, dtype=cos.dtype)
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
+    _rope_append[(n_heads + 2 * n_kv, B)](qkv, cos.contiguous(), sin.contiguous(), q, q, q, slots, 0, 0,
                                           q_w, k_w, eps, table, layer, N_HEADS=n_heads, N_KV=n_kv, D=D,
-                                          HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=True,
+                                          HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=True, CONSUME=consume,
                                           **launch_options(qkv.device, dependent=True))
     return q

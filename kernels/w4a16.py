@@ -58,6 +58,7 @@ and loses at M=320 (the dequantization is paid once and cuBLAS's tiles win on a 
 switch sits between them.
 """
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -430,7 +431,7 @@ def _gemv_step(words, s, z, X, t, t1, stride_xm, r, M, K, one, acc0, acc1, acc2,
 def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits, tiles_per_split, one,
                  KT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr,
-                 PTX: tl.constexpr, ORDER: tl.constexpr, UNROLL: tl.constexpr):
+                 PTX: tl.constexpr, ORDER: tl.constexpr, UNROLL: tl.constexpr, SUMS: tl.constexpr):
     """One program: BLOCK_N columns x one K range, all M (<= BLOCK_M <= 4) rows; CUDA-core FMAs.
     Everything stays in the layout of the weight load (each thread: all KT8 word rows of a few
     adjacent columns), so K reductions are in-thread; one accumulator per activation row. The K
@@ -439,7 +440,9 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     work, as ptxas sinks a load whose use lies in the next iteration to the end of the body, after
     the arithmetic it was to overlap. Split-K: fp32 atomic adds into the layer's zeroed workspace;
     the last program of a column block (its semaphore) reads the sums, writes y and zeroes the
-    workspace again.
+    workspace again. SUMS: the kernel ends at its adds (or, unsplit, stores its fp32 sums there),
+    for a reader that takes them from the workspace and zeroes it (Sums): no semaphore round trips
+    at the kernel's end, where they cost 1-2 us a call (H100).
     PDL (programmatic dependent launch): the programs start while the kernel before is still
     running and load their first weights (which no kernel writes), then wait for it before reading x
     or touching y, the workspace or the semaphores."""
@@ -481,19 +484,22 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     if BLOCK_M > 2:
         acc = tl.where(rows[:, None] == 2, acc2[None, :], acc)
         acc = tl.where(rows[:, None] == 3, acc3[None, :], acc)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offs = rows[:, None] * N + cols[None, :]
     if SPLIT_K:
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        offs = rows[:, None] * N + cols[None, :]
         tl.atomic_add(Acc + offs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds are issued before the (release) semaphore
-        done = tl.atomic_add(Counters + pid_n, 1)  # acq_rel, gpu scope
-        if done == splits - 1:
-            # Read and zero in one atomic (a load then a store may fall to different threads of
-            # the program), on the int32 bits: the interpreter exchanges integers only.
-            zero = tl.zeros_like(rows[:, None] + cols[None, :])
-            bits = tl.atomic_xchg(Acc.to(tl.pointer_type(tl.int32)) + offs, zero, mask=mask, sem="relaxed")
-            _finish(bits.to(tl.float32, bitcast=True), rows, cols, M, N, Y, Bias, HAS_BIAS)
-            tl.atomic_xchg(Counters + pid_n, 0)  # ready for the next call (or graph replay)
+        if not SUMS:  # SUMS: the kernel ends here; the one reader of the sums zeroes them
+            tl.debug_barrier()  # every thread's adds are issued before the (release) semaphore
+            done = tl.atomic_add(Counters + pid_n, 1)  # acq_rel, gpu scope
+            if done == splits - 1:
+                # Read and zero in one atomic (a load then a store may fall to different threads of
+                # the program), on the int32 bits: the interpreter exchanges integers only.
+                zero = tl.zeros_like(rows[:, None] + cols[None, :])
+                bits = tl.atomic_xchg(Acc.to(tl.pointer_type(tl.int32)) + offs, zero, mask=mask, sem="relaxed")
+                _finish(bits.to(tl.float32, bitcast=True), rows, cols, M, N, Y, Bias, HAS_BIAS)
+                tl.atomic_xchg(Counters + pid_n, 0)  # ready for the next call (or graph replay)
+    elif SUMS:
+        tl.store(Acc + offs, acc, mask=mask)
     else:
         _finish(acc, rows, cols, M, N, Y, Bias, HAS_BIAS)
 
@@ -742,15 +748,25 @@ def _check(x, packed, group_size, bias, swiglu=False):
     return x.shape[0], K, N
 
 
+class Sums(NamedTuple):
+    """A decode GEMV's output [M, N] left as fp32 sums in its layer's workspace (gemv(sums=True)).
+    Its one reader rounds them to the activation dtype, as the GEMV's own store would, and zeroes
+    them for the layer's next call (add_rmsnorm(..., consume=True)); until then the layer's next
+    GEMV would add to them."""
+    values: torch.Tensor
+
+
 def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
-         split=None, swiglu=False, ptx=None, unroll=None):
+         split=None, swiglu=False, ptx=None, unroll=None, sums=False):
     """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG.
     swiglu: x is a gate|up pair [M, 2K] and the input is silu(gate) * up (the down projection).
     ptx: the fp16x2 inline-PTX step (default: gemv_ptx); it takes plain rows, so a swiglu input goes
     through SiLU-mul first (faster than each of its threads computing the SiLU of all its rows).
-    unroll: K steps loaded together (1-3; a split's steps are rounded up to a multiple of it)."""
+    unroll: K steps loaded together (1-3; a split's steps are rounded up to a multiple of it).
+    sums: return Sums instead of y (no bias)."""
     M, K, N = _check(x, packed, group_size, bias, swiglu)
     assert 1 <= M <= 4, M
+    assert not (sums and bias is not None), "Sums hold no bias"
     ptx = gemv_ptx(x, packed) if ptx is None else ptx
     if ptx and swiglu:
         x, swiglu = silu_mul(x.contiguous()), False
@@ -766,14 +782,15 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
     if per % unroll:  # whole unrolled iterations, so that no program computes an empty step
         per = -(-per // unroll) * unroll
         split = -(-(K // kt) // per)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    workspace = packed["workspace"]
+    y = workspace if sums else torch.empty(M, N, device=x.device, dtype=x.dtype)
     _gemv_kernel[(n_tiles, split)](
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
-        packed["workspace"], counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
+        workspace, counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), UNROLL=unroll, num_warps=num_warps,
+        SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), UNROLL=unroll, SUMS=sums, num_warps=num_warps,
         **launch_options(x.device, dependent=True))
-    return y
+    return Sums(workspace[:M]) if sums else y
 
 
 def gemv_ptx(x, packed) -> bool:

@@ -24,7 +24,7 @@ from tinyvila.kernels.rope_append import rope_append, rope_append_rows
 from tinyvila.kernels.saliency import saliency_attention
 from tinyvila.loader import iter_tensors, progress_bar
 
-from .quantized import act_input, norm_input
+from .quantized import W4Linear, act_input, norm_input
 
 # --------------------------------------------------------------------------- config
 
@@ -342,6 +342,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 CAUSAL = "causal"  # attention_mask's marker for plain causal attention over a fresh cache
 
+def sums_or_output(linear: nn.Module, x: torch.Tensor):
+    """linear(x) for a reader that also takes w4a16.Sums (add_rmsnorm, rope_append): a 4-bit decode
+    GEMV then leaves its output as fp32 sums in its workspace, which the reader rounds and zeroes,
+    so that the GEMV ends at its split-K adds, without its tail (1-2 us a call on an H100)."""
+    return linear(x, sums=True) if isinstance(linear, W4Linear) else linear(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -473,17 +480,19 @@ class Attention(nn.Module):
         the projections: graph-capturable, no host sync."""
         k_cache, v_cache = kv
         norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        q = rope_append(self.qkv_proj(x), cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv, norms)
+        qkv = sums_or_output(self.qkv_proj, x)
+        q = rope_append(qkv, cos, sin, k_cache, v_cache, slot, self.n_heads, self.n_kv, norms)
         out = decode_attention(q, k_cache, v_cache, length, window=window, workspace=workspace)
-        return self.o_proj(out.reshape(1, -1))
+        return sums_or_output(self.o_proj, out.reshape(1, -1))
 
     def decode_batch(self, x, cos, sin, table, layer: int, slots, lengths, window, workspace):
         """decode for B conversations' tokens x [B, C], row b at slot slots[b] of its own cache (table:
         KVCache.address columns), attending over its first lengths[b] slots; graph-capturable."""
         norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        q = rope_append_rows(self.qkv_proj(x), cos, sin, table, layer, slots, self.n_heads, self.n_kv, norms)
+        qkv = sums_or_output(self.qkv_proj, x)
+        q = rope_append_rows(qkv, cos, sin, table, layer, slots, self.n_heads, self.n_kv, norms)
         out = decode_attention_rows(q, table, layer, lengths, self.n_kv, window=window, workspace=workspace)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return sums_or_output(self.o_proj, out.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
@@ -493,14 +502,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act_name, self.act = act, activation(act)
 
-    def forward(self, x):
+    def forward(self, x, sums: bool = False):
         """On a GPU, SiLU and the product run in one Triton kernel (act_input), or inside a 4-bit
-        down projection's decode GEMV (W4Linear.swiglu; None where that does not apply)."""
+        down projection's decode GEMV (W4Linear.swiglu; None where that does not apply).
+        sums: for add_rmsnorm, which takes w4a16.Sums too (sums_or_output)."""
         gate_up = self.gate_up_proj(x)
         swiglu = getattr(self.down_proj, "swiglu", None) if self.act is F.silu else None
-        y = swiglu(gate_up) if swiglu is not None else None
-        return y if y is not None else self.down_proj(act_input(self.act_name, self.act, gate_up, self.down_proj,
-                                                                gated=True))
+        y = swiglu(gate_up, sums=sums) if swiglu is not None else None
+        if y is not None:
+            return y
+        h = act_input(self.act_name, self.act, gate_up, self.down_proj, gated=True)
+        return sums_or_output(self.down_proj, h) if sums else self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -596,7 +608,8 @@ class DecoderLM(nn.Module):
 
     def fused_blocks(self, h: torch.Tensor, attend, prune=None, extra=None) -> torch.Tensor:
         """All decoder blocks with the residual adds, norms and SwiGLU fused (Triton, GPU), the
-        final norm included. attend(i, layer, x) is the attention of block i on its normed input.
+        final norm included. attend(i, layer, x) is the attention of block i on its normed input
+        (a tensor, or a 4-bit decode GEMV's w4a16.Sums: sums_or_output).
         prune: (K, rows_of) drops rows before block K: rows_of() gives the rows that go on.
         extra(i): rows added to block i's output, or None (DeepStack)."""
         eps, delta = self.cfg.rms_norm_eps, None  # each norm also adds the block output before it
@@ -609,8 +622,8 @@ class DecoderLM(nn.Module):
             else:
                 x, h = add_rmsnorm(h, delta, layer.input_layernorm.weight, eps)
             x, h = add_rmsnorm(h, attend(i, layer, x), layer.post_attention_layernorm.weight, eps)
-            delta = layer.mlp(x)
             added = extra(i) if extra is not None else None
+            delta = layer.mlp(x, sums=added is None and prune is None)
             if added is not None:
                 delta = delta + added
         return add_rmsnorm(h, delta, self.norm.weight, eps)[0]

@@ -84,26 +84,35 @@ class W4Linear(nn.Module):
         self.packed_names = list(packed)
         del self.qweight, self.qzeros, self.scales
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sums: bool = False):
+        """y, or with `sums` where the decode GEMV runs (a GPU, rows <= GEMV_MAX_M, no bias) its
+        w4a16.Sums for add_rmsnorm to read (no split-K tail at the GEMV's end)."""
         packed = self.packed
         if packed is None:
             raise RuntimeError("W4Linear used before finalize()")
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if sums and self._sums_apply(x2):
+            return gemv(x2, packed, self.group_size, sums=True)
         run = w4a16_linear if x.is_cuda else w4a16_linear_ref  # CPUs take the PyTorch reference
         y = run(x2, packed, self.group_size, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+    def swiglu(self, gate_up: torch.Tensor, sums: bool = False):
         """down(silu(gate) * up) for one or two decode rows, the GEMV taking gate|up [.., 2K] (read
         by its fp32 step itself, no SiLU-mul kernel and round trip in between; its fp16x2 step runs
         SiLU-mul first); None where that path does not apply (the CPU, prefill rows), and the caller
-        runs the two steps."""
+        runs the two steps. sums: as in forward."""
         rows = gate_up.reshape(-1, gate_up.shape[-1])
         if not gate_up.is_cuda or rows.shape[0] > GEMV_MAX_M or self.packed is None or rows.stride(-1) != 1:
             return None
+        if sums and self._sums_apply(rows):
+            return gemv(rows, self.packed, self.group_size, swiglu=True, sums=True)
         y = gemv(rows, self.packed, self.group_size, self.bias, swiglu=True)
         return y.reshape(*gate_up.shape[:-1], self.out_features)
+
+    def _sums_apply(self, rows: torch.Tensor) -> bool:
+        return rows.is_cuda and rows.shape[0] <= GEMV_MAX_M and self.bias is None and rows.stride(-1) == 1
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"

@@ -147,6 +147,30 @@ def test_gemv_unrolled_k_loop(unroll, split, order):
     assert not packed["counters"].any() and not packed["workspace"].any()
 
 
+@pytest.mark.parametrize("m, split, swiglu", [(1, 1, False), (1, 3, False), (2, 3, True)])
+def test_gemv_sums_read_by_add_rmsnorm(m, split, swiglu, order):
+    """A GEMV that ends at its split-K adds (sums=True), its sums read by add_rmsnorm, gives what
+    its own output gives, and the reader zeroes the workspace: the next call starts from zero."""
+    from tinyvila.kernels.rmsnorm import add_rmsnorm
+
+    n, k, group = 72, 256, 64
+    packed, _ = _layer(n, k, group, seed=5)
+    x, _ = _inputs(m, 2 * k if swiglu else k, n, torch.float16, seed=m)
+    h, w = _inputs(m, n, n, torch.float16, seed=7, bias=True)
+    kw = dict(cols_per_thread=1, num_warps=1, split=split, swiglu=swiglu)
+    want = add_rmsnorm(h, w4a16.gemv(x, packed, group, **kw), w, 1e-6)
+    for _ in range(2):
+        sums = w4a16.gemv(x, packed, group, sums=True, **kw)
+        assert sums.values.shape == (m, n) and sums.values.dtype == torch.float32
+        got = add_rmsnorm(h, sums, w, 1e-6)
+        for ours, ref in zip(got, want):
+            if DEVICE == "cpu" or split == 1:  # the same adds in the same order
+                assert torch.equal(ours, ref)
+            else:  # the GPU's fp32 atomics add in any order
+                torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+        assert not packed["workspace"].any() and not packed["counters"].any()
+
+
 @pytest.mark.parametrize("m, split", [(1, 1), (2, 3), (3, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv_swiglu_input_equals_silu_mul_then_gemv(m, split, dtype):
