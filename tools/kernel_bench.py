@@ -6,7 +6,9 @@
 Decode (GEMV) table: each shape K->N at M=1 (and any --gemv-m), time per call, bytes moved (packed
 weights + scales + zeros + x read, y written) over the time, and that rate as a fraction of the
 device's copy bandwidth (tinyvila.tools.bench.copy_bandwidth), and the time beyond what those
-bytes take at that bandwidth (a call's fixed part: launch ramp, split-K tail). GEMM table, every
+bytes take at that bandwidth (a call's fixed part: launch ramp, split-K tail), and the time of the
+same GEMV ending at its split-K adds (w4a16.Sums, as decode runs the ones add_rmsnorm or rope_append
+read; M <= GEMV_MAX_M). GEMM table, every
 M from 1 to 2994 by default: w4a16_linear against cuBLAS on the same product with fp16/bf16 weights (F.linear;
 the ratio is our time over cuBLAS's), torch's tinygemm int4 kernel (gpt-fast's path, bf16
 activations; "-" where the GPU or torch lacks it), each of our two larger-M paths (fused-dequant
@@ -125,8 +127,13 @@ def gemv_rows(shapes, ms, group, dtype, device, bw, reps):
         for m in ms:
             xs = [torch.randn(m, K, device=device, dtype=dtype) for _ in layers]
             t = time_graph([lambda x=x, L=L: w4a16.w4a16_linear(x, L, group) for x, L in zip(xs, layers)], reps)
+            sums = float("nan")  # the GEMV ending at its adds, as decode runs it before add_rmsnorm / rope_append
+            if m <= w4a16.GEMV_MAX_M:  # (the sums pile up unread here: the time is the same)
+                sums = time_graph([lambda x=x, L=L: w4a16.gemv(x, L, group, sums=True) for x, L in zip(xs, layers)],
+                                  reps)
             moved = lb + m * (K + N) * xs[0].element_size()
-            rows.append((f"{K}->{N}", m, t * 1e6, moved / t / 1e9, moved / t / bw, (t - moved / bw) * 1e6))
+            rows.append((f"{K}->{N}", m, t * 1e6, moved / t / 1e9, moved / t / bw, (t - moved / bw) * 1e6,
+                         sums * 1e6))
         del layers
     return rows
 
@@ -241,11 +248,12 @@ def run(args) -> None:
         print()
     if args.gemv_shapes and args.gemv_m:
         print("| shape K->N | M | time (us) | GB/s | fraction of copy bandwidth "
-              "| beyond the bytes at copy speed (us) |")
-        print("|---|---|---|---|---|---|")
-        for shape, m, t, gbs, frac, extra in gemv_rows(args.gemv_shapes, args.gemv_m, args.group, dtype, device,
-                                                       bw, args.reps):
-            print(f"| {shape} | {m} | {t:.2f} | {gbs:.0f} | {frac:.1%} | {extra:.1f} |")
+              "| beyond the bytes at copy speed (us) | ending at its adds (Sums, us) |")
+        print("|---|---|---|---|---|---|---|")
+        for shape, m, t, gbs, frac, extra, sums in gemv_rows(args.gemv_shapes, args.gemv_m, args.group, dtype,
+                                                             device, bw, args.reps):
+            print(f"| {shape} | {m} | {t:.2f} | {gbs:.0f} | {frac:.1%} | {extra:.1f} | "
+                  f"{'-' if sums != sums else f'{sums:.2f}'} |")
         print()
     if args.gemm_shapes and args.gemm_m:
         print(f"| shape K->N | M | w4a16_linear (us) | TFLOP/s | cuBLAS {args.dtype} weights (us) | ours / cuBLAS "
