@@ -241,6 +241,25 @@ def test_w4a16_linear_real_shapes(dtype, m, k, n, group, order):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("k, n, swiglu", [(4096, 4096, False), (4096, 12288, False), (11008, 4096, True)])
+def test_gemv_sums_read_by_add_rmsnorm_real_shapes(m, k, n, swiglu, order):
+    """The decode shapes' GEMVs ending at their adds: add_rmsnorm of their Sums equals add_rmsnorm of
+    their output, call after call (each read zeroes the workspace)."""
+    from tinyvila.kernels.rmsnorm import add_rmsnorm
+
+    packed, _ = _layer(n, k, 128, seed=m, device="cuda")
+    x, _ = _inputs(m, 2 * k if swiglu else k, n, torch.float16, seed=m + 1, device="cuda")
+    h, w = _inputs(m, n, n, torch.float16, seed=7, bias=True, device="cuda")
+    want = add_rmsnorm(h, w4a16.gemv(x, packed, 128, swiglu=swiglu), w, 1e-6)
+    for _ in range(3):
+        got = add_rmsnorm(h, w4a16.gemv(x, packed, 128, swiglu=swiglu, sums=True), w, 1e-6)
+        for ours, ref in zip(got, want):  # the fp32 adds land in any order
+            torch.testing.assert_close(ours, ref, rtol=2e-3, atol=2e-3)
+        assert not packed["workspace"].any() and not packed["counters"].any()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 17, 64, 150])
 def test_gemv_and_gemm_forced_at_small_m(m, order):
     packed, x, b, ref = _gpu_case(m, 4096, 4096, 128, torch.float16, bias=True, seed=10 + m)
