@@ -342,6 +342,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 CAUSAL = "causal"  # attention_mask's marker for plain causal attention over a fresh cache
 
+
 def sums_or_output(linear: nn.Module, x: torch.Tensor):
     """linear(x) for a reader that also takes w4a16.Sums (add_rmsnorm, rope_append): a 4-bit decode
     GEMV then leaves its output as fp32 sums in its workspace, which the reader rounds and zeroes,
