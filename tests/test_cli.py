@@ -129,18 +129,16 @@ def test_bad_models_and_flags(llava_vicuna, image_files, tmp_path):
 
 
 
-def test_ctrl_c_stops_the_answer_not_the_program(llava_vicuna, tmp_path):
+def test_ctrl_c_stops_the_answer_not_the_program(llava_vicuna):
+    import signal
     import time
 
-    # a context of 32K tokens, so the answer is still running when the signal lands (the tiny model
-    # fills its own 1024 in a fraction of a second: on a loaded CI machine, before this process woke)
-    model = shutil.copytree(llava_vicuna, tmp_path / "long")
-    config = json.loads((model / "config.json").read_text())
-    config["text_config"]["max_position_embeddings"] = 32768
-    (model / "config.json").write_text(json.dumps(config))
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "tinyvila.chat", str(model), "-n", "100000",
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "tinyvila.chat", str(llava_vicuna), "-n", "100000",
                              "--ignore-eos", *GREEDY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # SIGINT as a terminal delivers it: a background job (`pytest &`) ignores it,
+                            # which the child would inherit and never raise KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("Tell me everything.\n")
     proc.stdin.flush()
     assert proc.stdout.read(1)  # the answer is streaming
