@@ -442,7 +442,7 @@ def _gemv_kernel(X, Q, S, Z, Bias, Y, Acc, Counters, M, N8, K, stride_xm, splits
     the last program of a column block (its semaphore) reads the sums, writes y and zeroes the
     workspace again. SUMS: the kernel ends at its adds (or, unsplit, stores its fp32 sums there),
     for a reader that takes them from the workspace and zeroes it (Sums): no semaphore round trips
-    at the kernel's end, where they cost 1-2 us a call (H100).
+    at the kernel's end, where they cost 0.7-2.0 us a call (H100).
     PDL (programmatic dependent launch): the programs start while the kernel before is still
     running and load their first weights (which no kernel writes), then wait for it before reading x
     or touching y, the workspace or the semaphores."""
@@ -750,9 +750,9 @@ def _check(x, packed, group_size, bias, swiglu=False):
 
 class Sums(NamedTuple):
     """A decode GEMV's output [M, N] left as fp32 sums in its layer's workspace (gemv(sums=True)).
-    Its one reader rounds them to the activation dtype, as the GEMV's own store would, and zeroes
-    them for the layer's next call (add_rmsnorm(..., consume=True)); until then the layer's next
-    GEMV would add to them."""
+    Its one reader (add_rmsnorm or rope_append, given the Sums as its input) rounds them to the
+    activation dtype, as the GEMV's own store would, and zeroes them for the layer's next call;
+    until then the layer's next GEMV would add to them."""
     values: torch.Tensor
 
 
