@@ -116,6 +116,37 @@ def test_session_images_added_later_and_what_the_cache_holds(eng, image_files):
         s.ask("closed session")
 
 
+@pytest.mark.parametrize("sparsity", [{}, dict(decode_sparsity=0.5)])
+def test_the_next_session_of_a_closed_ones_size_takes_its_caches(eng, image_files, sparsity):
+    """generate() after generate(): the closed session's KV cache (and decode buffer, and on a GPU
+    the graphs captured over them) serve the next session of the same context size, whose answer
+    is what a fresh session gives, whatever the previous one left in them."""
+    opts = dict(GREEDY, max_seq_len=600, **sparsity)
+    eng.drop_spare()
+    fresh = eng.generate("Describe it.", images=[image_files[1]], **opts)
+    left = eng._spare
+    assert left is not None and left.cache.max_len == 600 and (left.decode_buffer is not None) == bool(sparsity)
+    other = eng.generate("What colors are in the picture, and where?", images=[image_files[0]], **opts)
+    assert eng._spare.cache is left.cache and eng._spare.decode_buffer is left.decode_buffer
+    again = eng.generate("Describe it.", images=[image_files[1]], **opts)
+    assert eng._spare.cache is left.cache
+    assert again.token_ids == fresh.token_ids and again.text == fresh.text
+    assert other.token_ids != fresh.token_ids  # the answers depend on the inputs: the equality above means something
+    eng.generate("Describe it.", images=[image_files[1]], **dict(opts, max_seq_len=601))
+    assert eng._spare.cache is not left.cache and eng._spare.cache.max_len == 601  # another size: a new cache
+    eng.drop_spare()
+    assert eng._spare is None
+
+
+def test_a_session_closed_mid_answer_leaves_no_spare(eng, image_files):
+    eng.drop_spare()
+    with eng.session(images=[image_files[0]], max_seq_len=600) as s:
+        pieces = s.stream("Describe it.", **GREEDY)
+        next(pieces)
+    assert eng._spare is None and s.cache is None
+    pieces.close()
+
+
 def test_bad_sampling_options(eng):
     with pytest.raises(TinyVilaError, match="top_p"):
         eng.generate("Hi", top_p=0)

@@ -101,8 +101,9 @@ def test_align_rows_keeps_values_and_results():
 
 
 def test_closing_a_session_frees_its_memory(llava_vicuna, image_files, tmp_path):
-    """The KV cache and the captured decode graph go away with the session (after a first session
-    has set up the per-process library workspaces)."""
+    """The KV cache and the captured decode graph stay with the engine for the next session of
+    their size once the session closes, and go away with drop_spare() (after a first session has
+    set up the per-process library workspaces)."""
     import gc
     import json
     import shutil
@@ -114,6 +115,7 @@ def test_closing_a_session_frees_its_memory(llava_vicuna, image_files, tmp_path)
     eng = tinyvila.load(long, device="cuda", dtype="float16")
     with eng.session(images=[image_files[0]]) as s:
         s.ask("Hi", **GREEDY)
+    eng.drop_spare()
     gc.collect()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -121,8 +123,24 @@ def test_closing_a_session_frees_its_memory(llava_vicuna, image_files, tmp_path)
         s.ask("Hi", **GREEDY)
         assert torch.cuda.memory_allocated() > before + 40e6
     gc.collect()
+    assert torch.cuda.memory_allocated() > before + 40e6  # the engine's spare now
+    eng.drop_spare()
+    gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() < before + 5e6
+
+
+@pytest.mark.parametrize("sparsity", [{}, dict(decode_sparsity=0.5)])
+def test_the_next_generate_of_the_same_size_captures_nothing(llava_vicuna, image_files, sparsity):
+    """A second generate() takes the first one's cache (and decode buffer) and the decode graphs
+    captured over them: no capture, the same tokens, after a different conversation in between."""
+    eng = tinyvila.load(llava_vicuna, device="cuda", dtype="float32")
+    opts = dict(GREEDY, max_seq_len=600, **sparsity)
+    first = eng.generate("Describe it.", images=[image_files[1]], **opts)
+    other = eng.generate("What colors are in the picture, and where?", images=[image_files[0]], **opts)
+    again = eng.generate("Describe it.", images=[image_files[1]], **opts)
+    assert first.stats.graph_capture_s > 0 and other.stats.graph_capture_s == again.stats.graph_capture_s == 0
+    assert again.token_ids == first.token_ids and other.token_ids != first.token_ids
 
 
 def test_greedy_decoding_ahead_of_the_host_stops_where_the_cpu_stops(llava_mistral, image_files):

@@ -1,7 +1,10 @@
 """The Engine: one loaded checkpoint (weights, tokenizer, chat template) and the calls that use it.
 
 An Engine holds no conversation state; each `session()` owns its KV cache and history, and
-`generate()` is a one-turn session. Engines share nothing, so several can live in one process.
+`generate()` is a one-turn session. The last closed session's preallocated caches and the GPU graphs
+captured over them stay with the engine for the next session of the same context size (a spare:
+repeated `generate()` calls allocate and capture nothing). Engines share nothing, so several can
+live in one process.
 """
 import os
 import re
@@ -101,6 +104,8 @@ class Engine:
                                                  if k in self.defaults})
         self.banned = self._banned_ids(text.vocab_size)
         self.lock = threading.Lock()  # one forward at a time per engine: sessions interleave steps
+        self._spare = None  # a closed session's session.Spare, for the next session of its size
+        self._spare_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model, device=None, dtype=None, **options) -> "Engine":
@@ -156,6 +161,23 @@ class Engine:
         if self._prefill_pool is None:
             self._prefill_pool = torch.cuda.graph_pool_handle()
         return self._prefill_pool
+
+    def take_spare(self, max_len: int):
+        """The kept session.Spare if its cache holds exactly `max_len` tokens, else None. Either way
+        the engine keeps it no longer, so a new cache is never allocated beside an unused one."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        return spare if spare is not None and spare.cache.max_len == max_len else None
+
+    def keep_spare(self, spare) -> None:
+        """Keep a closed session's caches and graphs (session.Spare) for the next session."""
+        with self._spare_lock:
+            self._spare = spare
+
+    def drop_spare(self) -> None:
+        """Free the closed session's caches and graphs the engine keeps (their GPU memory goes back
+        to PyTorch's allocator, as when a session closes without a spare)."""
+        self.take_spare(-1)
 
     def _banned_ids(self, vocab_size: int):
         """Ids sampling must never produce: embedding rows without a token string (checkpoints pad

@@ -230,7 +230,8 @@ def start_answer(opening: Opening) -> Turn:
 def release(turn: Turn) -> None:
     """The session is free again and the answer's K/V are in its full cache."""
     turn.session.busy = False
-    fold_answer(turn.session, turn.target, len(turn.prompt.keys))
+    if turn.session.cache is not None:  # a session closed mid-answer keeps nothing
+        fold_answer(turn.session, turn.target, len(turn.prompt.keys))
 
 
 def finish_turn(turn: Turn) -> str:
@@ -238,6 +239,8 @@ def finish_turn(turn: Turn) -> str:
     decoder's last text (none when cancelled)."""
     session = turn.session
     release(turn)
+    if session.cache is None:  # closed in the middle of the answer: nothing to record
+        return ""
     tail = turn.decoder.flush()
     finish_stats(turn.stats, session, turn.target, turn.t_decode)
     text = session.engine.tokenizer.decode(turn.answer.tokens)

@@ -10,6 +10,7 @@ A Session holds the conversation's state only; the turn itself is `generate.gene
 """
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +19,16 @@ from .generate import DecodeGraphs, GenerationResult, PrefillGraphs, generate, s
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .sparsity import Sparsity, visual_slots
+
+
+class Spare(NamedTuple):
+    """What a closed session leaves its engine for the next session of the same context size: its
+    preallocated caches and the graphs captured over them (their contents do not matter: a
+    session fills what it reads)."""
+    cache: KVCache
+    decode_buffer: KVCache | None
+    graphs: DecodeGraphs
+    short_prefills: PrefillGraphs | None
 
 
 class Session:
@@ -38,16 +49,22 @@ class Session:
         self.last_result = None
         self.busy = False
         self.cancel_requested = threading.Event()  # set by cancel(), from any thread
-        self.graphs = DecodeGraphs()  # the GPU decode steps, captured on first use
-        # short prefills as CUDA graphs (opt-in: load(..., prefill_graphs=True)); None: all eager
-        graphed = getattr(engine, "prefill_graphs", False) and engine.capture_stream() is not None
-        self.short_prefills = PrefillGraphs(graphed=True) if graphed else None
-        self.decode_buffer = None  # decode retrieval's compact cache (allocated on first use)
         self.last_selection = None  # per layer, the visual tokens the last answer's decode attended to
         self._layout = {}  # media layout -> its positions and slots, computed once (Session.layout)
-        text = self.lm.cfg
-        self.cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, max_seq_len,
-                             engine.device, engine.dtype)
+        # cache: the conversation's KV; decode_buffer: decode retrieval's compact cache (allocated on
+        # first use); graphs: the GPU decode steps, captured on first use; short_prefills: short
+        # prefills as CUDA graphs (opt-in: load(..., prefill_graphs=True)), None: all eager. A closed
+        # session of the same context size may have left them (Engine.take_spare).
+        spare = engine.take_spare(max_seq_len) or self._new_state(max_seq_len)
+        self.cache, self.decode_buffer, self.graphs, self.short_prefills = spare
+        self.cache.truncate(0)
+
+    def _new_state(self, max_seq_len: int) -> Spare:
+        engine, text = self.engine, self.lm.cfg
+        graphed = getattr(engine, "prefill_graphs", False) and engine.capture_stream() is not None
+        cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, max_seq_len,
+                        engine.device, engine.dtype)
+        return Spare(cache, None, DecodeGraphs(), PrefillGraphs(graphed=True) if graphed else None)
 
     @property
     def visual(self) -> list:
@@ -120,7 +137,12 @@ class Session:
         self.cancel_requested.set()
 
     def close(self) -> None:
-        self.cache = self.decode_buffer = None  # release the preallocated caches and the captured graphs
+        """Release the preallocated caches and the captured graphs: to the engine, which keeps the
+        last closed session's for the next session of the same context size (Engine.drop_spare
+        frees them). A session closed in the middle of an answer leaves nothing."""
+        if self.cache is not None and not self.busy:
+            self.engine.keep_spare(Spare(self.cache, self.decode_buffer, self.graphs, self.short_prefills))
+        self.cache = self.decode_buffer = None
         self.graphs = DecodeGraphs()
         self.short_prefills = None
 

@@ -380,7 +380,8 @@ def engine_for(args):
         stream = torch.cuda.Stream(device) if device.type == "cuda" and not args.no_graphs else None
         engine = SimpleNamespace(model=model, device=device, dtype=dtype, tokenizer=NoText(), lock=threading.Lock(),
                                  banned=None, stop_ids=set(), capture_stream=lambda: stream,
-                                 prefill_graphs=args.prefill_graphs and stream is not None)
+                                 prefill_graphs=args.prefill_graphs and stream is not None,
+                                 take_spare=lambda max_len: None, keep_spare=lambda spare: None)
     return engine, model
 
 
