@@ -22,8 +22,8 @@ def add_rmsnorm_ref(x, delta, weight, eps):
 
 
 @triton.jit
-def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, CONSUME: tl.constexpr, BLOCK: tl.constexpr,
-             PDL: tl.constexpr):
+def _rmsnorm(X, Delta, Bias, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, CONSUME: tl.constexpr,
+             HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: long prompts times wide rows
     cols = tl.arange(0, BLOCK)
@@ -31,8 +31,10 @@ def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, CONSUME: tl.c
     x = tl.load(X + row * n + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(Delta + row * n + cols, mask=mask, other=0.0)
-        if CONSUME:  # a GEMV's fp32 sums (w4a16.Sums): rounded as its store would, then zeroed
+        if CONSUME:  # a GEMV's fp32 sums (w4a16.Sums): its bias added and rounded as its store would, zeroed
             tl.store(Delta + row * n + cols, tl.zeros_like(d), mask=mask)
+            if HAS_BIAS:
+                d += tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
         x = x + d.to(x.dtype)
         tl.store(Sum + row * n + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -41,13 +43,14 @@ def _rmsnorm(X, Delta, W, Y, Sum, n, eps, HAS_DELTA: tl.constexpr, CONSUME: tl.c
     tl.store(Y + row * n + cols, (xf * rstd).to(x.dtype) * w, mask=mask)
 
 
-def _launch(x, delta, weight, eps, consume=False):
+def _launch(x, delta, weight, eps, consume=False, bias=None):
     assert x.is_contiguous() and weight.shape == (x.shape[-1],), (x.shape, weight.shape)
     n = x.shape[-1]
     y = torch.empty_like(x)
     s = torch.empty_like(x) if delta is not None else y
-    _rmsnorm[(x.numel() // n,)](x, delta if delta is not None else x, weight, y, s, n, eps,
-                                HAS_DELTA=delta is not None, CONSUME=consume, BLOCK=triton.next_power_of_2(n),
+    _rmsnorm[(x.numel() // n,)](x, delta if delta is not None else x, bias if bias is not None else x, weight, y, s,
+                                n, eps, HAS_DELTA=delta is not None, CONSUME=consume, HAS_BIAS=bias is not None,
+                                BLOCK=triton.next_power_of_2(n),
                                 **launch_options(x.device, dependent=True))
     return y, s
 
@@ -59,7 +62,6 @@ def rmsnorm(x, weight, eps):
 def add_rmsnorm(x, delta, weight, eps):
     """delta: a tensor like x, or a decode GEMV's w4a16.Sums (read once: its workspace is zeroed)."""
     consume = not isinstance(delta, torch.Tensor)
-    if consume:
-        delta = delta.values
+    delta, bias = (delta.values, delta.bias) if consume else (delta, None)
     assert delta.shape == x.shape and delta.is_contiguous()
-    return _launch(x, delta, weight, eps, consume)
+    return _launch(x, delta, weight, eps, consume, bias)

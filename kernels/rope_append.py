@@ -47,9 +47,10 @@ def rope_append_rows_ref(qkv, cos, sin, kvs, slots, n_heads, n_kv, qk_norm=None)
 
 
 @triton.jit
-def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks, QW, KW, eps, Table, layer,
+def _rope_append(QKV, Bias, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride_ks, QW, KW, eps, Table, layer,
                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                 QK_NORM: tl.constexpr, ROWS: tl.constexpr, CONSUME: tl.constexpr, PDL: tl.constexpr):
+                 QK_NORM: tl.constexpr, ROWS: tl.constexpr, CONSUME: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PDL: tl.constexpr):
     chain_start(PDL)  # programmatic dependent launch in decode (kernels/pdl.py)
     head = tl.program_id(0)  # 0..N_HEADS-1: query heads, then N_KV key heads, then N_KV value heads
     row = tl.program_id(1)  # ROWS: the conversation; its cache from the table's column `row`
@@ -73,9 +74,12 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
     base = QKV + head * D
     x1 = tl.load(base + i)
     x2 = tl.load(base + half + i)
-    if CONSUME:  # a GEMV's fp32 sums (w4a16.Sums): rounded as its store would, then zeroed
+    if CONSUME:  # a GEMV's fp32 sums (w4a16.Sums): its bias added and rounded as its store would, zeroed
         tl.store(base + i, tl.zeros_like(x1))
         tl.store(base + half + i, tl.zeros_like(x2))
+        if HAS_BIAS:
+            x1 += tl.load(Bias + head * D + i).to(tl.float32)
+            x2 += tl.load(Bias + head * D + half + i).to(tl.float32)
         x1 = x1.to(Q_out.dtype.element_ty)
         x2 = x2.to(Q_out.dtype.element_ty)
     slot = tl.load(Slot + row)
@@ -105,27 +109,27 @@ def _rope_append(QKV, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, stride
 
 
 def _qkv_input(qkv, dtype):
-    """(the qkv tensor, whether it is a GEMV's Sums to read and zero): qkv a tensor of `dtype`, or
-    a decode GEMV's w4a16.Sums."""
+    """(the qkv tensor, whether it is a GEMV's Sums to read and zero, its bias and whether it has
+    one): qkv a tensor of `dtype`, or a decode GEMV's w4a16.Sums."""
     consume = not isinstance(qkv, torch.Tensor)
-    qkv = qkv.values if consume else qkv
+    qkv, bias = (qkv.values, qkv.bias) if consume else (qkv, None)
     assert qkv.dtype == (torch.float32 if consume else dtype), (qkv.dtype, dtype)
-    return qkv, consume
+    return qkv, consume, (bias if bias is not None else qkv), bias is not None
 
 
 def rope_append(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_norm=None):
     """qkv: a tensor in cos's dtype, or a decode GEMV's w4a16.Sums (read once: zeroed)."""
     D = cos.shape[-1]
-    qkv, consume = _qkv_input(qkv, cos.dtype)
+    qkv, consume, bias, has_bias = _qkv_input(qkv, cos.dtype)
     assert qkv.is_contiguous() and qkv.numel() == (n_heads + 2 * n_kv) * D, (qkv.shape, n_heads, n_kv, D)
     assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == D and k_cache.stride(2) == 1
     assert v_cache.stride() == k_cache.stride() and k_cache.dtype == cos.dtype and slot.numel() == 1
     q = torch.empty(n_heads, D, device=qkv.device, dtype=cos.dtype)
     q_w, k_w, eps = qk_norm if qk_norm is not None else (q, q, 0.0)  # unused without the norm
-    _rope_append[(n_heads + 2 * n_kv,)](qkv, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
+    _rope_append[(n_heads + 2 * n_kv,)](qkv, bias, cos.contiguous(), sin.contiguous(), q, k_cache, v_cache, slot,
                                        k_cache.stride(0), k_cache.stride(1), q_w, k_w, eps, slot, 0, N_HEADS=n_heads,
                                        N_KV=n_kv, D=D, HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=False,
-                                       CONSUME=consume, **launch_options(qkv.device, dependent=True))
+                                       CONSUME=consume, HAS_BIAS=has_bias, **launch_options(qkv.device, dependent=True))
     return q
 
 
@@ -134,13 +138,13 @@ def rope_append_rows(qkv, cos, sin, table, layer: int, slots, n_heads, n_kv, qk_
     written to slot slots[b] (device tensor [B]) of layer `layer` of its cache, given by `table`
     int64 [3, B] as decode_attention_rows reads it. Returns q [B, Hq, D]."""
     B, D = cos.shape
-    qkv, consume = _qkv_input(qkv, cos.dtype)
+    qkv, consume, bias, has_bias = _qkv_input(qkv, cos.dtype)
     assert qkv.is_contiguous() and qkv.shape == (B, (n_heads + 2 * n_kv) * D), (qkv.shape, n_heads, n_kv, D)
     assert table.shape == (3, B) and table.dtype == torch.int64 and slots.shape == (B,)
     q = torch.empty(B, n_heads, D, device=qkv.device, dtype=cos.dtype)
     q_w, k_w, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
-    _rope_append[(n_heads + 2 * n_kv, B)](qkv, cos.contiguous(), sin.contiguous(), q, q, q, slots, 0, 0,
+    _rope_append[(n_heads + 2 * n_kv, B)](qkv, bias, cos.contiguous(), sin.contiguous(), q, q, q, slots, 0, 0,
                                           q_w, k_w, eps, table, layer, N_HEADS=n_heads, N_KV=n_kv, D=D,
                                           HALF=D // 2, QK_NORM=qk_norm is not None, ROWS=True, CONSUME=consume,
-                                          **launch_options(qkv.device, dependent=True))
+                                          HAS_BIAS=has_bias, **launch_options(qkv.device, dependent=True))
     return q

@@ -750,10 +750,11 @@ def _check(x, packed, group_size, bias, swiglu=False):
 
 class Sums(NamedTuple):
     """A decode GEMV's output [M, N] left as fp32 sums in its layer's workspace (gemv(sums=True)).
-    Its one reader (add_rmsnorm or rope_append, given the Sums as its input) rounds them to the
-    activation dtype, as the GEMV's own store would, and zeroes them for the layer's next call;
-    until then the layer's next GEMV would add to them."""
+    Its one reader (add_rmsnorm or rope_append, given the Sums as its input) adds the bias, rounds
+    them to the activation dtype, as the GEMV's own store would, and zeroes them for the layer's
+    next call; until then the layer's next GEMV would add to them."""
     values: torch.Tensor
+    bias: torch.Tensor | None = None  # [N], the GEMV's bias, added by the reader
 
 
 def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
@@ -763,10 +764,9 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
     ptx: the fp16x2 inline-PTX step (default: gemv_ptx); it takes plain rows, so a swiglu input goes
     through SiLU-mul first (faster than each of its threads computing the SiLU of all its rows).
     unroll: K steps loaded together (1-3; a split's steps are rounded up to a multiple of it).
-    sums: return Sums instead of y (no bias)."""
+    sums: return Sums instead of y (the bias left to their reader)."""
     M, K, N = _check(x, packed, group_size, bias, swiglu)
     assert 1 <= M <= 4, M
-    assert not (sums and bias is not None), "Sums hold no bias"
     ptx = gemv_ptx(x, packed) if ptx is None else ptx
     if ptx and swiglu:
         x, swiglu = silu_mul(x.contiguous()), False
@@ -787,10 +787,10 @@ def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None,
     _gemv_kernel[(n_tiles, split)](
         x, packed["qweight"], packed["scales"], packed["zeros"], bias if bias is not None else x, y,
         workspace, counters, M, N // 8, K, x.stride(0), split, per, ONE_BITS, KT8=kt // 8, GROUP=group_size,
-        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None,
+        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None and not sums,
         SWIGLU=swiglu, PTX=ptx, ORDER=fragment_order(group_size), UNROLL=unroll, SUMS=sums, num_warps=num_warps,
         **launch_options(x.device, dependent=True))
-    return Sums(workspace[:M]) if sums else y
+    return Sums(workspace[:M], bias) if sums else y
 
 
 def gemv_ptx(x, packed) -> bool:

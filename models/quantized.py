@@ -85,15 +85,15 @@ class W4Linear(nn.Module):
         del self.qweight, self.qzeros, self.scales
 
     def forward(self, x: torch.Tensor, sums: bool = False):
-        """y, or with `sums` where the decode GEMV runs (a GPU, rows <= GEMV_MAX_M, no bias) its
-        w4a16.Sums for add_rmsnorm to read (no split-K tail at the GEMV's end)."""
+        """y, or with `sums` where the decode GEMV runs (a GPU, rows <= GEMV_MAX_M) its w4a16.Sums
+        for add_rmsnorm or rope_append to read (no split-K tail at the GEMV's end)."""
         packed = self.packed
         if packed is None:
             raise RuntimeError("W4Linear used before finalize()")
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if sums and self._sums_apply(x2):
-            return gemv(x2, packed, self.group_size, sums=True)
+            return gemv(x2, packed, self.group_size, self.bias, sums=True)
         run = w4a16_linear if x.is_cuda else w4a16_linear_ref  # CPUs take the PyTorch reference
         y = run(x2, packed, self.group_size, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
@@ -107,12 +107,12 @@ class W4Linear(nn.Module):
         if not gate_up.is_cuda or rows.shape[0] > GEMV_MAX_M or self.packed is None or rows.stride(-1) != 1:
             return None
         if sums and self._sums_apply(rows):
-            return gemv(rows, self.packed, self.group_size, swiglu=True, sums=True)
+            return gemv(rows, self.packed, self.group_size, self.bias, swiglu=True, sums=True)
         y = gemv(rows, self.packed, self.group_size, self.bias, swiglu=True)
         return y.reshape(*gate_up.shape[:-1], self.out_features)
 
     def _sums_apply(self, rows: torch.Tensor) -> bool:
-        return rows.is_cuda and rows.shape[0] <= GEMV_MAX_M and self.bias is None and rows.stride(-1) == 1
+        return rows.is_cuda and rows.shape[0] <= GEMV_MAX_M and rows.stride(-1) == 1
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}"

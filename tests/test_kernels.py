@@ -165,24 +165,27 @@ def test_rope_append_rows(qk_norm):
         assert torch.allclose(k.cpu(), k_ref, atol=1e-5) and torch.equal(v.cpu(), v_ref)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_rope_append_reads_and_zeroes_gemv_sums(qk_norm):
+@pytest.mark.parametrize("qk_norm, bias", [(False, False), (True, False), (False, True)])
+def test_rope_append_reads_and_zeroes_gemv_sums(qk_norm, bias):
     """qkv given as a decode GEMV's fp32 Sums (fp16 activations): the same q, k and v as the sums
-    rounded to fp16 give, one row or several, and the sums are zeroed for the GEMV's next call."""
+    plus the GEMV's bias, rounded to fp16, give, one row or several, and the sums are zeroed for the
+    GEMV's next call."""
     from tinyvila.kernels.w4a16 import Sums
 
     hq, hkv, D, caps, slots, layer = 4, 2, 16, [12, 9], [5, 8], 0
     g = torch.Generator().manual_seed(3)
     sums = (torch.randn(2, (hq + 2 * hkv) * D, generator=g) * 2).to(DEVICE)
+    b = (torch.randn((hq + 2 * hkv) * D, generator=g)).to(DEVICE, torch.float16) if bias else None
     ang = torch.randn(2, D // 2, generator=g)
     cos, sin = (torch.cat([a, a], -1).to(DEVICE, torch.float16) for a in (ang.cos(), ang.sin()))
     norm = (torch.randn(D, generator=g) + 1, torch.randn(D, generator=g) + 1, 1e-6) if qk_norm else None
     norm = None if norm is None else (norm[0].to(DEVICE, torch.float16), norm[1].to(DEVICE, torch.float16), 1e-6)
     outs = []
-    for given in (sums.half(), Sums(sums.clone())):
+    plain = (sums + b.float()).half() if bias else sums.half()  # as the GEMV's own store rounds
+    for given in (plain, Sums(sums.clone(), b)):
         caches, table = _row_caches(caps, 1, hkv, D, torch.float16, seed=1)
         k, v = (t.clone() for t in _row_caches(caps, 1, hkv, D, torch.float16, seed=2)[0][0])
-        one = given[:1] if isinstance(given, torch.Tensor) else Sums(given.values[:1].clone())
+        one = given[:1] if isinstance(given, torch.Tensor) else Sums(given.values[:1].clone(), b)
         q1 = rope_append(one, cos[:1], sin[:1], k[0], v[0], torch.tensor([3], device=DEVICE), hq, hkv, norm)
         q = rope_append_rows(given, cos, sin, table, layer, torch.tensor(slots, device=DEVICE), hq, hkv, norm)
         outs.append((q1, k, v, q, caches))

@@ -192,28 +192,32 @@ def test_quantize_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llava", "qwen3"])
+@pytest.mark.parametrize("family", ["llava", "qwen", "qwen3"])
 def test_decode_with_gemv_sums_equals_decode_without(tiny_models, tmp_path, monkeypatch, family):
-    """Graph-captured decode whose GEMVs hand their sums to add_rmsnorm / rope_append (w4a16.Sums)
-    answers as decode with every GEMV writing its output (W4Linear._sums_apply off)."""
+    """Graph-captured decode whose GEMVs hand their sums to add_rmsnorm / rope_append (w4a16.Sums;
+    Qwen2.5-VL's QKV bias added by rope_append) answers as decode with every GEMV writing its
+    output (W4Linear._sums_apply off)."""
     from tinyvila.models import quantized
 
     make_awq_copies(tiny_models[family], tmp_path / "awq", tmp_path / "deq")
     gpu = tinyvila.load(tmp_path / "awq", device="cuda", dtype="float16")
     img = draw_image(96, 72, seed=3)
-    calls = []
+    calls = []  # per GEMV call: (Sums asked for, with a bias)
     gemv = quantized.gemv
-    monkeypatch.setattr(quantized, "gemv", lambda *a, **kw: calls.append(kw.get("sums", False)) or gemv(*a, **kw))
+    monkeypatch.setattr(quantized, "gemv", lambda *a, **kw: calls.append(
+        (kw.get("sums", False), len(a) > 3 and a[3] is not None)) or gemv(*a, **kw))
 
     def answer():
+        gpu.drop_spare()  # no decode graph captured under the other setting
         with gpu.session(images=[img]) as s:
             return [s.ask(q, temperature=0, max_new_tokens=12, ignore_eos=True).token_ids for q in ("Go.", "More.")]
 
     with_sums = answer()
-    assert any(calls)  # the decode GEMVs did hand over Sums
+    assert any(sums for sums, _ in calls)  # the decode GEMVs did hand over Sums
+    assert any(sums and bias for sums, bias in calls) == (family == "qwen")
     monkeypatch.setattr(quantized.W4Linear, "_sums_apply", lambda self, rows: False)
     calls.clear()
-    assert answer() == with_sums and not any(calls)
+    assert answer() == with_sums and calls and not any(sums for sums, _ in calls)
 
 
 @pytest.mark.gpu

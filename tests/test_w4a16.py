@@ -147,21 +147,23 @@ def test_gemv_unrolled_k_loop(unroll, split, order):
     assert not packed["counters"].any() and not packed["workspace"].any()
 
 
-@pytest.mark.parametrize("m, split, swiglu", [(1, 1, False), (1, 3, False), (2, 3, True)])
-def test_gemv_sums_read_by_add_rmsnorm(m, split, swiglu, order):
-    """A GEMV that ends at its split-K adds (sums=True), its sums read by add_rmsnorm, gives what
-    its own output gives, and the reader zeroes the workspace: the next call starts from zero."""
+@pytest.mark.parametrize("m, split, swiglu, bias", [(1, 1, False, False), (1, 3, False, True), (2, 3, True, False),
+                                                   (2, 1, False, True)])
+def test_gemv_sums_read_by_add_rmsnorm(m, split, swiglu, bias, order):
+    """A GEMV that ends at its split-K adds (sums=True), its sums read by add_rmsnorm (which adds
+    the GEMV's bias), gives what its own output gives, and the reader zeroes the workspace: the
+    next call starts from zero."""
     from tinyvila.kernels.rmsnorm import add_rmsnorm
 
     n, k, group = 72, 256, 64
     packed, _ = _layer(n, k, group, seed=5)
-    x, _ = _inputs(m, 2 * k if swiglu else k, n, torch.float16, seed=m)
+    x, b = _inputs(m, 2 * k if swiglu else k, n, torch.float16, seed=m, bias=bias)
     h, w = _inputs(m, n, n, torch.float16, seed=7, bias=True)
     kw = dict(cols_per_thread=1, num_warps=1, split=split, swiglu=swiglu)
-    want = add_rmsnorm(h, w4a16.gemv(x, packed, group, **kw), w, 1e-6)
+    want = add_rmsnorm(h, w4a16.gemv(x, packed, group, b, **kw), w, 1e-6)
     for _ in range(2):
-        sums = w4a16.gemv(x, packed, group, sums=True, **kw)
-        assert sums.values.shape == (m, n) and sums.values.dtype == torch.float32
+        sums = w4a16.gemv(x, packed, group, b, sums=True, **kw)
+        assert sums.values.shape == (m, n) and sums.values.dtype == torch.float32 and sums.bias is b
         got = add_rmsnorm(h, sums, w, 1e-6)
         for ours, ref in zip(got, want):
             if DEVICE == "cpu" or split == 1:  # the same adds in the same order
