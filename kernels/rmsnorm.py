@@ -9,6 +9,7 @@ import torch
 
 from tinyvila.kernels.pdl import chain_start, launch_options
 from tinyvila.kernels.triton_lang import tl, triton
+from tinyvila.kernels.w4a16 import sums_parts
 
 
 def rmsnorm_ref(x, weight, eps):
@@ -61,7 +62,6 @@ def rmsnorm(x, weight, eps):
 
 def add_rmsnorm(x, delta, weight, eps):
     """delta: a tensor like x, or a decode GEMV's w4a16.Sums (read once: its workspace is zeroed)."""
-    consume = not isinstance(delta, torch.Tensor)
-    delta, bias = (delta.values, delta.bias) if consume else (delta, None)
+    delta, bias, consume = sums_parts(delta)
     assert delta.shape == x.shape and delta.is_contiguous()
     return _launch(x, delta, weight, eps, consume, bias)

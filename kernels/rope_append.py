@@ -15,6 +15,7 @@ import torch
 
 from tinyvila.kernels.pdl import chain_start, launch_options
 from tinyvila.kernels.triton_lang import tl, triton
+from tinyvila.kernels.w4a16 import sums_parts
 
 
 def rope_append_ref(qkv, cos, sin, k_cache, v_cache, slot, n_heads, n_kv, qk_norm=None):
@@ -111,8 +112,7 @@ def _rope_append(QKV, Bias, Cos, Sin, Q_out, K_cache, V_cache, Slot, stride_kh, 
 def _qkv_input(qkv, dtype):
     """(the qkv tensor, whether it is a GEMV's Sums to read and zero, its bias and whether it has
     one): qkv a tensor of `dtype`, or a decode GEMV's w4a16.Sums."""
-    consume = not isinstance(qkv, torch.Tensor)
-    qkv, bias = (qkv.values, qkv.bias) if consume else (qkv, None)
+    qkv, bias, consume = sums_parts(qkv)
     assert qkv.dtype == (torch.float32 if consume else dtype), (qkv.dtype, dtype)
     return qkv, consume, (bias if bias is not None else qkv), bias is not None
 

@@ -757,6 +757,12 @@ class Sums(NamedTuple):
     bias: torch.Tensor | None = None  # [N], the GEMV's bias, added by the reader
 
 
+def sums_parts(x):
+    """A reader's input, a tensor or Sums, as (its values, the bias to add, whether they are Sums
+    to read and zero)."""
+    return (x.values, x.bias, True) if isinstance(x, Sums) else (x, None, False)
+
+
 def gemv(x, packed, group_size, bias=None, num_warps=None, cols_per_thread=None, k_tile=None, waves=None,
          split=None, swiglu=False, ptx=None, unroll=None, sums=False):
     """The CUDA-core decode path (M <= 4): x [M, K] -> y [M, N]. Unset options come from GEMV_CONFIG.
