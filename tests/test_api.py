@@ -32,15 +32,36 @@ def test_callback_and_stream_give_the_answer(eng, image_files):
         assert streamed == r.text and s.last_result.token_ids == r.token_ids
 
 
-def test_on_start_comes_once_before_the_text(eng, image_files):
-    """Session.complete's on_start marks the first token, before any text (the server starts its
-    stream there)."""
+def test_on_open_and_on_start_come_once_before_the_text(eng, image_files):
+    """Session.complete's on_open marks the admitted turn (its image encoded, nothing prefilled: a
+    server starts its response there), on_start the first token, both before any text."""
     events = []
     with eng.session(images=[image_files[0]]) as s:
         ids = eng.encode_text(eng.render([s.user_message("Describe it.", s.pending)]))
         r = s.complete(ids, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True),
-                       callback=events.append, on_start=lambda: events.append(None))
-    assert events[0] is None and None not in events[1:] and "".join(events[1:]) == r.text and r.text
+                       callback=events.append, on_start=lambda: events.append(None),
+                       on_open=lambda: events.append(("open", len(s.visual), len(s.tokens))))
+    assert events[0] == ("open", 1, 0) and events[1] is None
+    assert None not in events[2:] and "".join(events[2:]) == r.text and r.text
+
+
+def test_a_failing_or_unreached_on_open(eng, image_files):
+    """A prompt too long for the context fails before on_open; an on_open that raises ends the
+    turn before its prefill and leaves the session usable."""
+    opened = []
+    with eng.session(images=[image_files[0]]) as s:
+        long_ids = eng.encode_text(eng.render([s.user_message("word " * s.cache.max_len, s.pending)]))
+        with pytest.raises(TinyVilaError, match="context"):
+            s.complete(long_ids, SamplingParams(max_new_tokens=2), on_open=lambda: opened.append(1))
+        assert not opened
+
+        def refuse():
+            raise RuntimeError("no")
+
+        ids = eng.encode_text(eng.render([s.user_message("Describe it.", s.pending)]))
+        with pytest.raises(RuntimeError, match="no"):
+            s.complete(ids, SamplingParams(max_new_tokens=2), on_open=refuse)
+        assert not s.tokens and s.ask("Describe it.", **GREEDY).token_ids
 
 
 def test_stopping_a_stream_keeps_the_session_usable(eng, image_files):

@@ -222,12 +222,14 @@ def test_background_thread_streams_and_callbacks(eng, image_files, expected):
         cb = batcher.ask(sessions[0], "And the sky?", callback=pieces.append, max_new_tokens=4, ignore_eos=True)
         other = eng.session(images=[image_files[3]])
         ids = eng.encode_text(eng.render([other.user_message("Hello?", other.pending)]))
-        events = []  # its pieces, and None when its first token is chosen
+        events = []  # "open" when admitted, None when its first token is chosen, then its pieces
         started = batcher.submit(other, ids, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
-                                 callback=events.append, on_start=lambda: events.append(None))
+                                 callback=events.append, on_start=lambda: events.append(None),
+                                 on_open=lambda: events.append("open"))
         streamed = ["".join(r.stream()) for r in (requests[0][0], requests[1][0], requests[2][0])]
         assert cb.wait(timeout=120).text == "".join(pieces) and pieces
-        assert events[0] is None and None not in events[1:] and "".join(events[1:]) == started.wait().text
+        assert events[:2] == ["open", None] and None not in events[2:]
+        assert "".join(events[2:]) == started.wait().text
         with pytest.raises(TinyVilaError, match="background thread"):
             batcher.step()
     finally:
@@ -456,8 +458,8 @@ def batch_server(llava_vicuna, tmp_path_factory):
 
 
 def test_serve_max_batch_concurrent_clients_get_their_batch_1_answers(batch_server, llava_vicuna):
-    """Six clients at once, text and images (the server's image preset), different lengths: each
-    answer is the one Engine.generate gives alone."""
+    """Six clients at once, text and images (the server's image preset), different lengths, half of
+    them streamed: each answer is the one Engine.generate gives alone."""
     import threading
 
     from test_serve import data_url, user
@@ -470,8 +472,9 @@ def test_serve_max_batch_concurrent_clients_get_their_batch_1_answers(batch_serv
         content = user(f"Tell me about picture {i}.", data_url(pictures[i])) if i in pictures else \
             {"role": "user", "content": f"Tell me about number {i}."}
         r = batch_server.client().chat.completions.create(model="tiny-llava", messages=[content], temperature=0,
-                                                          max_tokens=4 + i)
-        answers[i] = r.choices[0].message.content
+                                                          max_tokens=4 + i, stream=i % 2 == 1)
+        answers[i] = ("".join(c.choices[0].delta.content or "" for c in r if c.choices) if i % 2 else
+                      r.choices[0].message.content)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
     for t in threads:

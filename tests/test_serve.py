@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tinyvila
+from tinyvila.sampling import SamplingParams
 from tinyvila.serve import Turn, bind
 
 try:  # the openai package's HTTP client: httpx, or httpx2 in its newer releases
@@ -545,6 +546,47 @@ def test_done_is_sent_after_the_request_left_the_queue(eng):
 
     seen = asyncio.run(in_flight_at_done())
     assert seen[-1] == ("data: [DONE]\n\n", 0)
+
+
+def streamed_chunks(eng, on_start):
+    """The chunks of one streamed "Hi" answered by a Server on `eng`; `on_start(job)` replaces the
+    job's own on_start, once the response exists (see its first use)."""
+    from tinyvila.serve import ChatRequest, Job, Server, Turn, parse_args
+
+    async def stream():
+        srv = Server(eng, parse_args(["model"]), "m")
+        req = ChatRequest(None, [Turn("user", "Hi")], SamplingParams(max_new_tokens=3, temperature=0), [], True,
+                          False)
+        job = Job(req, asyncio.get_running_loop(), True, time.perf_counter())
+        responded, own = threading.Event(), job.on_start
+        job.on_start = lambda: on_start(responded, own)
+        response = await srv.stream(job, "m")
+        responded.set()
+        chunks = [chunk async for chunk in response.chunks]
+        srv.pool.shutdown()
+        return chunks
+
+    return asyncio.run(stream())
+
+
+def test_a_stream_responds_before_its_first_token(eng):
+    """A streamed request's response (its headers) starts once its turn is admitted, while the model
+    prefills; the first chunk (the role) waits for the first token, whose choice is held here until
+    the response exists. A failure after that (out of memory) comes in the stream."""
+    held = []
+    chunks = streamed_chunks(eng, lambda responded, own: (held.append(responded.wait(10)), own()))
+    assert held == [True]  # the response existed before the first token was chosen
+    assert json.loads(chunks[0][len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1] == "data: [DONE]\n\n" and len(chunks) >= 4
+
+    def out_of_memory(responded, own):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    chunks = streamed_chunks(eng, out_of_memory)
+    error = json.loads(chunks[-2][len("data: "):])["error"]
+    assert error["message"].startswith("out of GPU memory (tried to allocate 2.00 GiB)")
+    assert error["type"] == "server_error"
+    assert chunks[-1] == "data: [DONE]\n\n"
 
 
 def test_next_request_right_after_done_is_served(qwen_server):

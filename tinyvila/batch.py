@@ -31,7 +31,8 @@ from tinyvila.kernels.gpu import sm_count
 from tinyvila.models.layers import capture_graph
 
 from .errors import TinyVilaError
-from .generate import GenerationResult, answer_ends, finish_turn, open_turn, prefill_ahead, release, start_answer
+from .generate import (GenerationResult, answer_ends, finish_turn, open_turn, opened, prefill_ahead, release,
+                       start_answer)
 from .kv_cache import KVCache
 from .sampling import SamplingParams, is_number, sample_rows
 
@@ -41,10 +42,13 @@ _END = object()  # the end of a request's stream
 class Request:
     """One turn submitted to a Batcher: `stream()` its text pieces as they come, `wait()` for its
     GenerationResult, `cancel()` it. `callback(piece)`, if given, gets each piece too, and
-    `on_start()` is called once its first token is chosen (both from the batcher's thread)."""
+    `on_start()` is called once its first token is chosen, `on_open()` once it is admitted (its
+    prompt fits, its media are encoded), before its prefill (all from the batcher's thread)."""
 
-    def __init__(self, session, make, params: SamplingParams, callback=None, on_start=None, prompt_s=0.0):
+    def __init__(self, session, make, params: SamplingParams, callback=None, on_start=None, prompt_s=0.0,
+                 on_open=None):
         self.session, self.params, self.callback, self.on_start = session, params, callback, on_start
+        self.on_open = on_open
         self._make = make  # () -> (ids, media, on_done), called at admission
         self.prompt_s = prompt_s  # the time the caller spent making the ids (counted in the TTFT)
         self._pieces = queue.Queue()
@@ -196,11 +200,11 @@ class Batcher:
         return self._add(Request(session, lambda: session.question_turn(question), params, callback))
 
     def submit(self, session, ids: list, params: SamplingParams | None = None, callback=None,
-               on_start=None, prompt_s: float = 0.0) -> Request:
+               on_start=None, prompt_s: float = 0.0, on_open=None) -> Request:
         """As Session.complete, batched: already templated ids (a placeholder per media item)."""
         ids = list(ids)
         return self._add(Request(session, lambda: (ids, session.media + session.pending, None),
-                                 params or SamplingParams(), callback, on_start, prompt_s))
+                                 params or SamplingParams(), callback, on_start, prompt_s, on_open))
 
     def _add(self, request: Request) -> Request:
         if request.session.engine is not self.engine:
@@ -338,7 +342,8 @@ class Batcher:
             t = time.perf_counter()
             ids, media, on_done = request._make()  # Batcher.ask templates the question here
             prompt_s = request.prompt_s + time.perf_counter() - t
-            self._opening = (request, open_turn(request.session, ids, media, request.params, on_done, prompt_s))
+            opening = open_turn(request.session, ids, media, request.params, on_done, prompt_s)
+            self._opening = (request, opened(opening, request.on_open))
         except Exception as e:  # a bad request fails alone
             request._finish(error=e)
             return False

@@ -118,14 +118,15 @@ class Turn:
 
 
 def generate(session, ids: list, media: list, params: SamplingParams, callback=None, on_done=None, on_start=None,
-             prompt_s: float = 0.0):
+             prompt_s: float = 0.0, on_open=None):
     """One turn of `session` for the templated prompt `ids` (placeholder id once per item of
     `media`): yields the answer's text as it streams (each piece also to `callback`); at the end
     `session.last_result` holds the result and `on_done(text)` records the answer in the history.
     `on_start()` is called once the first token is chosen, before its text (which may need the next
     tokens). Closing the generator early ends the answer there ("cancelled"). `prompt_s`: the time
-    the caller spent making `ids` (template and tokenizer), counted in the TTFT."""
-    turn = begin_turn(session, ids, media, params, on_done, prompt_s)
+    the caller spent making `ids` (template and tokenizer), counted in the TTFT. `on_open()`: once
+    the prompt is known to fit and its media are encoded, before the prefill (begin_turn)."""
+    turn = begin_turn(session, ids, media, params, on_done, prompt_s, on_open)
     try:
         if on_start is not None:
             on_start()
@@ -147,9 +148,23 @@ def generate(session, ids: list, media: list, params: SamplingParams, callback=N
         yield tail
 
 
-def begin_turn(session, ids: list, media: list, params: SamplingParams, on_done=None, prompt_s: float = 0.0) -> Turn:
-    """open_turn then start_answer: the turn prefilled, its first answer token chosen."""
-    return start_answer(open_turn(session, ids, media, params, on_done, prompt_s))
+def begin_turn(session, ids: list, media: list, params: SamplingParams, on_done=None, prompt_s: float = 0.0,
+               on_open=None) -> Turn:
+    """open_turn, `on_open()`, then start_answer: the turn prefilled, its first answer token chosen."""
+    return start_answer(opened(open_turn(session, ids, media, params, on_done, prompt_s), on_open))
+
+
+def opened(opening: Opening, on_open=None) -> Opening:
+    """The opening, after `on_open()` if given: the turn is admitted (what remains to fail is the
+    GPU's work), so that a server can start its response during the prefill. A failing callback
+    frees the session."""
+    if on_open is not None:
+        try:
+            on_open()
+        except BaseException:
+            opening.session.busy = False
+            raise
+    return opening
 
 
 def open_turn(session, ids: list, media: list, params: SamplingParams, on_done=None, prompt_s: float = 0.0) -> Opening:

@@ -407,6 +407,11 @@ class Job:
         if self.events is not None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
+    def on_open(self) -> None:
+        """The turn is admitted (it fits, its media are encoded): a stream's response can start
+        while the model prefills, so that only the first chunk is left for after the first token."""
+        self.emit("open", None)
+
     def on_start(self) -> None:
         """The first token is chosen: the stream starts now, before its text (which may need the
         next tokens)."""
@@ -536,8 +541,9 @@ class Worker:
         ids = self.engine.encode_text(self.engine.render(render(session, job.req)))
         prompt_s = time.perf_counter() - t  # counted in the TTFT, as Session.ask counts its templating
         if self.batcher is None:
-            return session.complete(ids, job.req.params, job.on_piece, job.on_start, prompt_s)
-        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece, job.on_start, prompt_s)
+            return session.complete(ids, job.req.params, job.on_piece, job.on_start, prompt_s, job.on_open)
+        job.request = self.batcher.submit(session, ids, job.req.params, job.on_piece, job.on_start, prompt_s,
+                                          job.on_open)
         if job.cancelled.is_set():  # cancelled before its request existed
             job.request.cancel()
         return job.request.wait()
@@ -745,6 +751,8 @@ class Server:
             watcher.cancel()
 
     async def stream(self, job: Job, model: str):
+        """The streamed response, once the turn is admitted (Job.on_open): its headers go out during
+        the prefill. An error before that is the request's (an HTTP status); after, in the stream."""
         run = job.task = asyncio.ensure_future(self.submit(job))  # referenced: the loop keeps weak ones
         first = asyncio.ensure_future(job.events.get())
         await asyncio.wait([run, first], return_when=asyncio.FIRST_COMPLETED)
@@ -765,6 +773,8 @@ class Server:
                             **extra))
 
         try:
+            if item[0] == "open":  # the headers went out during the prefill; the first chunk waits for the token
+                item = await job.events.get()
             yield chunk({"role": "assistant", "content": ""})
             if item[0] == "start":
                 item = await job.events.get()

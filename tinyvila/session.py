@@ -101,11 +101,13 @@ class Session:
         yield from self._turn_for_question(question, SamplingParams.from_options(**sampling), None)
 
     def complete(self, ids: list, params: SamplingParams, callback=None, on_start=None,
-                 prompt_s: float = 0.0) -> GenerationResult:
+                 prompt_s: float = 0.0, on_open=None) -> GenerationResult:
         """One turn from already templated ids (placeholder id once per media item of the
         conversation, pending ones included). `on_start()`: once the first token is chosen;
+        `on_open()`: before the prefill, once the prompt is known to fit and the media are encoded;
         `prompt_s`: the time spent making `ids`, counted in the TTFT."""
-        for _ in generate(self, ids, self.media + self.pending, params, callback, on_start=on_start, prompt_s=prompt_s):
+        for _ in generate(self, ids, self.media + self.pending, params, callback, on_start=on_start, prompt_s=prompt_s,
+                          on_open=on_open):
             pass
         return self.last_result
 
