@@ -510,7 +510,8 @@ def test_busy_server_says_503(qwen_server):
     hi = {"model": str(d), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     auth = {"Authorization": f"Bearer {KEY}"}
     with long_stream(s, str(d)) as r:  # thousands of tokens: still answering when the next request comes
-        assert r.status_code == 200 and next(r.iter_lines()).startswith("data: {")
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the connection, which cancels the answer
+        assert r.status_code == 200 and next(lines).startswith("data: {")
         busy = s.http.post("/v1/chat/completions", json=hi, headers=auth)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1", (busy.text, s.http.get("/health").json())
         assert busy.json()["error"]["code"] == "queue_full"
