@@ -213,6 +213,55 @@ def test_wrong_nibble_order_is_caught():
     assert _rel_err(w4a16_linear_ref(x, bad, 16), w4a16_linear_ref(x, packed, 16)) > 1e-2
 
 
+# Compiles the swapped fused GEMM for an H100 (sm_90) on this machine (Triton's NVIDIA backend and its
+# bundled ptxas and nvdisasm need no GPU; a process of its own, as the tests' kernels are interpreted)
+# and prints how many wgmmas its SASS holds and how many full waits for them.
+SM90_SWAPPED_GEMM = """
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tinyvila.kernels import w4a16
+
+block_m, fragment = int(sys.argv[1]), sys.argv[2] == "1"
+nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+pointers = dict(X="*fp16", Q="*i32", S="*fp16", Z="*u8", Bias="*fp16", Y="*fp16", Part="*fp32", Counters="*i32")
+signature = dict(pointers, **{n: "i32" for n in ("M", "N8", "K", "stride_xm", "splits", "tiles_per_split")})
+constants = dict(KT8=16, GROUP=128, BLOCK_M=block_m, BLOCK_N=64, GROUP_M=8, SWAPPED=True, SPLIT_K=False,
+                 HAS_BIAS=False, PRECISION="tf32", PTX=True, ORDER=fragment)
+names = list(signature) + list(constants)
+src = ASTSource(w4a16._gemm_kernel, dict(signature, **{n: "constexpr" for n in constants}),
+                constexprs={(names.index(n),): v for n, v in constants.items()},
+                attrs={(names.index(n),): [["tt.divisibility", 16]] for n in list(pointers) + ["N8", "stride_xm"]})
+cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["cubin"]
+with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+    f.write(cubin)
+    f.flush()
+    sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+print(sass.count("HGMMA."), sass.count("DEPBAR.LE gsb0, 0x0"))
+"""
+
+
+@pytest.mark.parametrize("block_m, fragment", [(16, False), (32, True)])
+def test_swapped_gemm_keeps_its_wgmmas_in_flight(block_m, fragment):
+    """ptxas serializes every wgmma of a loop whose accumulator can also reach the pipeline's end
+    from outside it (a zero-trip path): a full wait, DEPBAR.LE gsb0 0x0, after each. The swapped
+    tiles were so compiled until the kernel stated that its K loop runs."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("this Triton has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SM90_SWAPPED_GEMM, str(block_m), str(int(fragment))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wgmmas, full_waits = map(int, out.stdout.split())
+    assert wgmmas >= 8  # eight K slices of 16 in a 128-row step
+    assert full_waits <= 2, f"{full_waits} full waits for {wgmmas} wgmmas: serialized"
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
