@@ -291,6 +291,70 @@ def test_encode_prompt_equals_encode(tok_root, tmp_path, case, edit):
     assert (reused > 20) == (edit != "split_special_tokens" and not adds_eos), reused
 
 
+def grown_text(rng, turns=30):
+    """A conversation's texts with no special token between turns (LLaVA-vicuna's template): words
+    joined by single and double spaces, newlines, "\u2581" and byte-fallback characters, each text
+    the last one plus a turn, now and then the last turn edited."""
+    words = " ".join(TEXTS[:11] + TEXTS[-12:]).replace("<image>", "").split(" ")
+    words += ["\u2581", "a\u2581b", "\U0001F600"]
+    text, out = "USER: <image>\n", []
+    for i in range(turns):
+        if i % 7 == 6:
+            text = text[:len(text) - rng.randrange(1, 40)]
+        text += " ".join(rng.choice(words) + rng.choice(["", " ", "\n"]) for _ in range(rng.randint(1, 30)))
+        text += rng.choice([" ASSISTANT:", " USER: ", "  ", ""])
+        out.append(text)
+    return out
+
+
+def test_encode_prompt_cuts_at_words_where_exact(tok_root, tmp_path):
+    """A vicuna-style tokenizer (Metaspace alone, a section one BPE word, no merge into a "\u2581")
+    reuses a recent prompt up to a word, so a conversation with no special token between turns is
+    not tokenized whole; the ids equal encode(). A merge that joins a piece to a following
+    "\u2581" makes those cuts wrong: such a vocabulary, and Mistral's Prepend normalizer, get none."""
+    vicuna = tok_root[1][("llama", "vicuna", "json", "llava_next")]
+    mistral = tok_root[1][("llama", "mistral", "json", "llava_next")]
+    tok, plain = Tokenizer.from_dir(vicuna.path), Tokenizer.from_dir(vicuna.path)
+    assert tok._word_cuts() and not Tokenizer.from_dir(mistral.path)._word_cuts()
+    tok._tok = EncodeSpy(tok._tok)
+    texts = grown_text(random.Random(0))
+    for text in texts:
+        assert tok.encode_prompt(text) == plain.encode(text), text
+    tails = [len(t) for t in tok._tok.texts[1:]]
+    assert max(tails) < 400 < len(texts[-1]), (tails, len(texts[-1]))  # turns, not whole conversations
+
+    def with_merges(name, merges):
+        """The vicuna tokenizer with `merges` applied before all of its own (their pieces added)."""
+        path = tmp_path / name
+        shutil.copytree(vicuna.path, path)
+        with open(path / "tokenizer.json") as f:
+            spec = json.load(f)
+        vocab = spec["model"]["vocab"]
+        for left, right in merges:
+            vocab.setdefault(left + right, 1 + max(list(vocab.values()) + [t["id"] for t in spec["added_tokens"]]))
+        spec["model"]["merges"] = merges + [m for m in spec["model"]["merges"] if m not in merges]
+        with open(path / "tokenizer.json", "w") as f:
+            json.dump(spec, f)
+        return Tokenizer.from_dir(str(path)), Tokenizer.from_dir(str(path))
+
+    # Runs of spaces as one piece (Llama has them): cuts stay, never after a space or a "\u2581".
+    tok, plain = with_merges("spaces", [["\u2581", "\u2581"]])
+    assert tok._word_cuts()
+    for text in texts:
+        assert tok.encode_prompt(text) == plain.encode(text), text
+    # A piece ending in "t" joined to one starting with "\u2581": after "t a o", "t a e w" cut before
+    # " a" (where "t a o" has a token start) would be wrong. (The tail's first-token check catches
+    # this one; nothing bounds what such merges do in general, so the vocabulary gets no word cuts.)
+    space = "\u2581"
+    tok, plain = with_merges("crossing", [[space, "a"], [space, "e"], [space + "a", space + "e"],
+                                          ["t", space + "a" + space + "e"]])
+    assert not tok._word_cuts()
+    old, new = "USER: t a o", "USER: t a e w"
+    assert plain.encode(new) != plain.encode(new[:7]) + plain.encode(new[7:], False)
+    for text in [old, new] + texts:
+        assert tok.encode_prompt(text) == plain.encode(text), text
+
+
 def test_stream_decoder_holds_partial_characters(tok_root):
     _, dirs = tok_root
     tok = Tokenizer.from_dir(dirs[("llama", "vicuna", "json", "llava_next")].path)

@@ -34,6 +34,8 @@ import os
 import re
 import struct
 import threading
+from array import array
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -553,21 +555,25 @@ class Tokenizer:
         """encode() for a rendered conversation, which a follow-up renders again whole: the ids of a
         recent prompt that shares its text up to a special token are reused, and only the text
         from that token on is tokenized. Exact, because added special tokens are split out of the
-        raw text before anything else: the ids before one depend only on the text before it."""
+        raw text before anything else: the ids before one depend only on the text before it. Where
+        the tokenizer allows it (_word_cuts: Llama-2 / vicuna's), also up to a word's start, so that
+        templates with no special token between turns are not tokenized whole either."""
         if not self._prompts_reusable():
             return self.encode(text, add_special_tokens)
-        cut = self._prompts.longest_shared(text, add_special_tokens)
+        words = self._word_cuts()
+        cut = self._prompts.longest_shared(text, add_special_tokens, words)
         if cut is None:
             enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
-            ids, cuts = enc.ids, self._cuts(text, enc, 0, 0)
+            ids, cuts, starts = enc.ids, self._cuts(text, enc, 0, 0), _starts(enc, 0) if words else None
         else:
-            head, start, token_id, head_cuts = cut
+            head, start, token_id, head_cuts, head_starts = cut
             tail = text[start:]
             enc = self._tok.encode(tail, add_special_tokens=False)
             if enc.ids[:1] != [token_id]:  # not split the same way: no reuse
                 return self.encode(text, add_special_tokens)
             ids, cuts = head + enc.ids, head_cuts + self._cuts(tail, enc, start, len(head))
-        self._prompts.add(text, add_special_tokens, ids, cuts)
+            starts = head_starts + _starts(enc, start) if words else None
+        self._prompts.add(text, add_special_tokens, ids, cuts, starts)
         return list(ids)
 
     def _prompts_reusable(self):
@@ -581,6 +587,23 @@ class Tokenizer:
             p.cut_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
                             if t.special and not t.normalized}
         return p.reusable
+
+    def _word_cuts(self):
+        """Whether a prompt may also be cut before a space that follows another character: the
+        text is normalized only by a Metaspace pre-tokenizer (spaces become "▁"; a section that
+        starts with one gets no other), nothing joins across such a place (Metaspace splits there,
+        or, a section being one BPE word, no merge joins a piece ending in another character to
+        one starting with "▁"), and no added token holds a space. The ids before such a space then
+        depend only on the text before it."""
+        p = self._prompts
+        if p.words is None:
+            pre = self._tok.pre_tokenizer
+            p.words = (self._tok.normalizer is None and isinstance(pre, pre_tokenizers.Metaspace)
+                       and pre.replacement == "\u2581"
+                       and not any(" " in t.content or "\u2581" in t.content
+                                   for t in self._tok.get_added_tokens_decoder().values())
+                       and (pre.split or _no_merge_into_a_space(json.loads(self._tok.to_str())["model"])))
+        return p.words
 
     def _cuts(self, text, enc, shift, first):
         """(start, end, index) of each special token of `enc` that stands for exactly its own
@@ -633,37 +656,90 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
 
+def _starts(enc, shift):
+    """Each token's first character in the prompt (the encoding's offsets shifted by `shift`)."""
+    return array("q", (start + shift for start, _ in enc.offsets))
+
+
+def _no_merge_into_a_space(model: dict) -> bool:
+    """Whether a BPE model (its tokenizer.json entry) never merges a piece ending in a character
+    other than "▁" with one starting with "▁", and emits words only through its merges."""
+    if model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges"):
+        return False
+    pairs = (m if isinstance(m, list) else m.split(" ", 1) for m in model.get("merges", []))
+    return not any(left[-1:] != "\u2581" and right[:1] == "\u2581" for left, right in pairs)
+
+
 class _RecentPrompts:
-    """The last few prompts encode_prompt tokenized: text, ids and the special tokens' places."""
+    """The last few prompts encode_prompt tokenized: text, ids, the special tokens' places and,
+    where prompts may be cut at words, each token's first character."""
 
     def __init__(self, size: int = 16):  # as many as the server keeps conversations by default
-        self.entries = deque(maxlen=size)  # (text, add_special_tokens, ids, cuts), the newest last
+        self.entries = deque(maxlen=size)  # (text, add_special_tokens, ids, cuts, starts), the newest last
         self.lock = threading.Lock()  # a server's worker threads share the tokenizer
         self.reusable = None  # set on first use (Tokenizer._prompts_reusable)
+        self.words = None  # whether cuts at words are exact (Tokenizer._word_cuts)
         self.cut_tokens = {}  # special tokens matched in the raw text: string -> id
 
-    def add(self, text, add_special_tokens, ids, cuts) -> None:
+    def add(self, text, add_special_tokens, ids, cuts, starts=None) -> None:
         with self.lock:
-            if not any(old == text and add == add_special_tokens for old, add, _, _ in self.entries):
-                self.entries.append((text, add_special_tokens, ids, cuts))
+            if not any(old == text and add == add_special_tokens for old, add, *_ in self.entries):
+                self.entries.append((text, add_special_tokens, ids, cuts, starts))
 
-    def longest_shared(self, text, add_special_tokens):
-        """(ids before the cut, its character start, its token id, the cuts before it) for the
-        recent prompt sharing the most ids with `text` up to one of its special tokens, or None."""
+    def longest_shared(self, text, add_special_tokens, words=False):
+        """(ids before the cut, its character start, its token id, the cuts and token starts before
+        it) for the recent prompt sharing the most ids with `text` up to one of its special tokens
+        or, with `words`, up to a word (_word_cut), or None."""
         with self.lock:
             entries = list(self.entries)
-        best = None  # (ids, the cuts in the shared text) of the prompt sharing the most ids
-        for old, add, ids, cuts in entries:
-            if add != add_special_tokens or not cuts:
+        best = None  # (ids, starts, cuts, index of the cut's token, its character) sharing the most ids
+        for old, add, ids, cuts, starts in entries:
+            if add != add_special_tokens:
                 continue
-            n = len(cuts) if text.startswith(old) else _shared_cuts(text, old, cuts)
-            if n and (best is None or cuts[n - 1][2] > best[1][-1][2]):
-                best = ids, cuts[:n]
+            n = 0 if not cuts else len(cuts) if text.startswith(old) else _shared_cuts(text, old, cuts)
+            cut = (cuts[n - 1][2], cuts[n - 1][0]) if n else None  # (token index, character)
+            if words and starts is not None:
+                at = _word_cut(text, old, starts)
+                cut = at if cut is None or (at is not None and at[0] > cut[0]) else cut
+            if cut is not None and (best is None or cut[0] > best[3]):
+                best = ids, starts, cuts, *cut
         if best is None:
             return None
-        ids, shared = best
-        start, _, j = shared[-1]
-        return ids[:j], start, ids[j], shared[:-1]
+        ids, starts, cuts, j, start = best
+        return ids[:j], start, ids[j], [c for c in cuts if c[2] < j], starts[:j] if words else None
+
+
+def _word_cut(text, old, starts):
+    """(token index, character) of a word start in the text `old` shares with `text` (a space after
+    another character) where one of `old`'s tokens starts: the second last such place, so that the
+    token starting there lies wholly in the shared text (and the check of its id means something)."""
+    shared = _shared_length(text, old)
+    end = _word_start_before(old, shared)
+    at = _word_start_before(old, end) if end is not None else None
+    if at is None:
+        return None
+    j = bisect_left(starts, at)
+    return (j, at) if j < len(starts) and starts[j] == at else None
+
+
+def _word_start_before(text, end):
+    """The last i < end with text[i] a space and text[i - 1] neither a space nor "▁", or None."""
+    i = text.rfind(" ", 1, end)
+    while i > 0 and text[i - 1] in " \u2581":
+        i = text.rfind(" ", 1, i)
+    return i if i > 0 else None
+
+
+def _shared_length(a, b):
+    """The length of the longest common prefix of two strings (binary search on startswith)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a.startswith(b[lo:mid], lo):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _shared_cuts(text, old, cuts) -> int:
