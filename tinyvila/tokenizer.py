@@ -35,7 +35,7 @@ import re
 import struct
 import threading
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -696,10 +696,11 @@ class _RecentPrompts:
         for old, add, ids, cuts, starts in entries:
             if add != add_special_tokens:
                 continue
-            n = 0 if not cuts else len(cuts) if text.startswith(old) else _shared_cuts(text, old, cuts)
+            shared = _shared_length(text, old)
+            n = bisect_right(cuts, shared, key=lambda c: c[1])  # the special tokens in the shared text
             cut = (cuts[n - 1][2], cuts[n - 1][0]) if n else None  # (token index, character)
             if words and starts is not None:
-                at = _word_cut(text, old, starts)
+                at = _word_cut(old, shared, starts)
                 cut = at if cut is None or (at is not None and at[0] > cut[0]) else cut
             if cut is not None and (best is None or cut[0] > best[3]):
                 best = ids, starts, cuts, *cut
@@ -709,11 +710,11 @@ class _RecentPrompts:
         return ids[:j], start, ids[j], [c for c in cuts if c[2] < j], starts[:j] if words else None
 
 
-def _word_cut(text, old, starts):
-    """(token index, character) of a word start in the text `old` shares with `text` (a space after
-    another character) where one of `old`'s tokens starts: the second last such place, so that the
-    token starting there lies wholly in the shared text (and the check of its id means something)."""
-    shared = _shared_length(text, old)
+def _word_cut(old, shared, starts):
+    """(token index, character) of a word start in old[:shared], the text it shares with the new
+    prompt (a space after another character), where one of `old`'s tokens starts: the second last
+    such place, so that the token starting there lies wholly in the shared text (and the check of
+    its id means something)."""
     end = _word_start_before(old, shared)
     at = _word_start_before(old, end) if end is not None else None
     if at is None:
@@ -731,25 +732,21 @@ def _word_start_before(text, end):
 
 
 def _shared_length(a, b):
-    """The length of the longest common prefix of two strings (binary search on startswith)."""
-    lo, hi = 0, min(len(a), len(b))
+    """The length of the longest common prefix of two strings: compared in doubling blocks, then
+    the first block that differs halved, so that what is copied grows with what is shared (another
+    conversation is told apart without copying half of its text)."""
+    lo, size, end = 0, 64, min(len(a), len(b))
+    while True:
+        hi = min(lo + size, end)
+        if not a.startswith(b[lo:hi], lo):
+            break
+        if hi == end:
+            return end
+        lo, size = hi, 2 * size
+    hi -= 1  # a[lo:hi + 1] differs from b's: the prefix ends before hi + 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a.startswith(b[lo:mid], lo):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _shared_cuts(text, old, cuts) -> int:
-    """How many of `old`'s cuts lie in the text it shares with `text` (binary search)."""
-    if not text.startswith(old[:cuts[0][1]]):
-        return 0  # another conversation: found without copying half of its text
-    lo, hi = 1, len(cuts)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if text.startswith(old[:cuts[mid - 1][1]]):
             lo = mid
         else:
             hi = mid - 1
